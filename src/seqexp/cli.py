@@ -1,0 +1,72 @@
+"""Hydra entry points (also installed as console scripts). Thin: parse, call, report errors."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from contextlib import contextmanager
+
+import hydra
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from seqexp.config import CONFIG_DIR
+from seqexp.errors import UserError
+
+log = logging.getLogger("seqexp")
+
+
+@contextmanager
+def user_errors():
+    """A user error is one line on stderr and exit code 2 (3 for non-finite values).
+
+    SEQEXP_DEBUG=1 shows the full traceback instead.
+    """
+    try:
+        yield
+    except UserError as e:
+        if os.environ.get("SEQEXP_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(e.exit_code)
+
+
+def explain_unknown_keys(argv: list[str], config_name: str = "train") -> None:
+    """After Hydra rejects the overrides: for each `a.b=v` whose key does not exist, list the
+    keys that do. Runs only on failure, so a good command line pays nothing for it."""
+    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+    choices = [o for o in overrides if "." not in o.split("=", 1)[0] and o[0] not in "+~"]
+    try:
+        with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+            cfg = compose(config_name, overrides=choices)
+    except Exception:
+        return  # the group choice itself is wrong; Hydra's message lists the options
+    for o in overrides:
+        key = o.split("=", 1)[0]
+        if o[0] in "+~" or key.startswith("hydra.") or "." not in key:
+            continue
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(cfg, parent)
+        if isinstance(node, DictConfig) and leaf not in node:
+            keys = ", ".join(k for k in node.keys() if not k.startswith("_"))
+            print(f"hint: '{key}' is not a key of '{parent}'. Its keys: {keys}.", file=sys.stderr)
+
+
+@hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")
+def _train(cfg: DictConfig) -> float | None:
+    from seqexp.train import train  # torch imports after Hydra has checked the overrides
+
+    with user_errors():
+        metrics = train(cfg, HydraConfig.get().runtime.output_dir)
+    return metrics["objective"]["best"]  # what a Hydra sweeper (Optuna) optimises
+
+
+def train_main() -> None:
+    try:
+        _train()
+    except SystemExit as e:
+        if e.code == 1:  # Hydra's exit for a config it could not compose
+            explain_unknown_keys(sys.argv[1:])
+        raise

@@ -1,0 +1,152 @@
+"""Attention encoder: token + positional embedding, N pre-norm blocks, a head.
+
+Each block is x + Attn(LN(x)) then x + MLP(LN(x)), as in GPT-2/nanoGPT. Self-attention uses
+torch's fused `scaled_dot_product_attention` (flash / memory-efficient kernels where the
+device has them).
+- language modelling: causal, so position t sees positions <= t only; logits (B, T, V).
+- classification: bidirectional with a key padding mask, so no query attends to padding;
+  valid positions are pooled to (B, C).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from seqexp.models.heads import MaskedPooling, length_mask
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, dropout: float):
+        super().__init__()
+        self.n_heads, self.dropout = n_heads, dropout
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+
+    def forward(self, x: torch.Tensor, key_mask: Optional[torch.Tensor], causal: bool,
+                need_weights: bool = False):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        # (B, T, C) -> (B, nh, T, hs)
+        q, k, v = (t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))
+        mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, T) True = attend
+        if need_weights:  # explicit path, only for inspecting attention maps
+            att = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))  # (B, nh, T, T)
+            if causal:
+                att = att.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=x.device).tril(), float("-inf"))
+            if mask is not None:
+                att = att.masked_fill(~mask, float("-inf"))
+            weights = att.softmax(-1)
+            y = weights @ v
+        else:
+            weights = None
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=causal and mask is None,
+                dropout_p=self.dropout if self.training else 0.0,
+            )  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.proj(y), weights
+
+
+class Block(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, mlp_ratio: int, dropout: float):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d_model)
+        self.attn = SelfAttention(d_model, n_heads, dropout)
+        self.ln2 = nn.LayerNorm(d_model)
+        self.mlp = nn.Sequential(
+            nn.Linear(d_model, mlp_ratio * d_model), nn.GELU(),
+            nn.Linear(mlp_ratio * d_model, d_model), nn.Dropout(dropout),
+        )
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x, key_mask, causal, need_weights=False):
+        a, weights = self.attn(self.ln1(x), key_mask, causal, need_weights)
+        x = x + self.drop(a)
+        x = x + self.mlp(self.ln2(x))
+        return x, weights
+
+
+def sinusoidal_table(max_len: int, dim: int) -> torch.Tensor:
+    """(max_len, dim) fixed encoding of Vaswani et al. (2017)."""
+    pos = torch.arange(max_len, dtype=torch.float32)[:, None]
+    freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    table = torch.zeros(max_len, dim)
+    table[:, 0::2] = torch.sin(pos * freq)
+    table[:, 1::2] = torch.cos(pos * freq[: dim // 2])
+    return table
+
+
+class AttentionModel(nn.Module):
+    # Windows are independent: no state is carried between batches.
+    stateful = False
+
+    def __init__(
+        self,
+        *,
+        vocab_size: int,
+        num_outputs: int,
+        task: str,
+        max_len: int,  # context size: the data's window (lm) or truncation length (classify)
+        pad_id: int = 0,
+        d_model: int = 128,
+        n_heads: int = 4,
+        n_layers: int = 4,
+        mlp_ratio: int = 4,
+        dropout: float = 0.1,
+        positional: str = "learned",
+        pooling: str = "mean",
+        tie_weights: bool = True,
+    ):
+        super().__init__()
+        assert task in ("lm", "classify"), task
+        self.task, self.context_size = task, max_len
+        self.tok_emb = nn.Embedding(vocab_size, d_model)
+        if str(positional) == "learned":
+            self.pos_emb = nn.Parameter(torch.zeros(max_len, d_model))
+        else:
+            self.register_buffer("pos_emb", sinusoidal_table(max_len, d_model), persistent=False)
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(Block(d_model, n_heads, mlp_ratio, dropout) for _ in range(n_layers))
+        self.ln_f = nn.LayerNorm(d_model)
+        self.pool = MaskedPooling(pooling, d_model) if task == "classify" else None
+        self.head = nn.Linear(d_model, num_outputs, bias=task == "classify")
+        self._init_weights(n_layers)
+        if task == "lm" and tie_weights:  # the same matrix maps ids to vectors and back
+            self.head.weight = self.tok_emb.weight
+
+    def _init_weights(self, n_layers: int) -> None:
+        # GPT-2 init: N(0, 0.02); residual projections scaled by 1/sqrt(2 * layers)
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:
+                std = 0.02 / math.sqrt(2 * n_layers) if name.endswith(("proj.weight", "mlp.2.weight")) else 0.02
+                nn.init.normal_(p, 0.0, std)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+
+    def forward(self, tokens: torch.Tensor, lengths: Optional[torch.Tensor] = None, state=None,
+                need_weights: bool = False):
+        """tokens (B, T) -> (logits, None), or (logits, per-layer attention maps) with need_weights."""
+        B, T = tokens.shape
+        assert T <= self.context_size, f"sequence of {T} exceeds the context size {self.context_size}"
+        x = self.drop(self.tok_emb(tokens) + self.pos_emb[:T])  # (B, T, C)
+        causal = self.task == "lm"
+        key_mask = None
+        if not causal and lengths is not None:
+            key_mask = length_mask(lengths.to(tokens.device), T)  # (B, T)
+        maps = []
+        for block in self.blocks:
+            x, w = block(x, key_mask, causal, need_weights)
+            maps.append(w)
+        x = self.ln_f(x)
+        if causal:
+            logits = self.head(x)  # (B, T, V)
+        else:
+            if lengths is None:
+                lengths = torch.full((B,), T, dtype=torch.long, device=tokens.device)
+            logits = self.head(self.pool(x, lengths))  # (B, C)
+        return logits, (maps if need_weights else None)

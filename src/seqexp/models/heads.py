@@ -1,0 +1,45 @@
+"""What every model family shares: length masks and pooling over valid positions only.
+
+Padding must never reach a result, so every reduction here takes the mask into account:
+mean divides by the true length, max ignores padded positions, attention pooling gives them
+zero weight.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+def length_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
+    """(B,) lengths -> (B, T) bool, True at valid positions."""
+    positions = torch.arange(max_len, device=lengths.device)
+    return positions[None, :] < lengths[:, None]
+
+
+class MaskedPooling(nn.Module):
+    """(B, T, H) states + (B,) lengths -> (B, H)."""
+
+    def __init__(self, mode: str, dim: int):
+        super().__init__()
+        self.mode = str(mode)
+        # one learned score per position; softmax over valid positions (attention pooling)
+        self.score = nn.Linear(dim, 1) if self.mode == "attention" else None
+
+    def forward(self, h: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        B, T, H = h.shape
+        lengths = lengths.to(h.device)
+        mask = length_mask(lengths, T)  # (B, T)
+        if self.mode == "last":
+            idx = (lengths - 1).clamp(min=0)
+            return h[torch.arange(B, device=h.device), idx]  # (B, H)
+        if self.mode == "mean":
+            h = h.masked_fill(~mask[..., None], 0.0)
+            return h.sum(1) / lengths[:, None].to(h.dtype)
+        if self.mode == "max":
+            return h.masked_fill(~mask[..., None], float("-inf")).amax(1)
+        if self.mode == "attention":
+            scores = self.score(h).squeeze(-1).masked_fill(~mask, float("-inf"))  # (B, T)
+            weights = torch.softmax(scores.float(), dim=1).to(h.dtype)
+            return torch.einsum("bt,bth->bh", weights, h)
+        raise ValueError(f"unknown pooling '{self.mode}'")

@@ -1,0 +1,113 @@
+"""`train(cfg, run_dir) -> metrics`: build every object from the config, run the trainer.
+
+Importable and free of Hydra's runtime, so tests call it directly with a composed config.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate as hydra_instantiate
+from omegaconf import DictConfig
+
+from seqexp.checkpoint import remove_stale_tmp
+from seqexp.config import to_container, validate
+from seqexp.errors import UserError
+from seqexp.logger import Logger
+from seqexp.sampling import sample_text
+from seqexp.tasks import TASKS
+from seqexp.trainer import Trainer
+
+log = logging.getLogger("seqexp")
+
+
+def instantiate(node, **kwargs):
+    """hydra's instantiate, letting our own errors (bad data path, ...) through unwrapped."""
+    try:
+        return hydra_instantiate(node, **kwargs)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, UserError):
+            raise e.__cause__ from None
+        raise
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("trainer.device=cuda, but torch sees no CUDA device. Use trainer.device=cpu or auto.")
+    return torch.device(name)
+
+
+def build_optimizer(cfg: DictConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """Weight decay on matrices (linear and embedding weights) only; never on biases or norms."""
+    params = [p for p in model.parameters() if p.requires_grad]  # shared (tied) weights once
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2]},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    opt = instantiate(cfg, params=groups, _convert_="all")
+    for g in opt.param_groups:  # a list from YAML; torch documents a tuple
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+    return opt
+
+
+def train(cfg: DictConfig, run_dir: str | Path) -> dict:
+    validate(cfg)  # cross-field checks: before any data is read
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_tmp(run_dir / "checkpoints")
+    t = cfg.trainer
+    seed_everything(t.seed)
+    if t.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    device = pick_device(str(t.device))
+
+    data = instantiate(cfg.data, seed=t.seed, _convert_="all")
+    model_kwargs = data.model_kwargs()
+    model = instantiate(cfg.model, **model_kwargs).to(device)
+    task = TASKS[data.task]()
+    optimizer = build_optimizer(cfg.optimizer, model)
+    steps_per_epoch = data.num_batches("train", stateful=model.stateful)
+    total_steps = t.max_epochs * steps_per_epoch
+    if t.max_steps != -1:
+        total_steps = min(total_steps, t.max_steps)
+    scheduler = instantiate(cfg.scheduler, optimizer=optimizer, total_steps=total_steps)
+    meta = {"config": to_container(cfg), "model_kwargs": model_kwargs, "data": data.state()}
+
+    sampler = None
+    lg = cfg.logging
+    if data.task == "lm" and lg.sample_chars > 0:
+        def sampler(m, step):
+            return sample_text(m, data, lg.sample_prompt, lg.sample_chars, temperature=lg.sample_temperature,
+                               top_k=lg.sample_top_k, seed=t.seed + step, device=device)
+
+    logger = Logger(run_dir, enabled=lg.tensorboard)
+    trainer = Trainer(t, model=model, task=task, data=data, optimizer=optimizer, scheduler=scheduler,
+                      logger=logger, run_dir=run_dir, device=device, total_steps=total_steps, meta=meta,
+                      sampler=sampler)
+    log.info("%s: %s, %d parameters, %d steps (%d per epoch) on %s; run dir %s", data.task,
+             type(model).__name__, trainer.num_params, total_steps, steps_per_epoch, device, run_dir)
+    try:
+        trainer.fit()
+        trainer.write_metrics("finished")
+    finally:
+        logger.close()
+    metrics = trainer.summary()
+    if sampler is not None:
+        print(f"\n--- sample at step {trainer.step} ---\n{sampler(model, trainer.step)}\n---", flush=True)
+    return metrics

@@ -1,0 +1,230 @@
+"""The one training loop, shared by every task and model.
+
+Periodic work is `if step % every == 0`, not callbacks. The hot loop reads nothing back from
+the device except the finiteness check before `optimizer.step()`; losses and gradient norms
+are summed on the device and read once per `log_every` steps.
+
+Everything that decides what happens next -- step, epoch, position within the epoch, the
+carried RNN state, optimizer/scheduler/scaler state, every RNG, the open logging window -- is
+in `state_dict()`, so N steps + resume + N steps equals 2N steps exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from tqdm import tqdm
+
+from seqexp.checkpoint import FORMAT, rng_state, save_checkpoint, set_rng_state, write_json
+from seqexp.errors import UserError
+from seqexp.tasks import detach_state, to_device
+
+log = logging.getLogger("seqexp")
+
+
+class NonFiniteError(UserError):
+    exit_code = 3
+
+
+class Trainer:
+    def __init__(self, cfg, *, model, task, data, optimizer, scheduler, logger, run_dir: Path,
+                 device: torch.device, total_steps: int, meta: dict,
+                 sampler: Optional[Callable[[torch.nn.Module, int], str]] = None):
+        self.cfg, self.model, self.task, self.data = cfg, model, task, data
+        self.optimizer, self.scheduler, self.logger = optimizer, scheduler, logger
+        self.run_dir, self.device, self.total_steps = Path(run_dir), device, total_steps
+        self.meta, self.sampler = meta, sampler  # meta: config, runtime facts, vocabulary
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        # compiled forward for training; checkpoints and evaluation use the plain module
+        self.net = torch.compile(model) if cfg.compile else model
+        self.stateful = model.stateful
+        self.steps_per_epoch = data.num_batches("train", stateful=self.stateful)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.num_params = sum(p.numel() for p in self.params)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(cfg.precision))
+        self.autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+        # fp16 needs loss scaling; its own inf checks skip overflowing steps
+        self.scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
+
+        self.step = self.epoch = self.batch_in_epoch = 0
+        self.carried = None  # RNN state at the end of the last chunk
+        self.best: Optional[float] = None
+        self.best_step: Optional[int] = None
+        self.best_metrics: dict = {}
+        self.last_metrics: dict = {}
+        self.skipped = 0  # batches dropped by nonfinite=skip
+        self.elapsed = 0.0  # seconds of training before this process
+        self.extra_metrics: dict = {}  # e.g. test metrics, added by train()
+        self._window = torch.zeros(3, device=device)  # running sums: loss, grad norm, steps
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+            "carried": self.carried,
+            "best": self.best, "best_step": self.best_step, "best_metrics": self.best_metrics,
+            "last_metrics": self.last_metrics, "skipped": self.skipped,
+            "elapsed": self.elapsed + (time.perf_counter() - self._t0 if hasattr(self, "_t0") else 0.0),
+            "window": self._window.cpu(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng_state(),
+        }
+
+    def load_state_dict(self, sd: dict) -> None:
+        for key in ("step", "epoch", "batch_in_epoch", "best", "best_step", "best_metrics",
+                    "last_metrics", "skipped", "elapsed"):
+            setattr(self, key, sd[key])
+        carried = sd["carried"]
+        if isinstance(carried, (tuple, list)):
+            carried = tuple(t.to(self.device) for t in carried)
+        self.carried = carried.to(self.device) if torch.is_tensor(carried) else carried
+        self._window = sd["window"].to(self.device)
+        self.optimizer.load_state_dict(sd["optimizer"])
+        self.scheduler.load_state_dict(sd["scheduler"])
+        self.scaler.load_state_dict(sd["scaler"])
+        set_rng_state(sd["rng"])
+
+    def checkpoint(self) -> dict:
+        return {"format": FORMAT, **self.meta, "model": self.model.state_dict(), "trainer": self.state_dict()}
+
+    def save(self, name: str) -> Path:
+        path = self.ckpt_dir / name
+        save_checkpoint(path, self.checkpoint())
+        return path
+
+    # ------------------------------------------------------------------ loop
+    def fit(self) -> dict:
+        cfg = self.cfg
+        self._t0 = time.perf_counter()
+        t_window, tokens_window = time.perf_counter(), 0
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not cfg.progress,
+                   dynamic_ncols=True, unit="step", desc="train")
+        try:
+            while self.step < self.total_steps:
+                batches = self.data.batches("train", stateful=self.stateful, epoch=self.epoch,
+                                            start=self.batch_in_epoch)
+                for batch in batches:
+                    tokens_window += batch["num_tokens"]
+                    self.train_step(batch)
+                    self.batch_in_epoch += 1
+                    self.step += 1
+                    if self.step % cfg.log_every == 0:
+                        now = time.perf_counter()
+                        self.log_window(bar, tokens_window / max(now - t_window, 1e-9))
+                        t_window, tokens_window = now, 0
+                    if self.step % cfg.eval_every == 0 or self.step == self.total_steps:
+                        self.evaluate_and_save()
+                    elif self.step % cfg.checkpoint_every == 0:
+                        self.save("last.pt")
+                    if self.step >= self.total_steps:
+                        break
+                else:  # epoch exhausted: next epoch starts with a fresh state
+                    self.epoch, self.batch_in_epoch, self.carried = self.epoch + 1, 0, None
+            if not self.last_metrics:  # resumed a finished run: evaluate once for the summary
+                self.evaluate_and_save()
+        finally:
+            bar.close()
+            self.logger.flush()
+        return self.summary()
+
+    def train_step(self, batch: dict) -> None:
+        self.net.train()
+        batch = to_device(batch, self.device)
+        state = detach_state(self.carried) if batch["carry"] else None  # truncate BPTT here
+        with self.autocast():
+            logits, new_state = self.net(batch["tokens"], batch.get("lengths"), state)
+        loss = self.task.loss(logits, batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
+        # caught before the update, so neither weights nor checkpoints ever see a NaN
+        ok = torch.isfinite(loss) if self.scaler.is_enabled() else torch.isfinite(loss) & torch.isfinite(grad_norm)
+        if not bool(ok):
+            self.handle_nonfinite(loss, grad_norm)
+            self.scheduler.step()
+            return
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.carried = detach_state(new_state) if self.stateful else None
+        self._window += torch.stack([loss.detach().float(), grad_norm.detach().float(),
+                                     torch.ones((), device=self.device)])
+
+    def handle_nonfinite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        step = self.step + 1
+        what = f"loss={loss.item():.4g}, grad_norm={grad_norm.item():.4g}"
+        self.optimizer.zero_grad(set_to_none=True)
+        self.carried = None  # a state that produced NaN is no start for the next chunk
+        if str(self.cfg.nonfinite) == "skip":
+            self.skipped += 1
+            self.logger.scalars({"train/skipped_batches": self.skipped}, step)
+            log.warning("step %d: non-finite %s; batch skipped (%d so far)", step, what, self.skipped)
+            return
+        last = self.ckpt_dir / "last.pt"
+        raise NonFiniteError(
+            f"non-finite values at step {step} ({what}); weights were not updated. Last good checkpoint: "
+            f"{last if last.exists() else 'none yet'}. Lower optimizer.lr, set trainer.grad_clip, use "
+            f"trainer.precision=fp32, or set trainer.nonfinite=skip.")
+
+    def log_window(self, bar, tokens_per_s: float) -> None:
+        loss_sum, gnorm_sum, n = self._window.tolist()  # the one device read per window
+        self._window.zero_()
+        lr = self.optimizer.param_groups[0]["lr"]
+        if n > 0:
+            self.logger.scalars({"train/loss": loss_sum / n, "train/grad_norm": gnorm_sum / n}, self.step)
+            bar.set_postfix_str(f"loss {loss_sum / n:.3f}  lr {lr:.2e}  {tokens_per_s / 1e3:.1f}k tok/s", refresh=False)
+        self.logger.scalars({"train/lr": lr, "train/tokens_per_s": tokens_per_s}, self.step)
+        bar.update(self.step - bar.n)
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, split: str = "val") -> dict:
+        batches = self.data.batches(split, stateful=self.stateful)
+        return self.task.evaluate(self.model, batches, self.device, self.autocast)
+
+    def evaluate_and_save(self) -> None:
+        metrics = self.evaluate("val")
+        self.last_metrics = {f"val/{k}": v for k, v in metrics.items() if not isinstance(v, list)}
+        self.logger.scalars(self.last_metrics, self.step)
+        value = self.last_metrics[self.task.objective]
+        better = self.best is None or (value < self.best if self.task.mode == "min" else value > self.best)
+        if better:
+            self.best, self.best_step, self.best_metrics = value, self.step, dict(self.last_metrics)
+        log.info("step %d: %s%s", self.step,
+                 "  ".join(f"{k} {v:.4f}" for k, v in self.last_metrics.items() if isinstance(v, float)),
+                 "  (best)" if better else "")
+        if self.sampler is not None:
+            self.logger.text("samples", self.sampler(self.model, self.step), self.step)
+        if better:
+            self.save("best.pt")
+        self.save("last.pt")
+        self.write_metrics("running")
+        self.logger.flush()
+
+    def summary(self, status: str = "finished") -> dict:
+        return {
+            "status": status,
+            "task": self.task.name,
+            "objective": {"metric": self.task.objective, "mode": self.task.mode, "best": self.best},
+            "final": self.last_metrics,
+            "best": self.best_metrics,
+            "best_step": self.best_step,
+            "steps": self.step,
+            "epochs": round(self.step / self.steps_per_epoch, 4),
+            "skipped_batches": self.skipped,
+            "num_params": self.num_params,
+            **self.extra_metrics,
+            # the only entries that differ between two runs of the same config
+            "timing": {"wall_time_s": round(self.elapsed + time.perf_counter() - self._t0, 3)},
+        }
+
+    def write_metrics(self, status: str) -> None:
+        write_json(self.run_dir / "metrics.json", self.summary(status))

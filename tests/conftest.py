@@ -1,0 +1,59 @@
+"""Shared fixtures: composed configs, a small deterministic corpus, the shared data copies."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from seqexp.config import CONFIG_DIR
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("SEQEXP_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+# Small enough that a whole run takes seconds on 2 cores.
+TINY = {
+    "rnn": ["model=rnn", "model.hidden_size=32", "model.embed_dim=16"],
+    "lstm": ["model=lstm", "model.hidden_size=32", "model.embed_dim=16", "model.num_layers=2"],
+    "gru": ["model=gru", "model.hidden_size=32", "model.embed_dim=16", "model.num_layers=1"],
+    "attention": ["model=attention", "model.d_model=32", "model.n_heads=2", "model.n_layers=2"],
+}
+
+
+def make_cfg(*overrides: str, config_name: str = "train"):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name, overrides=list(overrides))
+
+
+def tiny_overrides(model: str, text: Path, *extra: str) -> list[str]:
+    return [*TINY[model], f"data.path={text}", "data.batch_size=4", "data.seq_len=16",
+            "trainer.max_steps=12", "trainer.eval_every=6", "trainer.checkpoint_every=6",
+            "trainer.log_every=3", "trainer.progress=false", "trainer.device=cpu",
+            "scheduler.warmup_steps=2", "logging.sample_chars=20", *extra]
+
+
+@pytest.fixture(scope="session")
+def tiny_text(tmp_path_factory) -> Path:
+    """~12k characters of pseudo-English from a fixed seed: learnable, never changes."""
+    rng = random.Random(0)
+    words = "the of and to in is was that for it with as his on be at by had are but from".split()
+    lines = [" ".join(rng.choice(words) for _ in range(rng.randint(4, 12))) for _ in range(400)]
+    path = tmp_path_factory.mktemp("corpus") / "tiny.txt"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shakespeare() -> Path:
+    path = SHARED_DATA / "tinyshakespeare.txt"
+    if not path.exists():
+        pytest.skip(f"{path} not present")
+    return path

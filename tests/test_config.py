@@ -1,0 +1,105 @@
+"""Every combination composes and builds; bad overrides fail early, naming the key."""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import sys
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf import open_dict
+
+from seqexp.config import CONFIG_DIR, validate
+from seqexp.errors import UserError
+from seqexp.train import build_optimizer, instantiate
+from tests.conftest import ROOT, make_cfg
+
+GROUPS = {g: sorted(p.stem for p in (CONFIG_DIR / g).glob("*.yaml"))
+          for g in ("model", "optimizer", "scheduler")}
+
+
+def test_groups_are_complete():
+    assert GROUPS["model"] == ["attention", "gru", "lstm", "rnn"]
+    assert GROUPS["optimizer"] == ["adagrad", "adam", "adamw", "rmsprop", "sgd"]
+    assert GROUPS["scheduler"] == ["constant", "cosine", "step"]
+
+
+@pytest.mark.parametrize("model,optimizer,scheduler",
+                         list(itertools.product(GROUPS["model"], GROUPS["optimizer"], GROUPS["scheduler"])))
+def test_every_combination_composes_and_builds(model, optimizer, scheduler, tiny_text):
+    cfg = make_cfg(f"model={model}", f"optimizer={optimizer}", f"scheduler={scheduler}",
+                   f"data.path={tiny_text}", "data.batch_size=4", "data.seq_len=16")
+    validate(cfg)
+    data = instantiate(cfg.data, seed=0)
+    net = instantiate(cfg.model, **data.model_kwargs())
+    opt = build_optimizer(cfg.optimizer, net)
+    sched = instantiate(cfg.scheduler, optimizer=opt, total_steps=100)
+    batch = next(data.batches("train", stateful=net.stateful))
+    logits, _ = net(batch["tokens"])
+    assert logits.shape == (4, 16, data.vocab_size)
+    logits.float().logsumexp(-1).mean().backward()
+    opt.step()
+    sched.step()
+    assert opt.param_groups[0]["lr"] > 0
+
+
+def test_data_presets_compose(shakespeare):
+    cfg = make_cfg("data=shakespeare", f"data.path={shakespeare}")
+    validate(cfg)
+    d = instantiate(cfg.data, seed=0)
+    assert d.vocab_size == 66  # 65 characters + unknown
+    assert len(d.splits["train"]) == int(1_115_394 * 0.9)
+
+
+@pytest.mark.parametrize("override,match", [
+    ("trainer.max_step=10", "max_step"),
+    ("model.hidden=10", "hidden"),
+    ("trainer.max_steps=ten", "max_steps"),
+    ("trainer.precision=fp8", "fp32, bf16, fp16"),
+    ("model.cell=transformer", "rnn, lstm, gru"),
+])
+def test_bad_override_fails_at_compose_time(override, match):
+    with pytest.raises(ConfigCompositionException) as e:
+        make_cfg(override)
+    assert match in str(e.value) + str(e.value.__cause__)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["model=attention", "model.n_heads=3"], "divisible"),
+    (["model=lstm", "model.bidirectional=true"], "see the next"),
+    (["model=lstm", "model.tie_weights=true"], "embed_dim"),
+    (["model.dropout=1.5"], "dropout"),
+    (["optimizer.lr=0"], "optimizer.lr"),
+    (["trainer.max_steps=0"], "max_steps"),
+])
+def test_cross_field_checks(overrides, match):
+    with pytest.raises(UserError, match=match):
+        validate(make_cfg(*overrides))
+
+
+def test_unknown_key_in_a_yaml_without_schema_is_caught():
+    cfg = make_cfg()
+    with open_dict(cfg.model):  # as if a YAML file had the typo
+        cfg.model.hiden_size = 3
+    with pytest.raises(UserError, match="hiden_size is not a parameter"):
+        validate(cfg)
+
+
+def run_script(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), *args],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+
+def test_mistyped_override_exits_nonzero_naming_the_key_and_the_keys():
+    r = run_script("trainer.max_step=5")
+    assert r.returncode != 0
+    assert "max_step" in r.stderr
+    assert "max_steps" in r.stderr and "eval_every" in r.stderr  # the keys that do exist
+    assert "Traceback" not in r.stderr
+
+
+def test_missing_data_file_is_one_line_without_traceback(tmp_path):
+    r = run_script(f"data.path={tmp_path}/nope.txt", f"hydra.run.dir={tmp_path}/run")
+    assert r.returncode == 2
+    assert "nope.txt" in r.stderr and "Traceback" not in r.stderr

@@ -1,0 +1,122 @@
+"""Model behaviour: shapes, causality, gradients, over-fitting, padding invariance, state carrying."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from seqexp.models.attention import AttentionModel
+from seqexp.models.recurrent import RecurrentModel
+
+V, C = 23, 2
+MODELS = ["rnn", "lstm", "gru", "attention"]
+
+
+def build(name: str, task: str, **kw) -> torch.nn.Module:
+    torch.manual_seed(0)
+    common = dict(vocab_size=V, num_outputs=V if task == "lm" else C, task=task, max_len=64)
+    if name == "attention":
+        return AttentionModel(**common, d_model=32, n_heads=4, n_layers=2, dropout=0.0, **kw)
+    return RecurrentModel(**common, cell=name, embed_dim=16, hidden_size=32, num_layers=2, **kw)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_output_shapes(name):
+    x = torch.randint(V, (3, 10))
+    logits, state = build(name, "lm")(x)
+    assert logits.shape == (3, 10, V)
+    assert (state is None) == (name == "attention")
+    logits, _ = build(name, "classify")(x, torch.tensor([10, 4, 1]))
+    assert logits.shape == (3, C)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_lm_is_causal(name):
+    """Changing the token at position t never changes the logits before t."""
+    model = build(name, "lm").eval()
+    x = torch.randint(V, (2, 20))
+    base, _ = model(x)
+    for t in (0, 7, 19):
+        y = x.clone()
+        y[:, t] = (y[:, t] + 1) % V
+        out, _ = model(y)
+        torch.testing.assert_close(out[:, :t], base[:, :t], rtol=0, atol=1e-6)
+        assert not torch.allclose(out[:, t:], base[:, t:])  # and the change is seen from t on
+
+
+@pytest.mark.parametrize("task", ["lm", "classify"])
+@pytest.mark.parametrize("name", MODELS)
+def test_gradients_reach_every_parameter(name, task):
+    kw = {"pooling": "attention"} if task == "classify" else {}
+    model = build(name, task, **kw)
+    x = torch.randint(V, (4, 12))
+    lengths = torch.tensor([12, 9, 5, 2])
+    logits, _ = model(x, lengths if task == "classify" else None)
+    target = x if task == "lm" else torch.tensor([0, 1, 1, 0])
+    F.cross_entropy(logits.flatten(0, -2) if task == "lm" else logits, target.flatten()).backward()
+    for n, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient reaches {n}"
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_overfits_one_batch(name):
+    model = build(name, "lm")
+    x = torch.randint(V, (4, 17))
+    x[:, 0] = torch.arange(4)  # distinct first tokens: every next token is predictable
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(200):
+        logits, _ = model(x[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05, loss.item()
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean", "max", "attention"])
+@pytest.mark.parametrize("name", MODELS)
+def test_padding_invariance(name, pooling):
+    """A sequence's logits are the same alone or batched with much longer, padded neighbours."""
+    kw = {"pooling": pooling}
+    if name != "attention":
+        kw["bidirectional"] = True
+    model = build(name, "classify", **kw).eval()
+    short = torch.randint(1, V, (1, 5))
+    alone, _ = model(short, torch.tensor([5]))
+    batch = torch.zeros(3, 60, dtype=torch.long)  # pad id 0
+    batch[0, :5] = short[0]
+    batch[1:] = torch.randint(1, V, (2, 60))
+    # garbage in the padding must not matter either
+    batch[0, 5:] = torch.randint(1, V, (55,))
+    together, _ = model(batch, torch.tensor([5, 60, 41]))
+    torch.testing.assert_close(together[0], alone[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["rnn", "lstm", "gru"])
+def test_state_carries_across_chunks(name):
+    """Two chunks with the state carried give exactly the logits of one long pass."""
+    model = build(name, "lm").eval()
+    x = torch.randint(V, (2, 30))
+    whole, _ = model(x)
+    first, state = model(x[:, :18])
+    second, _ = model(x[:, 18:], None, state)
+    torch.testing.assert_close(torch.cat([first, second], 1), whole, rtol=1e-5, atol=1e-6)
+    fresh, _ = model(x[:, 18:])
+    assert not torch.allclose(fresh, second, atol=1e-4)  # the state really matters
+
+
+def test_tied_weights_share_storage():
+    model = build("attention", "lm")
+    assert model.head.weight is model.tok_emb.weight
+
+
+def test_attention_maps_match_fused_path():
+    model = build("attention", "classify").eval()
+    x = torch.randint(V, (2, 9))
+    lengths = torch.tensor([9, 4])
+    fused, _ = model(x, lengths)
+    explicit, maps = model(x, lengths, need_weights=True)
+    torch.testing.assert_close(fused, explicit, rtol=1e-5, atol=1e-5)
+    assert len(maps) == 2 and maps[0].shape == (2, 4, 9, 9)
+    assert maps[0][1, :, :, 4:].abs().max() == 0  # no attention to padding

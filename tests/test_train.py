@@ -1,0 +1,126 @@
+"""End to end: the training script per model, the trainer's state carrying, checkpoints, metrics."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from seqexp.checkpoint import load_checkpoint
+from seqexp.tasks import TASKS
+from seqexp.train import instantiate, train
+from tests.conftest import ROOT, make_cfg, tiny_overrides
+
+
+@pytest.mark.parametrize("model", ["rnn", "lstm", "gru", "attention"])
+def test_train_script_writes_checkpoints_metrics_and_events(model, tiny_text, tmp_path):
+    run = tmp_path / "run"
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"),
+                        *tiny_overrides(model, tiny_text), f"hydra.run.dir={run}"],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "--- sample at step 12 ---" in r.stdout
+    for name in ("checkpoints/last.pt", "checkpoints/best.pt", "metrics.json", ".hydra/config.yaml"):
+        assert (run / name).is_file(), name
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["status"] == "finished" and metrics["steps"] == 12
+    assert metrics["final"]["val/loss"] > 0 and metrics["num_params"] > 0
+    assert metrics["final"]["val/bpc"] == pytest.approx(metrics["final"]["val/loss"] / 0.6931471805599453)
+    events = EventAccumulator(str(run)).Reload()
+    tags = events.Tags()
+    for tag in ("train/loss", "train/grad_norm", "train/lr", "train/tokens_per_s", "val/loss", "val/bpc", "val/ppl"):
+        assert tag in tags["scalars"], tag
+    assert [e.step for e in events.Scalars("val/loss")] == [6, 12]
+    assert [e.step for e in events.Scalars("train/loss")] == [3, 6, 9, 12]
+    assert "samples/text_summary" in tags["tensors"]
+
+
+def test_checkpoint_rebuilds_the_model_alone(tiny_text, tmp_path):
+    """best.pt loads with weights_only=True and, with nothing but itself, reproduces the val loss."""
+    metrics = train(make_cfg(*tiny_overrides("lstm", tiny_text)), tmp_path)
+    ckpt = load_checkpoint(tmp_path / "checkpoints" / "best.pt")
+    torch.load(tmp_path / "checkpoints" / "best.pt", weights_only=True)  # plain values only
+    cfg = ckpt["config"]
+    model = instantiate(cfg["model"], **ckpt["model_kwargs"])
+    model.load_state_dict(ckpt["model"])
+    data = instantiate(cfg["data"], seed=cfg["trainer"]["seed"], itos=ckpt["data"]["itos"])
+    val = TASKS["lm"]().evaluate(model, data.batches("val", stateful=True), torch.device("cpu"),
+                                 lambda: torch.autocast("cpu", enabled=False))
+    assert val["loss"] == pytest.approx(metrics["best"]["val/loss"], rel=1e-6)
+    assert ckpt["trainer"]["step"] == metrics["best_step"]
+
+
+def test_same_seed_same_metrics(tiny_text, tmp_path):
+    for name in ("a", "b", "c"):
+        seed = "trainer.seed=7" if name != "c" else "trainer.seed=8"
+        train(make_cfg(*tiny_overrides("attention", tiny_text, seed)), tmp_path / name)
+    a, b, c = (json.loads((tmp_path / n / "metrics.json").read_text()) for n in "abc")
+    for m in (a, b, c):
+        m.pop("timing")  # wall time: the only entry allowed to differ
+    assert a == b
+    assert a != c
+
+
+def test_trainer_carries_state_between_chunks_and_resets_each_epoch(tiny_text, tmp_path):
+    """Spy on the model: chunk i+1 starts from chunk i's final state; epoch starts from zero."""
+    cfg = make_cfg(*tiny_overrides("gru", tiny_text, "trainer.max_epochs=2", "trainer.max_steps=-1",
+                                   "data.batch_size=16", "data.seq_len=64"))
+    from seqexp.models.recurrent import RecurrentModel
+    seen = []
+    original = RecurrentModel.forward
+
+    def spy(self, tokens, lengths=None, state=None):
+        logits, new = original(self, tokens, lengths, state)
+        if self.training:
+            seen.append((state, new.detach().clone()))
+        return logits, new
+
+    RecurrentModel.forward = spy
+    try:
+        train(cfg, tmp_path)
+    finally:
+        RecurrentModel.forward = original
+    per_epoch = len(seen) // 2
+    assert per_epoch >= 3
+    for i, (state_in, _) in enumerate(seen):
+        if i % per_epoch == 0:
+            assert state_in is None  # fresh state at each epoch start
+        else:
+            assert torch.equal(state_in, seen[i - 1][1])  # the previous chunk's final state
+            assert not state_in.requires_grad  # truncated: no gradient into earlier chunks
+
+
+def poison_loss_at(monkeypatch, calls: set[int]):
+    """Make the task's loss NaN on the given (1-based) training calls."""
+    from seqexp.tasks import LanguageModeling
+    original, count = LanguageModeling.loss, [0]
+
+    def loss(self, logits, batch):
+        count[0] += 1
+        out = original(self, logits, batch)
+        return out * float("nan") if count[0] in calls else out
+
+    monkeypatch.setattr(LanguageModeling, "loss", loss)
+
+
+def test_nonfinite_loss_stops_before_the_update(tiny_text, tmp_path, monkeypatch):
+    from seqexp.trainer import NonFiniteError
+    poison_loss_at(monkeypatch, {8})
+    with pytest.raises(NonFiniteError, match="non-finite values at step 8") as e:
+        train(make_cfg(*tiny_overrides("lstm", tiny_text)), tmp_path)
+    assert str(tmp_path / "checkpoints" / "last.pt") in str(e.value)  # the last good one, step 6
+    ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert ckpt["trainer"]["step"] == 6
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_nonfinite_skip_policy_drops_the_batch(tiny_text, tmp_path, monkeypatch):
+    poison_loss_at(monkeypatch, {4, 5})
+    metrics = train(make_cfg(*tiny_overrides("lstm", tiny_text, "trainer.nonfinite=skip")), tmp_path)
+    assert metrics["skipped_batches"] == 2 and metrics["steps"] == 12
+    ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
