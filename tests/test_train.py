@@ -32,7 +32,8 @@ def test_train_script_writes_checkpoints_metrics_and_events(model, tiny_text, tm
     assert metrics["final"]["val/bpc"] == pytest.approx(metrics["final"]["val/loss"] / 0.6931471805599453)
     events = EventAccumulator(str(run)).Reload()
     tags = events.Tags()
-    for tag in ("train/loss", "train/grad_norm", "train/lr", "train/tokens_per_s", "val/loss", "val/bpc", "val/ppl"):
+    for tag in ("train/loss", "train/grad_norm", "train/lr", "train/tokens_per_s", "val/loss", "val/bpc", "val/ppl",
+                "time/train_s"):
         assert tag in tags["scalars"], tag
     assert [e.step for e in events.Scalars("val/loss")] == [6, 12]
     assert [e.step for e in events.Scalars("train/loss")] == [3, 6, 9, 12]
@@ -124,3 +125,15 @@ def test_nonfinite_skip_policy_drops_the_batch(tiny_text, tmp_path, monkeypatch)
     assert metrics["skipped_batches"] == 2 and metrics["steps"] == 12
     ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_training_time_budget_stops_early_and_evaluates(tiny_text, tmp_path, monkeypatch):
+    import seqexp.trainer as trainer_mod
+    clock = iter(range(0, 10**6, 10))  # each reading of the clock advances 10 s
+    monkeypatch.setattr(trainer_mod.time, "perf_counter", lambda: next(clock))
+    metrics = train(make_cfg(*tiny_overrides("lstm", tiny_text, "trainer.max_time_s=45",
+                                             "trainer.max_steps=1000")), tmp_path)
+    assert 1 <= metrics["steps"] < 12
+    assert metrics["final"]["val/loss"] > 0  # evaluated at the step the budget ran out
+    events = EventAccumulator(str(tmp_path)).Reload()
+    assert [e.step for e in events.Scalars("val/loss")][-1] == metrics["steps"]

@@ -175,6 +175,7 @@ class TrainerConfig:
     device: Device = Device.auto  # auto: CUDA when present
     max_epochs: int = 1000
     max_steps: int = -1  # -1: run max_epochs; otherwise stop after this many optimizer steps
+    max_time_s: float = 0.0  # training-time budget in seconds (0: none); evaluation time not counted
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     eval_every: int = 500  # steps between validations on the full validation split
     checkpoint_every: int = 500  # steps between writes of checkpoints/last.pt
@@ -294,6 +295,7 @@ def validate(cfg: DictConfig) -> None:
     need(t.max_epochs > 0, f"trainer.max_epochs must be positive, got {t.max_epochs}.")
     for key in ("eval_every", "checkpoint_every", "log_every"):
         need(t[key] > 0, f"trainer.{key} must be positive, got {t[key]}.")
+    need(t.max_time_s >= 0, f"trainer.max_time_s must be >= 0 (0: no budget), got {t.max_time_s}.")
     need(t.grad_clip >= 0, f"trainer.grad_clip must be >= 0 (0 disables), got {t.grad_clip}.")
     need(cfg.optimizer.lr > 0, f"optimizer.lr must be positive, got {cfg.optimizer.lr}.")
     check_targets(cfg, {

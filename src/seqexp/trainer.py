@@ -58,7 +58,8 @@ class Trainer:
         self.best_metrics: dict = {}
         self.last_metrics: dict = {}
         self.skipped = 0  # batches dropped by nonfinite=skip
-        self.elapsed = 0.0  # seconds of training before this process
+        self.elapsed = 0.0  # seconds in fit() before this process
+        self.eval_s = 0.0  # of which evaluating and checkpointing (not training)
         self.extra_metrics: dict = {}  # e.g. test metrics, added by train()
         self._window = torch.zeros(3, device=device)  # running sums: loss, grad norm, steps
 
@@ -69,7 +70,7 @@ class Trainer:
             "carried": self.carried,
             "best": self.best, "best_step": self.best_step, "best_metrics": self.best_metrics,
             "last_metrics": self.last_metrics, "skipped": self.skipped,
-            "elapsed": self.elapsed + (time.perf_counter() - self._t0 if hasattr(self, "_t0") else 0.0),
+            "elapsed": self.wall_s(), "eval_s": self.eval_s,
             "window": self._window.cpu(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -79,7 +80,7 @@ class Trainer:
 
     def load_state_dict(self, sd: dict) -> None:
         for key in ("step", "epoch", "batch_in_epoch", "best", "best_step", "best_metrics",
-                    "last_metrics", "skipped", "elapsed"):
+                    "last_metrics", "skipped", "elapsed", "eval_s"):
             setattr(self, key, sd[key])
         carried = sd["carried"]
         if isinstance(carried, (tuple, list)):
@@ -100,6 +101,13 @@ class Trainer:
         return path
 
     # ------------------------------------------------------------------ loop
+    def wall_s(self) -> float:
+        return self.elapsed + (time.perf_counter() - self._t0 if hasattr(self, "_t0") else 0.0)
+
+    def train_s(self) -> float:
+        """Time spent training: wall time less evaluation and checkpoint writing."""
+        return self.wall_s() - self.eval_s
+
     def fit(self) -> dict:
         cfg = self.cfg
         self._t0 = time.perf_counter()
@@ -119,6 +127,9 @@ class Trainer:
                         now = time.perf_counter()
                         self.log_window(bar, tokens_window / max(now - t_window, 1e-9))
                         t_window, tokens_window = now, 0
+                    if cfg.max_time_s and self.train_s() >= cfg.max_time_s:
+                        log.info("training-time budget of %.0f s reached at step %d", cfg.max_time_s, self.step)
+                        self.total_steps = self.step  # this is the last step: evaluate and save below
                     if self.step % cfg.eval_every == 0 or self.step == self.total_steps:
                         self.evaluate_and_save()
                     elif self.step % cfg.checkpoint_every == 0:
@@ -191,6 +202,8 @@ class Trainer:
         return self.task.evaluate(self.model, batches, self.device, self.autocast)
 
     def evaluate_and_save(self) -> None:
+        t0 = time.perf_counter()
+        self.logger.scalars({"time/train_s": self.train_s()}, self.step)
         metrics = self.evaluate("val")
         self.last_metrics = {f"val/{k}": v for k, v in metrics.items() if not isinstance(v, list)}
         self.logger.scalars(self.last_metrics, self.step)
@@ -208,6 +221,7 @@ class Trainer:
         self.save("last.pt")
         self.write_metrics("running")
         self.logger.flush()
+        self.eval_s += time.perf_counter() - t0
 
     def summary(self, status: str = "finished") -> dict:
         return {
@@ -223,7 +237,7 @@ class Trainer:
             "num_params": self.num_params,
             **self.extra_metrics,
             # the only entries that differ between two runs of the same config
-            "timing": {"wall_time_s": round(self.elapsed + time.perf_counter() - self._t0, 3)},
+            "timing": {"wall_time_s": round(self.wall_s(), 3), "train_time_s": round(self.train_s(), 3)},
         }
 
     def write_metrics(self, status: str) -> None:
