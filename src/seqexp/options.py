@@ -33,7 +33,7 @@ def convert(key: str, value: str, kind: Any) -> Any:
             raise ValueError
         return kind(value)
     except ValueError:
-        expected = "true or false" if kind is bool else f"a {kind.__name__}"
+        expected = "true or false" if kind is bool else f"type {kind.__name__}"
         raise UserError(f"option {key}={value!r}: expected {expected}.") from None
 
 

@@ -44,7 +44,7 @@ def evaluate(path: str, opts: Options, data_overrides: dict[str, str]) -> dict:
         "step": run.step,
         "task": run.task,
         "split": opts.split,
-        "data": getattr(data, "origin", None),
+        "data": getattr(data, "origin", None) or run.ckpt["config"]["data"]["_target_"],
         # named as in metrics.json (`val/loss`, ...), so the two compare key by key
         "metrics": {f"{opts.split}/{k}": v for k, v in metrics.items()},
     }
