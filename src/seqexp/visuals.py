@@ -98,15 +98,17 @@ def classifier_outputs(model, batches, device, decode: Optional[Callable]) -> tu
     was_training = model.training
     model.eval()
     logits, labels, texts = [], [], []
-    for batch in batches:
-        tokens, lengths = batch["tokens"], batch.get("lengths")
-        out, _ = model(tokens.to(device), None if lengths is None else lengths.to(device), None)
-        logits.append(out.float().cpu())
-        labels.append(batch["targets"].cpu())
-        for i, row in enumerate(tokens.tolist()):
-            row = row[: int(lengths[i])] if lengths is not None else row
-            texts.append(decode(row) if decode else " ".join(map(str, row)))
-    model.train(was_training)
+    try:
+        for batch in batches:
+            tokens, lengths = batch["tokens"], batch.get("lengths")
+            out, _ = model(tokens.to(device), None if lengths is None else lengths.to(device), None)
+            logits.append(out.float().cpu())
+            labels.append(batch["targets"].cpu())
+            for i, row in enumerate(tokens.tolist()):
+                row = row[: int(lengths[i])] if lengths is not None else row
+                texts.append(decode(row) if decode else " ".join(map(str, row)))
+    finally:
+        model.train(was_training)
     return torch.cat(logits), torch.cat(labels), texts
 
 
