@@ -195,6 +195,9 @@ class LoggingConfig:
     sample_prompt: str = "\n"
     sample_temperature: float = 0.8
     sample_top_k: int = 40
+    attention_maps: bool = True  # attention models: each layer's weights for one validation example
+    wrong_examples: int = 5  # classifiers: the most confidently wrong validation texts; 0: off (costs a val pass)
+    histograms: bool = False  # weight and gradient histograms; large event files
 
 
 @dataclass

@@ -30,6 +30,15 @@ class Logger:
             # TensorBoard renders markdown: indent by 4 so text shows verbatim
             self.writer.add_text(tag, "    " + text.replace("\n", "\n    "), step)
 
+    def image(self, tag: str, rgb, step: int) -> None:
+        """rgb: (H, W, 3) uint8 array."""
+        if self.writer is not None:
+            self.writer.add_image(tag, rgb, step, dataformats="HWC")
+
+    def histogram(self, tag: str, values, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_histogram(tag, values.detach().float().cpu(), step)
+
     def flush(self) -> None:
         if self.writer is not None:
             self.writer.flush()

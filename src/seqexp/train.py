@@ -23,6 +23,7 @@ from seqexp.logger import Logger
 from seqexp.sampling import sample_text
 from seqexp.tasks import TASKS
 from seqexp.trainer import Trainer
+from seqexp.visuals import make_visuals
 
 log = logging.getLogger("seqexp")
 
@@ -97,9 +98,10 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
                                top_k=lg.sample_top_k, seed=t.seed + step, device=device)
 
     logger = Logger(run_dir, enabled=lg.tensorboard)
+    visuals = make_visuals(lg, model=model, data=data, logger=logger, device=device) if lg.tensorboard else None
     trainer = Trainer(t, model=model, task=task, data=data, optimizer=optimizer, scheduler=scheduler,
                       logger=logger, run_dir=run_dir, device=device, total_steps=total_steps, meta=meta,
-                      sampler=sampler)
+                      sampler=sampler, visuals=visuals)
     log.info("%s: %s, %d parameters, %d steps (%d per epoch) on %s; run dir %s", data.task,
              type(model).__name__, trainer.num_params, total_steps, steps_per_epoch, device, run_dir)
     try:

@@ -34,11 +34,13 @@ class NonFiniteError(UserError):
 class Trainer:
     def __init__(self, cfg, *, model, task, data, optimizer, scheduler, logger, run_dir: Path,
                  device: torch.device, total_steps: int, meta: dict,
-                 sampler: Optional[Callable[[torch.nn.Module, int], str]] = None):
+                 sampler: Optional[Callable[[torch.nn.Module, int], str]] = None,
+                 visuals: Optional[Callable[[torch.nn.Module, int, dict], None]] = None):
         self.cfg, self.model, self.task, self.data = cfg, model, task, data
         self.optimizer, self.scheduler, self.logger = optimizer, scheduler, logger
         self.run_dir, self.device, self.total_steps = Path(run_dir), device, total_steps
         self.meta, self.sampler = meta, sampler  # meta: config, runtime facts, vocabulary
+        self.visuals = visuals  # TensorBoard figures and texts after each evaluation (seqexp.visuals)
         self.ckpt_dir = self.run_dir / "checkpoints"
         # compiled forward for training; checkpoints and evaluation use the plain module
         self.net = torch.compile(model) if cfg.compile else model
@@ -216,6 +218,8 @@ class Trainer:
                  "  (best)" if better else "")
         if self.sampler is not None:
             self.logger.text("samples", self.sampler(self.model, self.step), self.step)
+        if self.visuals is not None:
+            self.visuals(self.model, self.step, metrics)
         if better:
             self.save("best.pt")
         self.save("last.pt")

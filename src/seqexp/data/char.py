@@ -74,6 +74,44 @@ def load_text(path: Optional[str], source: str, sha256: Optional[str], max_chars
     raise UserError(f"data.source must be 'stdlib' or an http(s) URL, got '{source}'.")
 
 
+class CharVocab:
+    """Characters <-> ids; id 0 stands for every character not in the vocabulary.
+
+    Built from a checkpoint's saved `itos` alone (`from_state`), so a trained run encodes new
+    text (prompts, reviews) without reading its corpus.
+    """
+
+    def __init__(self, itos: list[str]):
+        self.itos = list(itos)
+        self._codes = np.array([ord(c) for c in self.itos[1:]], dtype=np.int64)  # sorted code points
+
+    @classmethod
+    def from_text(cls, text: str) -> "CharVocab":
+        return cls([UNK] + sorted(set(text) - {UNK}))
+
+    @classmethod
+    def from_state(cls, state: dict) -> "CharVocab":
+        return cls(state["itos"])
+
+    def __len__(self) -> int:
+        return len(self.itos)
+
+    def encode(self, text: str) -> torch.Tensor:
+        """str -> (N,) int64 ids; unseen characters -> 0. Vectorised: 2M chars in ~0.1 s."""
+        cps = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
+        pos = np.searchsorted(self._codes, cps).clip(max=len(self._codes) - 1)
+        ids = np.where(self._codes[pos] == cps, pos + 1, 0)
+        return torch.from_numpy(ids)
+
+    def decode(self, ids) -> str:
+        return "".join(self.itos[i] for i in ids)
+
+    def unknown(self, text: str) -> list[str]:
+        """The distinct characters of `text` that encode to id 0, in order of appearance."""
+        known = set(self.itos[1:])
+        return list(dict.fromkeys(c for c in text if c not in known))
+
+
 class CharData:
     task = "lm"
 
@@ -86,8 +124,8 @@ class CharData:
         split = int(len(text) * (1.0 - val_fraction))
         train_text, val_text = text[:split], text[split:]
         # a checkpoint brings its own vocabulary, so ids keep their meaning on other text
-        self.itos = list(itos) if itos is not None else [UNK] + sorted(set(train_text) - {UNK})
-        self._codes = np.array([ord(c) for c in self.itos[1:]], dtype=np.int64)  # sorted code points
+        self.vocab = CharVocab(itos) if itos is not None else CharVocab.from_text(train_text)
+        self.itos = self.vocab.itos
         self.splits = {"train": self.encode(train_text), "val": self.encode(val_text)}
         need = batch_size * seq_len + 1
         if len(self.splits["train"]) < need:
@@ -102,14 +140,10 @@ class CharData:
         return len(self.itos)
 
     def encode(self, text: str) -> torch.Tensor:
-        """str -> (N,) int64 ids; unseen characters -> 0. Vectorised: 2M chars in ~0.1 s."""
-        cps = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
-        pos = np.searchsorted(self._codes, cps).clip(max=len(self._codes) - 1)
-        ids = np.where(self._codes[pos] == cps, pos + 1, 0)
-        return torch.from_numpy(ids)
+        return self.vocab.encode(text)
 
     def decode(self, ids) -> str:
-        return "".join(self.itos[i] for i in ids)
+        return self.vocab.decode(ids)
 
     def model_kwargs(self) -> dict:
         """Runtime facts every model is built with."""

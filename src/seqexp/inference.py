@@ -1,0 +1,145 @@
+"""Load a trained run for use: its checkpoint, model, text encoder and data, from the file alone.
+
+A run directory resolves to `checkpoints/best.pt`, else `checkpoints/last.pt`; a path to a
+`.pt` file is used as is. Checkpoints load onto the CPU first (`load_checkpoint` maps every
+tensor there), so one written on CUDA works on a CPU-only machine; the model then moves to
+the device asked for.
+
+Text encoders are looked up by the data kind a checkpoint records (`ckpt["data"]["kind"]`,
+what the data class's `state()` returned): each kind maps the saved state to an object with
+`encode(str) -> (N,) ids` and `decode(ids) -> str`.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from hydra.errors import InstantiationException
+
+from seqexp.checkpoint import load_checkpoint
+from seqexp.data.char import CharVocab
+from seqexp.errors import UserError
+from seqexp.options import convert
+from seqexp.train import instantiate, pick_device
+
+CHECKPOINT_NAMES = ("best.pt", "last.pt")  # best by the validation objective, else the latest
+
+# data kind -> the saved state to an encoder. The "imdb" kind is wired where its data module lives.
+ENCODERS: dict[str, Callable[[dict], Any]] = {"char": CharVocab.from_state}
+# data kind -> constructor arguments that give a rebuilt data object the checkpoint's vocabulary
+RESTORE: dict[str, Callable[[dict], dict]] = {"char": lambda state: {"itos": state["itos"]}}
+
+TASK_NAMES = {"lm": "a language model", "classify": "a classifier"}
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    p = Path(path).expanduser()
+    if p.is_file():
+        return p
+    if not p.is_dir():
+        raise UserError(f"no such run directory or checkpoint: {p}.")
+    for name in CHECKPOINT_NAMES:
+        if (p / "checkpoints" / name).is_file():
+            return p / "checkpoints" / name
+        if (p / name).is_file():  # the checkpoints directory itself
+            return p / name
+    raise UserError(f"{p} holds no checkpoint (looked for checkpoints/best.pt and checkpoints/last.pt). "
+                    f"Give the directory of a run of seqexp-train; it writes them at its first evaluation.")
+
+
+def run_dir_of(ckpt_path: Path) -> Path:
+    """The run directory a checkpoint belongs to (where metrics.json and events are)."""
+    return ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
+
+
+@dataclass
+class Run:
+    path: Path  # the checkpoint file
+    ckpt: dict
+    model: torch.nn.Module  # in eval mode, on `device`
+    device: torch.device
+
+    @property
+    def task(self) -> str:
+        return self.ckpt["model_kwargs"]["task"]
+
+    @property
+    def step(self) -> int:
+        return self.ckpt["trainer"]["step"]
+
+    def require(self, task: str, command: str, instead: str) -> None:
+        if self.task != task:
+            raise UserError(f"{self.path} is {TASK_NAMES.get(self.task, self.task)}; {command} needs "
+                            f"{TASK_NAMES[task]}. {instead}")
+
+
+def build_model(ckpt: dict) -> torch.nn.Module:
+    target = ckpt["config"]["model"].get("_target_")
+    try:
+        model = instantiate(ckpt["config"]["model"], **ckpt["model_kwargs"])
+        model.load_state_dict(ckpt["model"])
+    except (InstantiationException, RuntimeError) as e:
+        raise UserError(f"could not rebuild the model ({target}) from the checkpoint: "
+                        f"{str(e).splitlines()[0]}") from None
+    return model
+
+
+def load_run(path: str | Path, device: str = "cpu") -> Run:
+    ckpt_path = find_checkpoint(path)
+    ckpt = load_checkpoint(ckpt_path)  # every tensor on the CPU, whatever device wrote it
+    dev = pick_device(device)
+    model = build_model(ckpt).to(dev).eval()
+    return Run(ckpt_path, ckpt, model, dev)
+
+
+def text_encoder(ckpt: dict):
+    """The checkpoint's own text -> ids mapping: `encode(str) -> (N,) ids`, `decode(ids) -> str`."""
+    kind = ckpt["data"].get("kind")
+    if kind not in ENCODERS:
+        raise UserError(f"this seqexp cannot encode text for data kind '{kind}' (known: "
+                        f"{', '.join(sorted(ENCODERS))}); update seqexp or use a run of a known kind.")
+    return ENCODERS[kind](ckpt["data"])
+
+
+def label_names(ckpt: dict) -> list[str]:
+    """Class names saved by the data (`state()["labels"]`), else the class indices."""
+    n = ckpt["model_kwargs"]["num_outputs"]
+    names = ckpt["data"].get("labels")
+    return [str(x) for x in names] if names and len(names) == n else [str(i) for i in range(n)]
+
+
+def build_data(ckpt: dict, overrides: dict[str, str] | None = None):
+    """The run's data from its saved config (e.g. for its validation split), with the
+    checkpoint's vocabulary. `overrides`: `{"data.path": "..."}`, keys of the saved data config."""
+    cfg = copy.deepcopy(ckpt["config"]["data"])
+    for key, value in (overrides or {}).items():
+        leaf = key.removeprefix("data.")
+        if leaf not in cfg or leaf.startswith("_"):
+            keys = ", ".join(f"data.{k}" for k in cfg if not k.startswith("_"))
+            raise UserError(f"'{key}' is not a key of this run's data config. Its keys: {keys}.")
+        cfg[leaf] = _like(key, value, cfg[leaf])
+    kind = ckpt["data"].get("kind")
+    restore = RESTORE.get(kind, lambda state: {})(ckpt["data"])
+    try:
+        data = instantiate(cfg, seed=ckpt["config"]["trainer"]["seed"], **restore, _convert_="all")
+    except UserError as e:
+        raise UserError(f"{e} (the run's data source; point data.path=... at a copy)") from None
+    except InstantiationException as e:
+        raise UserError(f"could not rebuild the data ({cfg.get('_target_')}): {str(e).splitlines()[0]}") from None
+    want, got = ckpt["model_kwargs"]["vocab_size"], data.model_kwargs()["vocab_size"]
+    if want != got:  # ids would mean other tokens: every metric would be wrong
+        raise UserError(f"the rebuilt data has a vocabulary of {got}, the checkpoint {want}; "
+                        f"this data does not match the run.")
+    return data
+
+
+def _like(key: str, value: str, old: Any) -> Any:
+    """A command-line string as the type of the value it replaces; 'null' for None."""
+    if value.lower() in ("null", "none"):
+        return None
+    kind = type(old) if isinstance(old, (bool, int, float)) else str
+    return convert(key, value, kind)

@@ -1,0 +1,148 @@
+"""What the model does, drawn for TensorBoard at every evaluation.
+
+Pure functions make the figures and texts; `make_visuals` binds them to one run and returns
+the single hook the trainer calls after each evaluation (or None when there is nothing to draw):
+- attention models: a heat map per layer of the attention weights (heads side by side) for
+  one fixed validation example, so the maps of successive evaluations compare directly;
+- classifiers: the most confidently wrong validation examples, as text;
+- `logging.histograms`: weight and gradient histograms (off by default: large event files).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+MAX_TOKENS = 48  # attention maps: beyond this the token labels on the axes are unreadable
+SHOWN = {"\n": "↵", "\t": "→", " ": "␣"}  # whitespace drawn as something visible
+
+
+# ----------------------------------------------------------------------------- pure functions
+def attention_figure(weights: torch.Tensor, labels: Sequence[str], title: str = ""):
+    """(heads, T, T) weights of one layer -> a matplotlib Figure, one heat map per head.
+
+    Rows are queries, columns keys; each row sums to 1.
+    """
+    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+
+    heads, T, _ = weights.shape
+    w = weights.float().cpu().numpy()
+    size, font = 2.0 + 0.05 * T, 8 if T <= 24 else 6  # inches per head; labels stay legible
+    fig = Figure(figsize=(size * heads + 0.8, size + 0.6), dpi=100, layout="constrained")
+    axes = fig.subplots(1, heads, squeeze=False)[0]
+    ticks = [SHOWN.get(s, s) for s in labels]
+    for h, ax in enumerate(axes):
+        # one colour scale for all heads, so the colour bar reads for every panel
+        im = ax.imshow(w[h], cmap="viridis", vmin=0.0, vmax=float(w.max()), aspect="equal")
+        ax.set_title(f"head {h}", fontsize=9)
+        ax.set_xticks(range(T), ticks, fontsize=font, rotation=90 if max(map(len, ticks)) > 1 else 0)
+        ax.set_yticks(range(T), ticks if h == 0 else [], fontsize=font)
+        ax.tick_params(length=0)
+    fig.colorbar(im, ax=list(axes), shrink=0.8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return fig
+
+
+def figure_to_array(fig) -> np.ndarray:
+    """Figure -> (H, W, 3) uint8 RGB, rendered off-screen."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def confidently_wrong(logits: torch.Tensor, labels: torch.Tensor, texts: Sequence[str], k: int = 5,
+                      names: Optional[Sequence[str]] = None, max_chars: int = 500) -> str:
+    """(N, C) logits, (N,) true labels, N texts -> the k wrong predictions the model was most
+    sure of, most confident first, as plain text."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    confidence, predicted = probs.max(-1)
+    wrong = (predicted != labels).nonzero().flatten()
+    if len(wrong) == 0:
+        return f"no wrong predictions among {len(labels)} examples"
+    order = wrong[confidence[wrong].argsort(descending=True)][:k]
+    name = (lambda c: names[c]) if names else str
+    blocks = [f"{len(wrong)} of {len(labels)} wrong; the {len(order)} most confident:"]
+    for i in order.tolist():
+        text = texts[i] if len(texts[i]) <= max_chars else texts[i][:max_chars] + " [...]"
+        blocks.append(f"p={confidence[i]:.3f}  true {name(int(labels[i]))}, predicted "
+                      f"{name(int(predicted[i]))}\n{text}")
+    return "\n\n".join(blocks)
+
+
+def has_attention_maps(model: torch.nn.Module) -> bool:
+    return "need_weights" in inspect.signature(model.forward).parameters
+
+
+# ----------------------------------------------------------------------------- one run's hook
+@torch.no_grad()
+def attention_maps(model, tokens: torch.Tensor, lengths: Optional[torch.Tensor]) -> list[torch.Tensor]:
+    """One example's maps: a (heads, T, T) tensor per layer, computed in eval mode (no dropout)."""
+    was_training = model.training
+    model.eval()
+    try:
+        _, maps = model(tokens, lengths, None, need_weights=True)
+    finally:
+        model.train(was_training)
+    return [m[0] for m in maps]
+
+
+@torch.no_grad()
+def classifier_outputs(model, batches, device, decode: Optional[Callable]) -> tuple:
+    """One pass over a split: (N, C) logits, (N,) labels and the N texts (decoded tokens)."""
+    was_training = model.training
+    model.eval()
+    logits, labels, texts = [], [], []
+    try:
+        for batch in batches:
+            tokens, lengths = batch["tokens"], batch.get("lengths")
+            out, _ = model(tokens.to(device), None if lengths is None else lengths.to(device), None)
+            logits.append(out.float().cpu())
+            labels.append(batch["targets"].cpu())
+            for i, row in enumerate(tokens.tolist()):
+                row = row[: int(lengths[i])] if lengths is not None else row
+                texts.append(decode(row) if decode else " ".join(map(str, row)))
+    finally:
+        model.train(was_training)
+    return torch.cat(logits), torch.cat(labels), texts
+
+
+def make_visuals(lg, *, model, data, logger, device) -> Optional[Callable[[torch.nn.Module, int, dict], None]]:
+    """The hook `(model, step, val metrics) -> None` for this run, or None when it draws nothing."""
+    decode = getattr(data, "decode", None)
+    example = None
+    if lg.attention_maps and has_attention_maps(model):
+        # a fixed example: the first validation row (its first MAX_TOKENS tokens)
+        batch = next(iter(data.batches("val", stateful=False)))
+        n = MAX_TOKENS if batch.get("lengths") is None else min(MAX_TOKENS, int(batch["lengths"][0]))
+        tokens = batch["tokens"][:1, :n]
+        lengths = None if batch.get("lengths") is None else torch.tensor([n])
+        labels = [decode([t]) if decode else str(t) for t in tokens[0].tolist()]
+        example = (tokens, lengths, labels)
+    wrong = lg.wrong_examples > 0 and data.task == "classify"
+    if example is None and not wrong and not lg.histograms:
+        return None
+    names = getattr(data, "labels", None)
+
+    def visuals(model, step: int, metrics: dict) -> None:
+        if example is not None:
+            tokens, lengths, labels = example
+            maps = attention_maps(model, tokens.to(device), None if lengths is None else lengths.to(device))
+            for layer, w in enumerate(maps):
+                fig = attention_figure(w, labels, f"layer {layer}, step {step}")
+                logger.image(f"attention/layer{layer}", figure_to_array(fig), step)
+        if wrong:  # one more forward pass over the validation split
+            logits, y, texts = classifier_outputs(model, data.batches("val", stateful=model.stateful), device, decode)
+            logger.text("wrong", confidently_wrong(logits, y, texts, lg.wrong_examples, names), step)
+        if lg.histograms:
+            for name, p in model.named_parameters():
+                logger.histogram(f"weights/{name}", p.detach(), step)
+                if p.grad is not None:  # the last training step's (clipped) gradients
+                    logger.histogram(f"grads/{name}", p.grad, step)
+
+    return visuals
