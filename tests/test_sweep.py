@@ -24,7 +24,7 @@ from tensorboard.plugins.hparams import api_pb2, metadata
 from seqexp.config import safe_dirname
 from seqexp.sweep import resources
 from seqexp.sweep.summary import write_summary
-from tests.conftest import ROOT
+from tests.conftest import ROOT, make_cfg, tiny_overrides
 
 # The tiny settings as an experiment file: `experiment` is left out of job directory names, so
 # jobs are named by what the sweep varies (`0_model=rnn,optimizer.lr=0.001`).
@@ -257,6 +257,28 @@ def test_fail_fast_stops_the_sweep_at_the_first_failure(conf_dir, tiny_text, tmp
     assert [j.name for j in job_dirs(sweep)] == ["0_data.path=_nonexistent_corpus.txt,model=rnn"]
 
 
+def test_a_job_failing_mid_training_keeps_its_last_evaluation(tiny_text, tmp_path, monkeypatch):
+    from seqexp.sweep.job import run_sweep_job
+    from tests.test_train import poison_loss_at
+
+    def hydra_cfg(name, overrides):
+        return OmegaConf.create({"runtime": {"output_dir": str(tmp_path / name)}, "sweep": {"dir": str(tmp_path)},
+                                 "overrides": {"task": overrides}, "job": {"num": 0}, "launcher": {}})
+
+    poison_loss_at(monkeypatch, {8})  # evaluated at step 6, non-finite at step 8
+    assert run_sweep_job(make_cfg(*tiny_overrides("lstm", tiny_text)), hydra_cfg("0_a", ["model=lstm"])) is None
+    m = metrics(tmp_path / "0_a")
+    assert m["status"] == "failed" and "non-finite values at step 8" in m["error"]
+    assert m["steps"] == 6 and m["final"]["val/loss"] > 0  # what the trainer wrote at its last evaluation
+    assert hparams_of(tmp_path / "0_a") == ({"model": "lstm"}, api_pb2.STATUS_FAILURE)
+
+    bad = make_cfg(*tiny_overrides("attention", tiny_text, "model.n_heads=3", "sweep.fail_fast=true"))
+    with pytest.raises(SystemExit) as e:
+        run_sweep_job(bad, hydra_cfg("1_b", ["model.n_heads=3"]))
+    assert e.value.code == 2
+    assert "divisible" in metrics(tmp_path / "1_b")["error"]
+
+
 # ----------------------------------------------------------------------------- Optuna
 def test_optuna_search_of_three_trials_reports_its_best(conf_dir, tmp_path):
     sweep = tmp_path / "sweep"
@@ -281,6 +303,13 @@ def test_optuna_search_of_three_trials_reports_its_best(conf_dir, tmp_path):
     assert f"Best trial #{result['best_trial']} of 3" in r.stderr + r.stdout
     assert len(summary_rows(sweep)) == 3
 
+    # the seeded search asks for the same trials again: each meets its finished job
+    r = multirun(conf_dir, sweep, "hparams_search=char_optuna", "hydra.sweeper.n_trials=3",
+                 "model.hidden_size=choice(8,16)")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (r.stdout + r.stderr).count("finished in an earlier run of this sweep; skipped") == 3
+    assert OmegaConf.to_container(OmegaConf.load(sweep / "optimization_results.yaml")) == result
+
 
 def test_optuna_search_space_from_override_grammar():
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -298,6 +327,19 @@ def test_optuna_search_space_from_override_grammar():
 
 
 # ----------------------------------------------------------------------------- units
+def test_two_sweeps_started_in_the_same_second_get_different_directories():
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from seqexp.config import CONFIG_DIR
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        a, b = (compose("train", return_hydra_config=True).hydra.sweep.dir for _ in range(2))
+    assert a != b  # microseconds in the name
+    GlobalHydra.instance().clear()
+
+
 def test_each_parallel_worker_claims_its_own_gpu(tmp_path):
     first = resources.claim_gpu(tmp_path, ["0", "1"], job_num=0)
     second = resources.claim_gpu(tmp_path, ["0", "1"], job_num=1)

@@ -96,9 +96,13 @@ class OptunaSweeper(Sweeper):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         done = sum(t.state.is_finished() for t in study.trials)  # from a stored study
-        log.info("Optuna: %s %d trials (%d done before), %d at a time; search space: %s", direction,
-                 self.n_trials, done, self.n_jobs, ", ".join(f"{k}={o.value()}" for k, o in lines.items()
-                                                              if k in space))
+        if done and sampler is not None:
+            # a seeded sampler would repeat the stored study's first trials; an in-memory study
+            # keeps its seed, so a re-run into the same sweep dir meets its finished jobs again
+            sampler.reseed_rng()
+        log.info("Optuna: %s, %d trials (%d done before), %d at a time; search space: %s", direction,
+                 self.n_trials, done, self.n_jobs,
+                 " ".join(o.input_line for k, o in lines.items() if k in space))
 
         while done < self.n_trials:
             trials = [study.ask(space) for _ in range(min(self.n_jobs, self.n_trials - done))]
