@@ -367,7 +367,8 @@ def test_configure_job_sets_threads_and_cuda_visible_devices(tmp_path, monkeypat
         monkeypatch.setattr(resources, "_claimed", None)  # as a second worker process
         assert resources.configure_job(2, 1, tmp_path, "auto")["gpu"] == "7"
         # one job at a time (basic launcher): threads and devices as torch chose them
-        assert resources.configure_job(1, 0, tmp_path, "auto") == {"parallel_jobs": 1, "threads": chosen["threads"]}
+        one = resources.configure_job(1, 0, tmp_path, "auto")
+        assert one == {"parallel_jobs": 1, "threads": chosen["threads"]}
         held[1].close()
         resources._claimed[1].close()
         monkeypatch.setattr(resources, "_claimed", None)

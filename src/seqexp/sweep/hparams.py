@@ -1,11 +1,12 @@
 """TensorBoard HParams for one job, written into the job's own run directory.
 
 `SummaryWriter.add_hparams` writes to a new sub-run named by a timestamp, and metrics passed to
-it before training ends show up as -1 or blank. Here, at the end of the job, the session start
-(its swept values), the final metrics as scalars and the session end (finished or failed) go into
-the job directory itself, so `tensorboard --logdir SWEEP_DIR` lists one session per job, named
-by the job directory, which says its overrides. No experiment summary is written: TensorBoard
-then takes the hparams from every session and the metrics from every scalar tag.
+it before training ends show up as -1 or blank. Here, when the job has ended, the session start
+(its overrides as typed values), a few summary scalars and the session end (finished or failed)
+go into the job directory itself, so `tensorboard --logdir SWEEP_DIR` lists one session per job,
+named by the job directory, which says its overrides. No experiment summary is written: without
+one TensorBoard takes the hparams from every session and the metrics from every scalar tag, so
+jobs with other hparams (a later re-run, an Optuna search) still show.
 """
 
 from __future__ import annotations
