@@ -10,6 +10,7 @@ from contextlib import contextmanager
 import hydra
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from seqexp.config import CONFIG_DIR
@@ -58,8 +59,13 @@ def explain_unknown_keys(argv: list[str], config_name: str = "train") -> None:
 def _train(cfg: DictConfig) -> float | None:
     from seqexp.train import train  # torch imports after Hydra has checked the overrides
 
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.MULTIRUN:  # a failing job is recorded; the sweep goes on
+        from seqexp.sweep.job import run_sweep_job
+
+        return run_sweep_job(cfg, hydra_cfg)
     with user_errors():
-        metrics = train(cfg, HydraConfig.get().runtime.output_dir)
+        metrics = train(cfg, hydra_cfg.runtime.output_dir)
     return metrics["objective"]["best"]  # what a Hydra sweeper (Optuna) optimises
 
 

@@ -10,6 +10,7 @@ early checking (see `check_targets`, which binds every `_target_`'s keys to its 
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import inspect
 from dataclasses import dataclass, field
@@ -201,6 +202,13 @@ class LoggingConfig:
 
 
 @dataclass
+class SweepConfig:
+    """How a multirun (`-m`) treats its jobs; see seqexp/sweep/job.py."""
+    fail_fast: bool = False  # stop the sweep at the first failed job (default: record it, run the rest)
+    skip_finished: bool = True  # re-running into the same hydra.sweep.dir skips jobs already finished
+
+
+@dataclass
 class TrainConfig:
     model: Any = MISSING
     data: Any = MISSING
@@ -208,6 +216,7 @@ class TrainConfig:
     scheduler: Any = MISSING
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
 def register_configs() -> None:
@@ -231,6 +240,19 @@ def register_configs() -> None:
 
 
 register_configs()
+
+
+def safe_dirname(name: str, max_len: int = 200) -> str:
+    """A sweep job's directory name from its overrides: `/` in a value (a path) would nest
+    directories, and most filesystems cap a name at 255 bytes."""
+    name = name.replace("/", "_")
+    if len(name.encode()) > max_len:
+        digest = hashlib.sha1(name.encode()).hexdigest()[:10]
+        name = name.encode()[: max_len - 11].decode(errors="ignore") + "-" + digest
+    return name
+
+
+OmegaConf.register_new_resolver("safe_dirname", safe_dirname, replace=True)
 
 
 # ----------------------------------------------------------------------------- checks

@@ -1,0 +1,160 @@
+"""One job of a multirun (`-m`): what happens around `train()` so that a sweep outlives its jobs.
+
+- A job that fails (a bad combination, a missing file, non-finite loss, out of memory) is
+  recorded in its metrics.json as `status: failed` with the error, and the sweep goes on;
+  `sweep.fail_fast=true` stops the sweep instead. (Left to Hydra, a job's `sys.exit` ends the
+  whole sweep at once, and a job's exception ends it after its batch with no summary.)
+- Re-running a sweep into the same `hydra.sweep.dir` skips jobs that finished with the same
+  config (their objective is returned again, so Optuna sees it) and continues unfinished ones
+  from checkpoints/last.pt (`continue_or_restart`, the seam with `resume=RUN_DIR`).
+- Parallel jobs get their share of threads and a GPU each (resources.py); every job ends by
+  writing its TensorBoard HParams (hparams.py).
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import DictConfig
+
+from seqexp.checkpoint import write_json
+from seqexp.config import to_container
+from seqexp.errors import UserError
+from seqexp.sweep.hparams import hparam_values, write_hparams
+from seqexp.sweep.resources import configure_job, parallel_jobs
+
+log = logging.getLogger("seqexp")
+
+JOB_FILE = "job.json"  # the config hash and overrides the directory's results belong to
+NOT_HASHED = ("sweep", "resume")  # how to run a job, not what it computes
+
+
+def config_hash(cfg: DictConfig) -> str:
+    c = to_container(cfg)
+    for key in NOT_HASHED:
+        c.pop(key, None)
+    return hashlib.sha256(json.dumps(c, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def read_json(path: Path) -> Optional[dict]:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def clear_results(run_dir: Path) -> None:
+    """Before a job starts over: no old checkpoint, metrics or events to mix with the new ones."""
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    (run_dir / "metrics.json").unlink(missing_ok=True)
+    for f in run_dir.glob("events.out.tfevents.*"):
+        f.unlink()
+
+
+def continue_or_restart(cfg: DictConfig, run_dir: Path, may_continue: bool) -> dict:
+    """Run the job; an unfinished one continues from checkpoints/last.pt.
+
+    This is the one place that knows about resuming. It uses the `resume` config key when the
+    build has it (`resume=RUN_DIR`: continue the run in RUN_DIR from its last checkpoint);
+    without it the job starts over from step 0.
+    """
+    from seqexp.train import train  # torch
+
+    if may_continue and (run_dir / "checkpoints" / "last.pt").is_file():
+        if "resume" in cfg:
+            log.info("%s: continuing from checkpoints/last.pt", run_dir.name)
+            cfg.resume = str(run_dir)
+            return train(cfg, run_dir)
+        log.warning("%s: unfinished; this build cannot resume, so it starts over", run_dir.name)
+    clear_results(run_dir)
+    return train(cfg, run_dir)
+
+
+def describe(e: BaseException) -> str:
+    if isinstance(e, UserError):
+        return str(e)
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {first}"[:500]
+
+
+def record(run_dir: Path, status: str, error: str) -> dict:
+    """Mark the job in its metrics.json, keeping whatever the trainer wrote at its last evaluation."""
+    metrics = read_json(run_dir / "metrics.json") or {}
+    metrics.update(status=status, error=error)
+    write_json(run_dir / "metrics.json", metrics)
+    return metrics
+
+
+def safe_write_hparams(cfg: DictConfig, run_dir: Path, name: str, overrides: list[str], metrics: dict) -> None:
+    if not cfg.logging.tensorboard:
+        return
+    try:
+        write_hparams(run_dir, name, hparam_values(cfg, overrides), metrics, metrics.get("status", ""))
+    except Exception as e:  # the job's results matter more than its HParams entry
+        log.warning("%s: HParams not written (%s)", name, describe(e))
+
+
+def run_sweep_job(cfg: DictConfig, hydra_cfg: DictConfig) -> Optional[float]:
+    """Returns the job's objective (best validation metric), or None when it failed."""
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    sweep_dir = Path(hydra_cfg.sweep.dir)
+    name = run_dir.relative_to(sweep_dir).as_posix() if run_dir.is_relative_to(sweep_dir) else run_dir.name
+    overrides = list(hydra_cfg.overrides.task)
+    digest = config_hash(cfg)
+
+    previous, metrics = read_json(run_dir / JOB_FILE), read_json(run_dir / "metrics.json")
+    has_results = metrics is not None or (run_dir / "checkpoints").exists()
+    if has_results and (previous or {}).get("config_hash") != digest:
+        # Same overrides, different config: the YAML files changed since. Never mix the two.
+        message = (f"{run_dir} holds results of another config (config files changed since it ran); "
+                   f"not run. Use a new hydra.sweep.dir, or delete that directory.")
+        log.error(message)
+        if cfg.sweep.fail_fast:
+            print(f"error: {message}", file=sys.stderr, flush=True)
+            sys.exit(2)
+        return None
+    if has_results and cfg.sweep.skip_finished and metrics and metrics.get("status") == "finished":
+        log.info("%s: finished in an earlier run of this sweep; skipped", name)
+        return metrics["objective"]["best"]
+
+    resources = configure_job(parallel_jobs(hydra_cfg.get("launcher")), int(hydra_cfg.job.num),
+                              sweep_dir / ".locks", str(cfg.trainer.device))
+    write_json(run_dir / JOB_FILE, {"config_hash": digest, "overrides": overrides, "resources": resources})
+    try:
+        metrics = continue_or_restart(cfg, run_dir, may_continue=cfg.sweep.skip_finished)
+    except KeyboardInterrupt:
+        safe_write_hparams(cfg, run_dir, name, overrides, record(run_dir, "interrupted", "KeyboardInterrupt"))
+        raise
+    except Exception as e:
+        if os.environ.get("SEQEXP_DEBUG"):
+            raise
+        message = describe(e)
+        log.error("%s failed: %s", name, message, exc_info=not isinstance(e, UserError))
+    else:
+        safe_write_hparams(cfg, run_dir, name, overrides, metrics)
+        return metrics["objective"]["best"]
+
+    # out of the except block, so the traceback no longer holds the failed job's tensors
+    gc.collect()
+    _empty_cuda_cache()
+    metrics = record(run_dir, "failed", message)
+    safe_write_hparams(cfg, run_dir, name, overrides, metrics)
+    if cfg.sweep.fail_fast:
+        print(f"error: {name}: {message}\nsweep stopped (sweep.fail_fast=true)", file=sys.stderr, flush=True)
+        sys.exit(2)
+    return None
+
+
+def _empty_cuda_cache() -> None:
+    import torch
+
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()

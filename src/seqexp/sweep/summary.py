@@ -1,0 +1,214 @@
+"""A sweep's results: summary.md and summary.csv (one row per job, best first) and two plots.
+
+Everything is read back from the job directories -- `.hydra/overrides.yaml`, `metrics.json`,
+the TensorBoard events -- so the summary can be rebuilt at any time, also while a sweep runs
+(`python scripts/summarize.py SWEEP_DIR`) or after it was interrupted.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import re
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import OmegaConf
+
+log = logging.getLogger("seqexp")
+
+
+def find_jobs(sweep_dir: Path) -> list[Path]:
+    """Directories Hydra made a job in, in job-number order."""
+    dirs = [p.parent.parent for p in Path(sweep_dir).rglob(".hydra/overrides.yaml")]
+
+    def order(d: Path):
+        m = re.match(r"(\d+)_", d.name)
+        return (int(m.group(1)) if m else math.inf, d.name)
+
+    return sorted(dirs, key=order)
+
+
+def load_job(job_dir: Path, sweep_dir: Path) -> dict:
+    try:
+        metrics = json.loads((job_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        metrics = {}
+    return {
+        "dir": job_dir,
+        "job": job_dir.relative_to(sweep_dir).as_posix() if job_dir != sweep_dir else job_dir.name,
+        "overrides": [str(o) for o in OmegaConf.load(job_dir / ".hydra" / "overrides.yaml")],
+        "metrics": metrics,
+        # Hydra made the directory but the job has not evaluated yet (or was killed before)
+        "status": metrics.get("status", "running"),
+    }
+
+
+def swept_params(jobs: list[dict]) -> dict[str, list[str]]:
+    """Override keys whose value differs between jobs, with each job's value ('' when unset)."""
+    per_job = [dict(o.split("=", 1) for o in j["overrides"] if "=" in o) for j in jobs]
+    keys = list(dict.fromkeys(k for d in per_job for k in d))
+    values = {k: [d.get(k, "") for d in per_job] for k in keys}
+    return {k: v for k, v in values.items() if len(set(v)) > 1}
+
+
+def objective_of(jobs: list[dict]) -> tuple[str, str]:
+    for j in jobs:
+        obj = j["metrics"].get("objective")
+        if obj:
+            return obj["metric"], obj["mode"]
+    return "val/loss", "min"
+
+
+def test_metrics(metrics: dict) -> dict:
+    test = metrics.get("test")
+    if isinstance(test, (int, float)):
+        return {"test": test}
+    if not isinstance(test, dict):
+        return {}
+    return {(k if k.startswith("test") else f"test/{k}"): v for k, v in test.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def build_rows(jobs: list[dict]) -> tuple[list[dict], str, str]:
+    metric, mode = objective_of(jobs)
+    params = swept_params(jobs)
+    rows = []
+    for i, j in enumerate(jobs):
+        m = j["metrics"]
+        rows.append({
+            "job": j["job"],
+            "status": j["status"],
+            "overrides": " ".join(j["overrides"]),
+            **{k: v[i] for k, v in params.items()},
+            f"best {metric}": (m.get("objective") or {}).get("best"),
+            f"final {metric}": (m.get("final") or {}).get(metric),
+            **test_metrics(m),
+            "best_step": m.get("best_step"),
+            "steps": m.get("steps"),
+            "wall_time_s": (m.get("timing") or {}).get("wall_time_s"),
+            "num_params": m.get("num_params"),
+            "error": m.get("error", ""),
+        })
+
+    def key(row):  # best objective first; jobs without one (failed early, running) last
+        v = row[f"best {metric}"]
+        if not isinstance(v, (int, float)) or not math.isfinite(v):
+            return (1, 0.0)
+        return (0, v if mode == "min" else -v)
+
+    return sorted(rows, key=key), metric, mode
+
+
+def fmt(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def write_markdown(rows: list[dict], path: Path, sweep_dir: Path, metric: str, mode: str,
+                   params: list[str]) -> None:
+    counts = {s: sum(r["status"] == s for r in rows) for s in dict.fromkeys(r["status"] for r in rows)}
+    cols = [c for c in rows[0] if c not in params]  # the overrides column already names them
+    cols = [c for c in cols if c != "error" or any(r["error"] for r in rows)]
+    lines = [f"# Sweep {sweep_dir}", "",
+             f"{len(rows)} jobs ({', '.join(f'{n} {s}' for s, n in counts.items())}); "
+             f"sorted by best {metric} ({'lower' if mode == 'min' else 'higher'} is better).", "",
+             "| " + " | ".join(["#", *cols]) + " |", "|" + "---|" * (len(cols) + 1)]
+    for rank, r in enumerate(rows, 1):
+        cells = [fmt(r.get(c)).replace("|", "\\|").replace("\n", " ")[:120] for c in cols]
+        lines.append("| " + " | ".join([str(rank), *cells]) + " |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+# ----------------------------------------------------------------------------- plots
+def read_curve(job_dir: Path, tag: str) -> Optional[tuple[list[int], list[float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logging.getLogger("tensorboard").setLevel(logging.WARNING)  # one INFO line per event file
+    acc = EventAccumulator(str(job_dir), size_guidance={"scalars": 0}).Reload()
+    if tag not in acc.Tags().get("scalars", []):
+        return None
+    events = acc.Scalars(tag)
+    return [e.step for e in events], [e.value for e in events]
+
+
+def plot_curves(jobs: list[dict], metric: str, path: Path) -> bool:
+    from matplotlib.figure import Figure  # object API: no pyplot state, no display needed
+
+    fig = Figure(figsize=(8, 5), layout="constrained")
+    ax = fig.subplots()
+    drawn = 0
+    for j in jobs:
+        curve = read_curve(j["dir"], metric)
+        if curve:
+            ax.plot(*curve, marker="o", markersize=3, label=j["job"][:60])
+            drawn += 1
+    if not drawn:
+        return False
+    ax.set(xlabel="step", ylabel=metric, title=f"{metric}, every job")
+    ax.grid(alpha=0.3)
+    if drawn <= 20:
+        ax.legend(fontsize="x-small")
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def plot_params(rows: list[dict], params: list[str], metric: str, path: Path) -> bool:
+    from matplotlib.figure import Figure
+
+    col = f"best {metric}"
+    done = [r for r in rows if isinstance(r[col], (int, float)) and math.isfinite(r[col])]
+    if not params or not done:
+        return False
+    fig = Figure(figsize=(4 * len(params), 3.6), layout="constrained")
+    axes = fig.subplots(1, len(params), squeeze=False)[0]
+    for ax, p in zip(axes, params):
+        raw, y = [r[p] for r in done], [r[col] for r in done]
+        try:
+            x = [float(v) for v in raw]
+            ax.scatter(x, y)
+            if min(x) > 0 and max(x) / min(x) >= 10:
+                ax.set_xscale("log")
+        except ValueError:  # categorical: a group choice, a string
+            cats = sorted(set(raw))
+            ax.scatter([cats.index(v) for v in raw], y)
+            ax.set_xticks(range(len(cats)), cats, rotation=30, ha="right")
+            ax.set_xlim(-0.5, len(cats) - 0.5)
+        ax.set(xlabel=p, ylabel=col)
+        ax.grid(alpha=0.3)
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def write_summary(sweep_dir: Path) -> dict[str, Path]:
+    """Write the summary files into `sweep_dir`; returns what was written by name."""
+    sweep_dir = Path(sweep_dir)
+    jobs = [load_job(d, sweep_dir) for d in find_jobs(sweep_dir)]
+    if not jobs:
+        return {}
+    rows, metric, mode = build_rows(jobs)
+    params = list(swept_params(jobs))
+    out = {"csv": sweep_dir / "summary.csv", "md": sweep_dir / "summary.md"}
+    write_csv(rows, out["csv"])
+    write_markdown(rows, out["md"], sweep_dir, metric, mode, params)
+    try:
+        if plot_curves(jobs, metric, sweep_dir / "val_curves.png"):
+            out["curves"] = sweep_dir / "val_curves.png"
+        if plot_params(rows, params, metric, sweep_dir / "objective_vs_params.png"):
+            out["params"] = sweep_dir / "objective_vs_params.png"
+    except ImportError as e:
+        log.warning("plots skipped: %s (pip install matplotlib)", e)
+    return out
