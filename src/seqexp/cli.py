@@ -14,13 +14,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from seqexp.config import CONFIG_DIR
 from seqexp.errors import UserError
+from seqexp.resume import config_for_resume, resume_argv
 
 log = logging.getLogger("seqexp")
 
 
 @contextmanager
 def user_errors():
-    """A user error is one line on stderr and exit code 2 (3 for non-finite values).
+    """A user error is one line on stderr and exit code 2 (3 for non-finite values, 75 for a run
+    stopped by SIGTERM/SIGINT after saving last.pt).
 
     SEQEXP_DEBUG=1 shows the full traceback instead.
     """
@@ -59,11 +61,17 @@ def _train(cfg: DictConfig) -> float | None:
     from seqexp.train import train  # torch imports after Hydra has checked the overrides
 
     with user_errors():
+        if cfg.resume is not None:  # the run's saved config, plus this command's overrides
+            cfg = config_for_resume(cfg, list(HydraConfig.get().overrides.task))
         metrics = train(cfg, HydraConfig.get().runtime.output_dir)
     return metrics["objective"]["best"]  # what a Hydra sweeper (Optuna) optimises
 
 
 def train_main() -> None:
+    if os.environ.get("SEQEXP_DEBUG"):
+        os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # config errors show their traceback too
+    with user_errors():  # resume=: before Hydra, so that it uses the run's directory
+        sys.argv[1:] = resume_argv(sys.argv[1:])
     try:
         _train()
     except SystemExit as e:
