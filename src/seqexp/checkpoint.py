@@ -16,6 +16,7 @@ import io
 import json
 import os
 import re
+import zipfile
 import pickle
 import random
 from pathlib import Path
@@ -50,8 +51,8 @@ def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> 
 
 
 def save_checkpoint(paths: Path | list[Path], payload: dict) -> None:
-    """Serialise once, write to each path. Serialising to memory first matters: torch.save turns
-    an OSError of the file (disk full) into an opaque RuntimeError; a plain write keeps it."""
+    """Serialise once, write to each path. In memory first: torch.save's zip writer can turn the
+    file's OSError (disk full) into an opaque RuntimeError; a plain write keeps it an OSError."""
     buf = io.BytesIO()
     torch.save(payload, buf)
     data = buf.getbuffer()
@@ -73,16 +74,25 @@ def load_checkpoint(path: Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}.")
+    def damaged(why: str) -> UserError:
+        return UserError(f"{path} is not a readable checkpoint (truncated or corrupt: {why}). Use another "
+                         f"checkpoint of the run: checkpoints/best.pt or a step_*.pt.")
+
     try:
+        if not zipfile.is_zipfile(path):  # torch's format is a zip archive, its index at the end
+            raise damaged("not a complete archive")
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except OSError as e:
         raise UserError(f"could not read {path} ({e.strerror or e}); check that it is a readable file.") from None
     except pickle.UnpicklingError as e:
-        raise UserError(f"{path} holds objects other than tensors and plain values, so it was not "
-                        f"loaded (weights_only=True; nothing in it ran): {str(e).splitlines()[0]}") from None
-    except Exception as e:  # truncated zip, garbage bytes, ...
-        raise UserError(f"{path} is not a readable checkpoint (truncated or corrupt: {e}). "
-                        f"Use another checkpoint of the run, e.g. checkpoints/best.pt.") from None
+        found = re.search(r"Unsupported global: GLOBAL [\w.]+", str(e))
+        raise UserError(f"{path} holds objects other than tensors and plain values "
+                        f"({found.group(0) if found else str(e).splitlines()[0]}), so it was not loaded "
+                        f"(weights_only=True; nothing in it ran). Load only checkpoints written by seqexp.") from None
+    except UserError:
+        raise
+    except Exception as e:  # a damaged archive member, ...
+        raise damaged(str(e).splitlines()[0].split(". ")[0]) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise UserError(f"{path} is not a seqexp checkpoint (format {FORMAT} expected).")
     return ckpt
