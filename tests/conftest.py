@@ -40,9 +40,10 @@ def tiny_overrides(model: str, text: Path, *extra: str) -> list[str]:
             "scheduler.warmup_steps=2", "logging.sample_chars=20", *extra]
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def one_thread():
-    """Tiny models gain nothing from a second thread, and lose much when the cores are busy."""
+    """Tiny models gain nothing from a second thread, and lose much when the cores are busy.
+    Module scope: a module's own module-scoped fixtures run after it (pytestmark usefixtures)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -193,10 +193,7 @@ def test_deterministic_flag_turns_on_deterministic_algorithms(tiny_text, tmp_pat
 def finished_rnn(tmp_path_factory, tiny_text) -> tuple[list[str], Path]:
     overrides = tiny_overrides("rnn", tiny_text)
     run = tmp_path_factory.mktemp("finished") / "run"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     train(make_cfg(*overrides), run)
-    torch.set_num_threads(threads)
     return overrides, run
 
 

@@ -153,8 +153,8 @@ class Trainer:
                         self.evaluate_and_save()
                     elif self.step % cfg.checkpoint_every == 0:
                         self.save_last()
-                    if self.stop_signal is not None:
-                        self.stop()
+                    if self.stop_signal is not None and self.step < self.total_steps:
+                        self.stop()  # (at the last step the run simply finishes)
                     if self.step >= self.total_steps:
                         break
                 else:  # epoch exhausted: next epoch starts with a fresh state
