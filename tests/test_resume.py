@@ -30,7 +30,8 @@ STOP, TOTAL = 13, 28  # mid-epoch (20 batches each), mid logging window (every 3
 
 
 def overrides_for(kind: str, model: str, request, *extra: str) -> list[str]:
-    """A tiny config of `kind` with dropout, so that the RNG state matters."""
+    """A tiny config of `kind`: dropout, so that the RNG state matters; log_every=3 (tiny_overrides);
+    fewer than TOTAL - STOP batches per epoch, so that the resumed part crosses an epoch."""
     if kind == "char":
         return tiny_overrides(model, request.getfixturevalue("tiny_text"), "data.batch_size=16", "data.seq_len=32",
                               "model.dropout=0.2", f"trainer.max_steps={TOTAL}", "trainer.eval_every=10",
@@ -124,8 +125,9 @@ def test_resume_is_bitwise_exact_and_every_ingredient_matters(kind, model, reque
     train(make_cfg(*overrides), straight)
     run_until_signal(overrides, resumed, STOP)
     stopped = load_checkpoint(resumed / "checkpoints" / "last.pt")["trainer"]
-    assert stopped["step"] == STOP and 0 < stopped["batch_in_epoch"] < 20  # mid-epoch
-    assert json.loads((resumed / "metrics.json").read_text())["status"] == "preempted"
+    progress = json.loads((resumed / "metrics.json").read_text())
+    assert stopped["step"] == STOP and progress["status"] == "preempted"
+    assert stopped["batch_in_epoch"] > 0 and progress["epochs"] % 1 != 0  # mid-epoch
     partial = tmp_path / "partial"
     shutil.copytree(resumed, partial)
 
@@ -229,16 +231,21 @@ def test_cli_config_is_the_saved_one_plus_allowed_overrides(finished_rnn):
     command = [f"resume={run}", "model=attention"]
     with pytest.raises(UserError, match="model._target_"):
         train(config_for_resume(make_cfg(*command), command), run)
+    with pytest.raises(UserError, match="in the run's own directory"):
+        train(make_cfg(f"resume={run}"), run.parent / "elsewhere")
 
 
-def test_resume_of_a_changed_data_file_is_refused(tmp_path, tiny_text):
-    text = tmp_path / "text.txt"
+def test_data_may_move_but_not_change(tmp_path, tiny_text):
+    text, moved = tmp_path / "text.txt", tmp_path / "moved.txt"
     shutil.copy(tiny_text, text)
     overrides = tiny_overrides("rnn", text, "trainer.max_steps=3")
     train(make_cfg(*overrides), tmp_path / "run")
-    text.write_text(text.read_text().replace("the", "teh"))
+    text.rename(moved)
+    metrics = train(make_cfg(*overrides, f"data.path={moved}", "trainer.max_steps=4", f"resume={tmp_path / 'run'}"))
+    assert metrics["steps"] == 4
+    moved.write_text(moved.read_text().replace("the", "teh"))
     with pytest.raises(UserError, match="not the data"):
-        train(make_cfg(*overrides, f"resume={tmp_path / 'run'}"), tmp_path / "run")
+        train(make_cfg(*overrides, f"data.path={moved}", f"resume={tmp_path / 'run'}"))
 
 
 def test_resolve_run_dir_checkpoint_and_latest(tmp_path, monkeypatch):

@@ -5,7 +5,8 @@ one (checkpoints/step_000200.pt, best.pt), or `latest`: the run under outputs/ w
 was written last. The run's config is the one saved in the checkpoint. Overrides may change
 how long and how the run is watched (trainer.max_steps, max_epochs, eval_every, logging, ...)
 but not what is learned: a change to the model, the data, the optimizer, the scheduler or the
-seed is refused, naming the keys -- those make a new run, not the rest of this one.
+seed is refused, naming the keys -- those make a new run, not the rest of this one. Data that
+moved may be given a new `data.path`: its content must then match the checkpoint's fingerprint.
 
 Path handling imports no torch: the CLI resolves `resume=` before Hydra starts, so that Hydra
 writes into the resumed directory instead of creating an empty new one.
@@ -21,6 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 from seqexp.errors import UserError
 
 FROZEN = ("model", "data", "optimizer", "scheduler", "trainer.seed")
+# where the data lives, not what it is: may change when the content is verified (a fingerprint)
+LOCATION = ("data.path", "data.cache_dir")
 ALLOWED = "trainer.* (except trainer.seed) and logging.*"
 OUTPUTS = Path("outputs")  # Hydra's run directories, relative to where the command runs
 
@@ -88,24 +91,25 @@ def _select(cfg: dict, key: str) -> Any:
     return cfg
 
 
-def frozen_changes(saved: dict, new: dict) -> list[str]:
+def frozen_changes(saved: dict, new: dict, ignore: tuple[str, ...] = ()) -> list[str]:
     """'key: old -> new' for every difference under FROZEN (plain, resolved dicts)."""
     changes = []
     for key in FROZEN:
         old, now = _flatten(_select(saved, key), key), _flatten(_select(new, key), key)
         for k in sorted(old.keys() | now.keys()):
-            if old.get(k, "<unset>") != now.get(k, "<unset>"):
+            if k not in ignore and old.get(k, "<unset>") != now.get(k, "<unset>"):
                 changes.append(f"{k}: {old.get(k, '<unset>')} -> {now.get(k, '<unset>')}")
     return changes
 
 
-def check_config(saved: dict, cfg: DictConfig, ckpt: Path) -> None:
+def check_config(ckpt: dict, cfg: DictConfig, path: Path) -> None:
     from seqexp.config import to_container
 
-    changes = frozen_changes(saved, to_container(cfg))
+    verifiable = ckpt["data"].get("fingerprint") is not None  # see check_data
+    changes = frozen_changes(ckpt["config"], to_container(cfg), LOCATION if verifiable else ())
     if changes:
         more = f" (and {len(changes) - 5} more)" if len(changes) > 5 else ""
-        raise UserError(f"cannot resume {ckpt} with a different model, data, optimizer, scheduler or seed: "
+        raise UserError(f"cannot resume {path} with a different model, data, optimizer, scheduler or seed: "
                         f"{'; '.join(changes[:5])}{more}. Drop those overrides, or start a new run; "
                         f"on resume you may change {ALLOWED}.")
 
@@ -146,7 +150,7 @@ def load(cfg: DictConfig, run_dir: Optional[Path]) -> tuple[Path, Path, dict]:
     if run_dir is not None and Path(run_dir).resolve() != resumed_dir:
         raise UserError(f"resume continues in the run's own directory, {resumed_dir}, not in {run_dir}.")
     ckpt = load_checkpoint(path)
-    check_config(ckpt["config"], cfg, path)
+    check_config(ckpt, cfg, path)
     return resumed_dir, path, ckpt
 
 
