@@ -71,7 +71,8 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 180) -> None:
 def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one(tiny_text, tmp_path):
     overrides = tiny_overrides("lstm", tiny_text)
     run, marker = tmp_path / "run", tmp_path / "writing"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(marker), *overrides, f"hydra.run.dir={run}"],
                             cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wait_for(marker, proc)
@@ -157,7 +158,8 @@ def test_checkpoint_of_another_model_config_names_the_mismatch(tiny_text, tmp_pa
     ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
     cfg = make_cfg(*tiny_overrides("lstm", tiny_text, "model.hidden_size=48"))
     model = instantiate(cfg.model, **ckpt["model_kwargs"])
-    with pytest.raises(UserError, match=r"different model config: .*weight_hh_l0 is \(128, 32\) in the file but \(192, 48\)"):
+    mismatch = r"different model config: .*weight_hh_l0 is \(128, 32\) in the file but \(192, 48\)"
+    with pytest.raises(UserError, match=mismatch):
         load_model_state(model, ckpt["model"], tmp_path / "checkpoints" / "last.pt")
     model = instantiate(ckpt["config"]["model"], **ckpt["model_kwargs"])
     load_model_state(model, ckpt["model"], tmp_path / "checkpoints" / "last.pt")  # its own config fits
