@@ -37,7 +37,7 @@ def test_sigterm_saves_and_resume_continues_exactly(tiny_text, tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 75, err[-3000:]
     step = load_checkpoint(run / "checkpoints" / "last.pt")["trainer"]["step"]
-    assert f"stopped by SIGTERM after step {step}" in err and f"resume={run}" in err
+    assert f"stopped: SIGTERM after step {step}; saved {run}" in err and f"resume={run}" in err
     assert "Traceback" not in err
     assert json.loads((run / "metrics.json").read_text())["status"] == "preempted"
 

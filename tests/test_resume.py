@@ -51,7 +51,7 @@ def run_until_signal(overrides: list[str], run_dir: Path, stop_at: int) -> None:
 
     Trainer.train_step = train_step
     try:
-        with pytest.raises(Preempted, match=f"SIGINT after step {stop_at}"):
+        with pytest.raises(Preempted, match=f"SIGINT after step {stop_at}; saved"):
             train(make_cfg(*overrides), run_dir)
     finally:
         Trainer.train_step = original

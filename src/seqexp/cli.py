@@ -31,7 +31,7 @@ def user_errors():
     except UserError as e:
         if os.environ.get("SEQEXP_DEBUG"):
             raise
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        print(f"{e.label}: {e}", file=sys.stderr, flush=True)
         sys.exit(e.exit_code)
 
 

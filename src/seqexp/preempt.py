@@ -20,6 +20,7 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 class Preempted(UserError):
     exit_code = 75  # distinct from 1 (config), 2 (user error), 3 (non-finite)
+    label = "stopped"  # not an error: the run is saved and resumable
 
 
 @contextmanager

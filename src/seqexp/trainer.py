@@ -126,7 +126,7 @@ class Trainer:
     def stop(self) -> None:
         path = self.save_last()
         self.write_metrics("preempted")
-        raise Preempted(f"stopped by {self.stop_signal} after step {self.step}; saved {path}. "
+        raise Preempted(f"{self.stop_signal} after step {self.step}; saved {path}. "
                         f"Continue with: python scripts/train.py resume={self.run_dir}")
 
     # ------------------------------------------------------------------ loop
