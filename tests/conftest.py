@@ -40,6 +40,16 @@ def tiny_overrides(model: str, text: Path, *extra: str) -> list[str]:
             "scheduler.warmup_steps=2", "logging.sample_chars=20", *extra]
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from a second thread, and lose much when the cores are busy.
+    Module scope: a module's own module-scoped fixtures run after it (pytestmark usefixtures)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_text(tmp_path_factory) -> Path:
     """~12k characters of pseudo-English from a fixed seed: learnable, never changes."""

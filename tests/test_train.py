@@ -125,6 +125,37 @@ def test_nonfinite_skip_policy_drops_the_batch(tiny_text, tmp_path, monkeypatch)
     assert metrics["skipped_batches"] == 2 and metrics["steps"] == 12
     ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    events = EventAccumulator(str(tmp_path)).Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/skipped_batches")] == [(4, 1.0), (5, 2.0)]
+
+
+class InfiniteGradient(torch.autograd.Function):
+    """Identity forward (a finite loss), infinite gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+def test_nonfinite_gradient_with_a_finite_loss_stops_too(tiny_text, tmp_path, monkeypatch):
+    from seqexp.tasks import LanguageModeling
+    from seqexp.trainer import NonFiniteError
+    original, count = LanguageModeling.loss, [0]
+
+    def loss(self, logits, batch):
+        count[0] += 1
+        out = original(self, logits, batch)
+        return InfiniteGradient.apply(out) if count[0] == 9 else out
+
+    monkeypatch.setattr(LanguageModeling, "loss", loss)
+    with pytest.raises(NonFiniteError, match=r"at step 9 \(loss=[\d.]+, grad_norm=(inf|nan)\)"):
+        train(make_cfg(*tiny_overrides("attention", tiny_text)), tmp_path)
+    ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert ckpt["trainer"]["step"] == 6 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
 def test_training_time_budget_stops_early_and_evaluates(tiny_text, tmp_path, monkeypatch):

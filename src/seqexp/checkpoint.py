@@ -5,13 +5,18 @@ A checkpoint is a dict of tensors, numbers, strings, lists and dicts only, so it
 config and the runtime facts (vocabulary), so a model is rebuilt from the file alone.
 
 Writes go to a temporary file in the same directory, are fsynced, then `os.replace`d over the
-old file: a crash mid-write leaves the previous checkpoint intact.
+old file: a crash mid-write leaves the previous checkpoint intact. Step checkpoints
+(`step_000200.pt`) are kept for the last `trainer.keep_last` steps; `last.pt` and `best.pt` are
+never pruned.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
+import zipfile
 import pickle
 import random
 from pathlib import Path
@@ -45,8 +50,14 @@ def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> 
         raise
 
 
-def save_checkpoint(path: Path, payload: dict) -> None:
-    atomic_write(path, lambda f: torch.save(payload, f))
+def save_checkpoint(paths: Path | list[Path], payload: dict) -> None:
+    """Serialise once, write to each path. In memory first: torch.save's zip writer can turn the
+    file's OSError (disk full) into an opaque RuntimeError; a plain write keeps it an OSError."""
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    data = buf.getbuffer()
+    for path in [paths] if isinstance(paths, (str, Path)) else paths:
+        atomic_write(path, lambda f: f.write(data))
 
 
 def write_json(path: Path, obj: dict) -> None:
@@ -63,17 +74,64 @@ def load_checkpoint(path: Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}.")
+    def damaged(why: str) -> UserError:
+        return UserError(f"{path} is not a readable checkpoint (truncated or corrupt: {why}). Use another "
+                         f"checkpoint of the run: checkpoints/best.pt or a step_*.pt.")
+
     try:
+        if not zipfile.is_zipfile(path):  # torch's format is a zip archive, its index at the end
+            raise damaged("not a complete archive")
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as e:
+        raise UserError(f"could not read {path} ({e.strerror or e}); check that it is a readable file.") from None
     except pickle.UnpicklingError as e:
-        raise UserError(f"{path} holds objects other than tensors and plain values, so it was not "
-                        f"loaded (weights_only=True; nothing in it ran): {str(e).splitlines()[0]}") from None
-    except Exception as e:  # truncated zip, garbage bytes, ...
-        raise UserError(f"{path} is not a readable checkpoint (truncated or corrupt: {e}). "
-                        f"Use another checkpoint of the run, e.g. checkpoints/best.pt.") from None
+        found = re.search(r"Unsupported global: GLOBAL [\w.]+", str(e))
+        raise UserError(f"{path} holds objects other than tensors and plain values "
+                        f"({found.group(0) if found else str(e).splitlines()[0]}), so it was not loaded "
+                        f"(weights_only=True; nothing in it ran). Load only checkpoints written by seqexp.") from None
+    except UserError:
+        raise
+    except Exception as e:  # a damaged archive member, ...
+        raise damaged(str(e).splitlines()[0].split(". ")[0]) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise UserError(f"{path} is not a seqexp checkpoint (format {FORMAT} expected).")
     return ckpt
+
+
+def load_model_state(model: torch.nn.Module, state: dict, path: Path) -> None:
+    """load_state_dict, with a mismatch explained as a config mismatch rather than a traceback."""
+    own = model.state_dict()
+    problems = [f"{k} is {tuple(v.shape)} in the file but {tuple(own[k].shape)} in the model"
+                for k, v in state.items() if k in own and v.shape != own[k].shape]
+    problems += [f"{k} missing from the file" for k in own if k not in state]
+    problems += [f"unexpected {k} in the file" for k in state if k not in own]
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise UserError(f"{path} was saved by a different model config: {'; '.join(problems[:3])}{more}. "
+                        f"Build the model from the checkpoint's own config (ckpt['config']['model']).")
+    model.load_state_dict(state)
+
+
+# ----------------------------------------------------------------------------- retention
+STEP_FILE = re.compile(r"step_(\d+)\.pt")
+
+
+def step_name(step: int) -> str:
+    return f"step_{step:06d}.pt"
+
+
+def prune_step_checkpoints(directory: Path, keep: int, upto: int, protect: frozenset[Path] = frozenset()) -> None:
+    """Keep the `keep` newest step checkpoints at or before step `upto`, and every protected one.
+
+    Those after `upto` are left alone: a run resumed from an earlier checkpoint overwrites them
+    as it reaches their steps, so they are never the ones pruned in their place.
+    """
+    found = sorted((int(m.group(1)), f) for f in Path(directory).glob("step_*.pt")
+                   if (m := STEP_FILE.fullmatch(f.name)) and int(m.group(1)) <= upto)
+    protect = {Path(p).resolve() for p in protect}
+    for _, f in found[: max(len(found) - keep, 0)]:
+        if f.resolve() not in protect:
+            f.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------- RNG state

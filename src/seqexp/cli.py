@@ -15,13 +15,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from seqexp.config import CONFIG_DIR
 from seqexp.errors import UserError
+from seqexp.resume import config_for_resume, resume_argv
 
 log = logging.getLogger("seqexp")
 
 
 @contextmanager
 def user_errors():
-    """A user error is one line on stderr and exit code 2 (3 for non-finite values).
+    """A user error is one line on stderr and exit code 2 (3 for non-finite values, 75 for a run
+    stopped by SIGTERM/SIGINT after saving last.pt).
 
     SEQEXP_DEBUG=1 shows the full traceback instead.
     """
@@ -30,7 +32,7 @@ def user_errors():
     except UserError as e:
         if os.environ.get("SEQEXP_DEBUG"):
             raise
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        print(f"{e.label}: {e}", file=sys.stderr, flush=True)
         sys.exit(e.exit_code)
 
 
@@ -65,11 +67,17 @@ def _train(cfg: DictConfig) -> float | None:
 
         return run_sweep_job(cfg, hydra_cfg)
     with user_errors():
+        if cfg.resume is not None:  # the run's saved config, plus this command's overrides
+            cfg = config_for_resume(cfg, list(hydra_cfg.overrides.task))
         metrics = train(cfg, hydra_cfg.runtime.output_dir)
     return metrics["objective"]["best"]  # what a Hydra sweeper (Optuna) optimises
 
 
 def train_main() -> None:
+    if os.environ.get("SEQEXP_DEBUG"):
+        os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # config errors show their traceback too
+    with user_errors():  # resume=: before Hydra, so that it uses the run's directory
+        sys.argv[1:] = resume_argv(sys.argv[1:])
     try:
         _train()
     except SystemExit as e:

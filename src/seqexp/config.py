@@ -179,7 +179,8 @@ class TrainerConfig:
     max_time_s: float = 0.0  # training-time budget in seconds (0: none); evaluation time not counted
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     eval_every: int = 500  # steps between validations on the full validation split
-    checkpoint_every: int = 500  # steps between writes of checkpoints/last.pt
+    checkpoint_every: int = 500  # steps between writes of checkpoints/last.pt and step_XXXXXX.pt
+    keep_last: int = 3  # step checkpoints kept (never best.pt, nor the one resumed from); 0: none written
     log_every: int = 25  # steps between reads of loss/grad norm (each read syncs the device)
     precision: Precision = Precision.fp32  # bf16/fp16 run the forward pass under autocast
     seed: int = 1337
@@ -217,6 +218,8 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    # continue a run: its directory, a checkpoint in it, or `latest` (seqexp/resume.py)
+    resume: Optional[str] = None
 
 
 def register_configs() -> None:
@@ -321,6 +324,7 @@ def validate(cfg: DictConfig) -> None:
     for key in ("eval_every", "checkpoint_every", "log_every"):
         need(t[key] > 0, f"trainer.{key} must be positive, got {t[key]}.")
     need(t.max_time_s >= 0, f"trainer.max_time_s must be >= 0 (0: no budget), got {t.max_time_s}.")
+    need(t.keep_last >= 0, f"trainer.keep_last must be >= 0 (0: no step checkpoints), got {t.keep_last}.")
     need(t.grad_clip >= 0, f"trainer.grad_clip must be >= 0 (0 disables), got {t.grad_clip}.")
     need(cfg.optimizer.lr > 0, f"optimizer.lr must be positive, got {cfg.optimizer.lr}.")
     check_targets(cfg, {

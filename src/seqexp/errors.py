@@ -5,3 +5,4 @@ class UserError(Exception):
     """Bad input: a config value, a missing file, a corrupt archive. The message names the fix."""
 
     exit_code = 2
+    label = "error"  # the word before the message on stderr

@@ -16,10 +16,12 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate as hydra_instantiate
 from omegaconf import DictConfig
 
+from seqexp import resume
 from seqexp.checkpoint import remove_stale_tmp
 from seqexp.config import to_container, validate
 from seqexp.errors import UserError
 from seqexp.logger import Logger
+from seqexp.preempt import stop_on_signals
 from seqexp.sampling import sample_text
 from seqexp.tasks import TASKS
 from seqexp.trainer import Trainer
@@ -66,11 +68,13 @@ def build_optimizer(cfg: DictConfig, model: torch.nn.Module) -> torch.optim.Opti
     return opt
 
 
-def train(cfg: DictConfig, run_dir: str | Path) -> dict:
+def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
+    """With `cfg.resume` set, continues that run in its directory (run_dir may then be None)."""
     validate(cfg)  # cross-field checks: before any data is read
+    ckpt = None
+    if cfg.get("resume"):  # refuses a changed model/data before anything is written
+        run_dir, ckpt_path, ckpt = resume.load(cfg, run_dir)
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_tmp(run_dir / "checkpoints")
     t = cfg.trainer
     seed_everything(t.seed)
     if t.deterministic:
@@ -89,6 +93,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
         total_steps = min(total_steps, t.max_steps)
     scheduler = instantiate(cfg.scheduler, optimizer=optimizer, total_steps=total_steps)
     meta = {"config": to_container(cfg), "model_kwargs": model_kwargs, "data": data.state()}
+    if ckpt is not None:
+        resume.check_data(meta["data"], ckpt, ckpt_path)
 
     sampler = None
     lg = cfg.logging
@@ -97,15 +103,27 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
             return sample_text(m, data, lg.sample_prompt, lg.sample_chars, temperature=lg.sample_temperature,
                                top_k=lg.sample_top_k, seed=t.seed + step, device=device)
 
-    logger = Logger(run_dir, enabled=lg.tensorboard)
+    # all checks passed: only now is anything written
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for d in (run_dir, run_dir / "checkpoints"):
+        remove_stale_tmp(d)  # left by a killed writer; never loaded
+    # a resumed run appends to its TensorBoard run; events after the checkpoint are dropped
+    purge_step = ckpt["trainer"]["step"] + 1 if ckpt is not None else None
+    logger = Logger(run_dir, enabled=lg.tensorboard, purge_step=purge_step)
     visuals = make_visuals(lg, model=model, data=data, logger=logger, device=device) if lg.tensorboard else None
     trainer = Trainer(t, model=model, task=task, data=data, optimizer=optimizer, scheduler=scheduler,
                       logger=logger, run_dir=run_dir, device=device, total_steps=total_steps, meta=meta,
                       sampler=sampler, visuals=visuals)
+    if ckpt is not None:
+        trainer.restore(ckpt, ckpt_path)
+        del ckpt  # the trainer holds its own copies now
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", ckpt_path, trainer.step, trainer.epoch,
+                 trainer.batch_in_epoch)
     log.info("%s: %s, %d parameters, %d steps (%d per epoch) on %s; run dir %s", data.task,
              type(model).__name__, trainer.num_params, total_steps, steps_per_epoch, device, run_dir)
     try:
-        trainer.fit()
+        with stop_on_signals(trainer.request_stop):
+            trainer.fit()
         trainer.write_metrics("finished")
     finally:
         logger.close()

@@ -6,7 +6,8 @@ are summed on the device and read once per `log_every` steps.
 
 Everything that decides what happens next -- step, epoch, position within the epoch, the
 carried RNN state, optimizer/scheduler/scaler state, every RNG, the open logging window -- is
-in `state_dict()`, so N steps + resume + N steps equals 2N steps exactly.
+in `state_dict()`, so N steps + resume + N steps equals 2N steps exactly. A stop request
+(SIGTERM/SIGINT, see preempt.py) is honoured between steps, after saving `last.pt`.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ from typing import Callable, Optional
 import torch
 from tqdm import tqdm
 
-from seqexp.checkpoint import FORMAT, rng_state, save_checkpoint, set_rng_state, write_json
+from seqexp.checkpoint import (FORMAT, load_model_state, prune_step_checkpoints, rng_state, save_checkpoint,
+                               set_rng_state, step_name, write_json)
 from seqexp.errors import UserError
+from seqexp.preempt import Preempted
 from seqexp.tasks import detach_state, to_device
 
 log = logging.getLogger("seqexp")
@@ -64,6 +67,8 @@ class Trainer:
         self.eval_s = 0.0  # of which evaluating and checkpointing (not training)
         self.extra_metrics: dict = {}  # e.g. test metrics, added by train()
         self._window = torch.zeros(3, device=device)  # running sums: loss, grad norm, steps
+        self.stop_signal: Optional[str] = None  # set by a signal handler; honoured between steps
+        self.resumed_from: Optional[Path] = None  # never pruned by keep_last
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -94,13 +99,38 @@ class Trainer:
         self.scaler.load_state_dict(sd["scaler"])
         set_rng_state(sd["rng"])
 
+    def restore(self, ckpt: dict, path: Path) -> None:
+        """Continue from a checkpoint: weights, then everything in state_dict()."""
+        load_model_state(self.model, ckpt["model"], path)
+        self.load_state_dict(ckpt["trainer"])
+        self.resumed_from = Path(path)
+
     def checkpoint(self) -> dict:
         return {"format": FORMAT, **self.meta, "model": self.model.state_dict(), "trainer": self.state_dict()}
 
-    def save(self, name: str) -> Path:
-        path = self.ckpt_dir / name
-        save_checkpoint(path, self.checkpoint())
+    def save(self, *names: str) -> Path:
+        save_checkpoint([self.ckpt_dir / n for n in names], self.checkpoint())
+        return self.ckpt_dir / names[0]
+
+    def save_last(self) -> Path:
+        """last.pt; every checkpoint_every steps also step_XXXXXX.pt, the newest keep_last kept."""
+        keep = self.cfg.keep_last
+        if keep == 0 or self.step % self.cfg.checkpoint_every != 0:
+            return self.save("last.pt")
+        path = self.save("last.pt", step_name(self.step))
+        protect = frozenset([self.resumed_from] if self.resumed_from else [])
+        prune_step_checkpoints(self.ckpt_dir, keep, upto=self.step, protect=protect)
         return path
+
+    def request_stop(self, reason: str) -> None:
+        self.stop_signal = reason
+        log.warning("%s received: stopping after this step (send it again to stop at once)", reason)
+
+    def stop(self) -> None:
+        path = self.save_last()
+        self.write_metrics("preempted")
+        raise Preempted(f"{self.stop_signal} after step {self.step}; saved {path}. "
+                        f"Continue with: python scripts/train.py resume={self.run_dir}")
 
     # ------------------------------------------------------------------ loop
     def wall_s(self) -> float:
@@ -135,7 +165,9 @@ class Trainer:
                     if self.step % cfg.eval_every == 0 or self.step == self.total_steps:
                         self.evaluate_and_save()
                     elif self.step % cfg.checkpoint_every == 0:
-                        self.save("last.pt")
+                        self.save_last()
+                    if self.stop_signal is not None and self.step < self.total_steps:
+                        self.stop()  # (at the last step the run simply finishes)
                     if self.step >= self.total_steps:
                         break
                 else:  # epoch exhausted: next epoch starts with a fresh state
@@ -222,7 +254,7 @@ class Trainer:
             self.visuals(self.model, self.step, metrics)
         if better:
             self.save("best.pt")
-        self.save("last.pt")
+        self.save_last()
         self.write_metrics("running")
         self.logger.flush()
         self.eval_s += time.perf_counter() - t0

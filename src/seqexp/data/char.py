@@ -16,6 +16,7 @@ Evaluation covers every character of the split exactly once, in the same two lay
 
 from __future__ import annotations
 
+import hashlib
 import math
 import sysconfig
 from pathlib import Path
@@ -151,8 +152,11 @@ class CharData:
                     pad_id=0, max_len=self.seq_len)
 
     def state(self) -> dict:
-        """What a checkpoint needs to map text to ids and back."""
-        return {"kind": "char", "itos": self.itos}
+        """What a checkpoint needs to map text to ids and back, and to recognise its data on resume."""
+        h = hashlib.sha256()
+        for split in ("train", "val"):
+            h.update(self.splits[split].numpy().tobytes())
+        return {"kind": "char", "itos": self.itos, "fingerprint": h.hexdigest()}
 
     # ---------------------------------------------------------------- batches
     def num_batches(self, split: str, stateful: bool) -> int:

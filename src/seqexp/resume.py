@@ -1,0 +1,162 @@
+"""Resume: continue a run in its own directory, from one of its checkpoints.
+
+`resume=` takes a run directory (continues from its checkpoints/last.pt), a checkpoint inside
+one (checkpoints/step_000200.pt, best.pt), or `latest`: the run under outputs/ whose last.pt
+was written last. The run's config is the one saved in the checkpoint. Overrides may change
+how long and how the run is watched (trainer.max_steps, max_epochs, eval_every, logging, ...)
+but not what is learned: a change to the model, the data, the optimizer, the scheduler or the
+seed is refused, naming the keys -- those make a new run, not the rest of this one. Data that
+moved may be given a new `data.path`: its content must then match the checkpoint's fingerprint.
+
+Path handling imports no torch: the CLI resolves `resume=` before Hydra starts, so that Hydra
+writes into the resumed directory instead of creating an empty new one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from seqexp.errors import UserError
+
+FROZEN = ("model", "data", "optimizer", "scheduler", "trainer.seed")
+# where the data lives, not what it is: may change when the content is verified (a fingerprint)
+LOCATION = ("data.path", "data.cache_dir")
+ALLOWED = "trainer.* (except trainer.seed) and logging.*"
+OUTPUTS = Path("outputs")  # Hydra's run directories, relative to where the command runs
+
+
+def resolve(spec: str, outputs: Path = OUTPUTS) -> tuple[Path, Path]:
+    """`resume=` value -> (run directory, checkpoint file), both absolute."""
+    if spec == "latest":
+        found = sorted(Path(outputs).glob("**/checkpoints/last.pt"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            raise UserError(f"resume=latest: no run with a checkpoints/last.pt under {Path(outputs).resolve()}. "
+                            f"Run from the directory that holds outputs/, or give resume=RUN_DIR.")
+        ckpt = found[-1]
+    else:
+        path = Path(spec).expanduser()
+        if path.is_dir():
+            ckpt = path / "checkpoints" / "last.pt"
+            if not ckpt.is_file():
+                raise UserError(f"resume={spec}: {path} has no checkpoints/last.pt (did the run save a "
+                                f"checkpoint?). Give a checkpoint file in it, or start a new run.")
+        elif path.is_file():
+            ckpt = path
+        else:
+            raise UserError(f"resume={spec}: no such run directory or checkpoint. Give a run directory "
+                            f"(outputs/<date>/<time>), a checkpoint in its checkpoints/, or resume=latest.")
+    ckpt = ckpt.resolve()
+    if ckpt.parent.name != "checkpoints":
+        raise UserError(f"resume={spec}: {ckpt} is not in a run's checkpoints/ folder, so there is no run to "
+                        f"continue. Give RUN_DIR or RUN_DIR/checkpoints/<name>.pt.")
+    return ckpt.parent.parent, ckpt
+
+
+def _hydra_quote(value: Path) -> str:
+    return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def resume_argv(argv: list[str]) -> list[str]:
+    """Command line -> the same with `resume=` resolved once and Hydra pointed at that run.
+
+    `hydra.output_subdir=null` keeps the run's .hydra/config.yaml: the config it was started with.
+    """
+    specs = [a.split("=", 1)[1] for a in argv if a.startswith("resume=")]
+    if not specs or specs[-1] in ("", "null"):
+        return argv
+    if "-m" in argv or "--multirun" in argv:
+        raise UserError("resume= continues one run; it does not combine with -m/--multirun.")
+    run_dir, ckpt = resolve(specs[-1])
+    keep = [a for a in argv if not a.startswith(("resume=", "hydra.run.dir=", "hydra.output_subdir="))]
+    return [*keep, f"resume={_hydra_quote(ckpt)}", f"hydra.run.dir={_hydra_quote(run_dir)}",
+            "hydra.output_subdir=null"]
+
+
+# ----------------------------------------------------------------------------- config
+def _flatten(node: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(node, dict):
+        out = {}
+        for k, v in node.items():
+            out.update(_flatten(v, f"{prefix}.{k}"))
+        return out
+    return {prefix: node}
+
+
+def _select(cfg: dict, key: str) -> Any:
+    for part in key.split("."):
+        cfg = cfg.get(part) if isinstance(cfg, dict) else None
+    return cfg
+
+
+def frozen_changes(saved: dict, new: dict, ignore: tuple[str, ...] = ()) -> list[str]:
+    """'key: old -> new' for every difference under FROZEN (plain, resolved dicts)."""
+    changes = []
+    for key in FROZEN:
+        old, now = _flatten(_select(saved, key), key), _flatten(_select(new, key), key)
+        for k in sorted(old.keys() | now.keys()):
+            if k not in ignore and old.get(k, "<unset>") != now.get(k, "<unset>"):
+                changes.append(f"{k}: {old.get(k, '<unset>')} -> {now.get(k, '<unset>')}")
+    return changes
+
+
+def check_config(ckpt: dict, cfg: DictConfig, path: Path) -> None:
+    from seqexp.config import to_container
+
+    verifiable = ckpt["data"].get("fingerprint") is not None  # see check_data
+    changes = frozen_changes(ckpt["config"], to_container(cfg), LOCATION if verifiable else ())
+    if changes:
+        more = f" (and {len(changes) - 5} more)" if len(changes) > 5 else ""
+        raise UserError(f"cannot resume {path} with a different model, data, optimizer, scheduler or seed: "
+                        f"{'; '.join(changes[:5])}{more}. Drop those overrides, or start a new run; "
+                        f"on resume you may change {ALLOWED}.")
+
+
+def config_for_resume(cfg: DictConfig, overrides: list[str]) -> DictConfig:
+    """The CLI's config for `resume=`: the checkpoint's config with this command's overrides.
+
+    `cfg` is what Hydra composed from the command line; only the keys the overrides name are
+    taken from it (already type-checked by Hydra), the rest comes from the checkpoint.
+    """
+    from seqexp.checkpoint import load_checkpoint
+    from seqexp.config import TrainConfig
+
+    _, path = resolve(cfg.resume)
+    merged = OmegaConf.create(load_checkpoint(path)["config"])
+    for o in overrides:
+        key = o.lstrip("+~").split("=", 1)[0]
+        if key == "resume":
+            continue
+        value = OmegaConf.select(cfg, key, default=None)
+        if key.split(".")[0] not in cfg or (value is None and "." not in key):
+            raise UserError(f"resume: '{o}' is not a config key that can be set on resume; "
+                            f"you may change {ALLOWED}.")
+        OmegaConf.update(merged, key, value, merge=False, force_add=True)
+    merged.resume = cfg.resume
+    try:  # back onto the typed schema: enums and types as in a fresh run
+        return OmegaConf.merge(OmegaConf.structured(TrainConfig), merged)
+    except Exception as e:
+        raise UserError(f"the config saved in {path} does not fit this version of seqexp ({e}).") from None
+
+
+# ----------------------------------------------------------------------------- in train()
+def load(cfg: DictConfig, run_dir: Optional[Path]) -> tuple[Path, Path, dict]:
+    """-> (run directory, checkpoint path, checkpoint), refusing changes to what is learned."""
+    from seqexp.checkpoint import load_checkpoint
+
+    resumed_dir, path = resolve(cfg.resume)
+    if run_dir is not None and Path(run_dir).resolve() != resumed_dir:
+        raise UserError(f"resume continues in the run's own directory, {resumed_dir}, not in {run_dir}.")
+    ckpt = load_checkpoint(path)
+    check_config(ckpt, cfg, path)
+    return resumed_dir, path, ckpt
+
+
+def check_data(state: dict, ckpt: dict, path: Path) -> None:
+    """The data must be the data the checkpoint was trained on, not only the same config."""
+    saved = ckpt["data"].get("fingerprint")
+    if saved is not None and saved != state.get("fingerprint"):
+        raise UserError(f"the training data is not the data {path} was trained on (same config, different "
+                        f"content: was the file changed?). Resume with that data, or start a new run.")

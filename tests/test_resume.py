@@ -1,0 +1,284 @@
+"""Resume: N steps + resume + N steps equals 2N steps, bitwise; and every ingredient matters.
+
+The helpers take a list of overrides, so any data kind plugs in: add it to KINDS and to
+`overrides_for` (IMDB: a tiny labelled subset).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from seqexp.checkpoint import load_checkpoint
+from seqexp.errors import UserError
+from seqexp.preempt import Preempted
+from seqexp.resume import config_for_resume, resolve, resume_argv
+from seqexp.train import train
+from seqexp.trainer import Trainer
+from tests.conftest import make_cfg, tiny_overrides
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+KINDS = ["char"]
+STOP, TOTAL = 13, 28  # mid-epoch (20 batches each), mid logging window (every 3)
+
+
+def overrides_for(kind: str, model: str, request, *extra: str) -> list[str]:
+    """A tiny config of `kind`: dropout, so that the RNG state matters; log_every=3 (tiny_overrides);
+    fewer than TOTAL - STOP batches per epoch, so that the resumed part crosses an epoch."""
+    if kind == "char":
+        return tiny_overrides(model, request.getfixturevalue("tiny_text"), "data.batch_size=16", "data.seq_len=32",
+                              "model.dropout=0.2", f"trainer.max_steps={TOTAL}", "trainer.eval_every=10",
+                              "trainer.checkpoint_every=10", *extra)
+    raise ValueError(kind)
+
+
+# ----------------------------------------------------------------------------- helpers
+def run_until_signal(overrides: list[str], run_dir: Path, stop_at: int) -> None:
+    """Train, and stop after step `stop_at` with a real SIGINT (as Ctrl-C would)."""
+    original = Trainer.train_step
+
+    def train_step(self, batch):
+        original(self, batch)
+        if self.step + 1 == stop_at:  # self.step counts completed steps; it is bumped after this
+            signal.raise_signal(signal.SIGINT)
+
+    Trainer.train_step = train_step
+    try:
+        with pytest.raises(Preempted, match=f"SIGINT after step {stop_at}; saved"):
+            train(make_cfg(*overrides), run_dir)
+    finally:
+        Trainer.train_step = original
+
+
+def resume_run(overrides: list[str], run_dir: Path, *extra: str) -> dict:
+    return train(make_cfg(*overrides, f"resume={run_dir}", *extra), run_dir)
+
+
+def final_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    """Model weights and optimizer state of checkpoints/last.pt, flattened."""
+    ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    out = {f"model.{k}": v for k, v in ckpt["model"].items()}
+    for i, s in ckpt["trainer"]["optimizer"]["state"].items():
+        out.update({f"opt.{i}.{k}": v for k, v in s.items()})
+    return out
+
+
+def same_tensors(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
+    """What TensorBoard shows: events after a resumed run's purge_step are dropped."""
+    return [(e.step, e.value) for e in EventAccumulator(str(run_dir)).Reload().Scalars(tag)]
+
+
+def metrics(run_dir: Path) -> dict:
+    m = json.loads((run_dir / "metrics.json").read_text())
+    m.pop("timing")
+    return m
+
+
+def assert_same_training(a: Path, b: Path) -> None:
+    assert same_tensors(final_state(a), final_state(b)), "final weights or optimizer state differ"
+    for tag in ("train/loss", "train/grad_norm", "train/lr", "val/loss"):
+        assert scalars(a, tag) == scalars(b, tag), tag
+    assert metrics(a) == metrics(b)
+
+
+# ----------------------------------------------------------------------------- exactness
+def drop_rng(monkeypatch):
+    monkeypatch.setattr("seqexp.trainer.set_rng_state", lambda state: None)
+
+
+def drop_position(monkeypatch):
+    original = Trainer.load_state_dict
+
+    def load(self, sd):
+        original(self, sd)
+        self.batch_in_epoch = 0  # as if only the epoch were known
+
+    monkeypatch.setattr(Trainer, "load_state_dict", load)
+
+
+def drop_carried_state(monkeypatch):
+    original = Trainer.load_state_dict
+
+    def load(self, sd):
+        original(self, sd)
+        self.carried = None
+
+    monkeypatch.setattr(Trainer, "load_state_dict", load)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("model", ["rnn", "lstm", "attention"])
+def test_resume_is_bitwise_exact_and_every_ingredient_matters(kind, model, request, tmp_path, monkeypatch):
+    overrides = overrides_for(kind, model, request)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(make_cfg(*overrides), straight)
+    run_until_signal(overrides, resumed, STOP)
+    stopped = load_checkpoint(resumed / "checkpoints" / "last.pt")["trainer"]
+    progress = json.loads((resumed / "metrics.json").read_text())
+    assert stopped["step"] == STOP and progress["status"] == "preempted"
+    assert stopped["batch_in_epoch"] > 0 and progress["epochs"] % 1 != 0  # mid-epoch
+    partial = tmp_path / "partial"
+    shutil.copytree(resumed, partial)
+
+    resume_run(overrides, resumed)
+    assert_same_training(straight, resumed)
+    assert [s for s, _ in scalars(resumed, "train/loss")] == list(range(3, TOTAL + 1, 3))  # no step twice
+
+    # the same resume without one ingredient must not reproduce the run
+    variants = {"rng": drop_rng, "position": drop_position}
+    if model != "attention":
+        variants["carried state"] = drop_carried_state
+    for name, patch in variants.items():
+        run = tmp_path / name.replace(" ", "_")
+        shutil.copytree(partial, run)
+        with monkeypatch.context() as m:
+            patch(m)
+            resume_run(overrides, run)
+        assert not same_tensors(final_state(straight), final_state(run)), f"dropping {name} changed nothing"
+
+
+def test_resume_from_an_earlier_step_checkpoint_rewrites_history_once(tiny_text, request, tmp_path):
+    """Resuming a finished run from step 10: TensorBoard shows each step once, weights as before."""
+    overrides = overrides_for("char", "lstm", request)
+    first = tmp_path / "first"
+    train(make_cfg(*overrides), first)
+    again = tmp_path / "again"
+    shutil.copytree(first, again)
+    step10 = again / "checkpoints" / "step_000010.pt"
+    train(make_cfg(*overrides, f"resume={step10}"), again)
+    assert_same_training(first, again)
+    assert len(list(again.glob("events.out.tfevents.*"))) == 2  # appended, not replaced
+    assert sorted(p.name for p in (again / "checkpoints").glob("step_*")) == ["step_000010.pt", "step_000020.pt"]
+
+
+def test_keep_last_prunes_step_checkpoints_but_never_best_or_the_resumed_one(tiny_text, tmp_path):
+    overrides = tiny_overrides("gru", tiny_text, "trainer.checkpoint_every=2", "trainer.keep_last=2")
+    train(make_cfg(*overrides), tmp_path)
+    ckpts = tmp_path / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("*.pt")) == ["best.pt", "last.pt", "step_000010.pt", "step_000012.pt"]
+    assert load_checkpoint(ckpts / "best.pt")["trainer"]["step"] == 12
+    # resume from step 10 with keep_last=1: it keeps step 10 all along, and the newest
+    train(make_cfg(*overrides, "trainer.keep_last=1", "trainer.max_steps=18", "trainer.eval_every=100",
+                   f"resume={ckpts / 'step_000010.pt'}"), tmp_path)
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_000010.pt", "step_000018.pt"]
+    assert load_checkpoint(ckpts / "last.pt")["trainer"]["step"] == 18
+    assert load_checkpoint(ckpts / "best.pt")["trainer"]["step"] in (12, 18)  # replaced only by a better one
+
+
+def test_deterministic_flag_turns_on_deterministic_algorithms(tiny_text, tmp_path, monkeypatch):
+    seen = []
+    original = Trainer.train_step
+    monkeypatch.setattr(Trainer, "train_step",
+                        lambda self, b: (seen.append(torch.are_deterministic_algorithms_enabled()), original(self, b)))
+    assert not torch.are_deterministic_algorithms_enabled()
+    try:
+        train(make_cfg(*tiny_overrides("attention", tiny_text, "trainer.max_steps=2", "trainer.deterministic=true")),
+              tmp_path)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert seen == [True, True]
+
+
+# ----------------------------------------------------------------------------- what resume may change
+@pytest.fixture(scope="module")
+def finished_rnn(tmp_path_factory, tiny_text) -> tuple[list[str], Path]:
+    overrides = tiny_overrides("rnn", tiny_text)
+    run = tmp_path_factory.mktemp("finished") / "run"
+    train(make_cfg(*overrides), run)
+    return overrides, run
+
+
+def snapshot(run_dir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("override,named", [
+    ("model.hidden_size=48", "model.hidden_size: 32 -> 48"),
+    ("data.seq_len=32", "data.seq_len: 16 -> 32"),
+    ("optimizer.lr=0.5", "optimizer.lr"),
+    ("trainer.seed=1", "trainer.seed: 1337 -> 1"),
+])
+def test_resume_refuses_changes_to_what_is_learned(finished_rnn, override, named):
+    overrides, run = finished_rnn
+    before = snapshot(run)
+    with pytest.raises(UserError, match="cannot resume") as e:
+        train(make_cfg(*overrides, override, f"resume={run}"), run)
+    assert named in str(e.value) and "start a new run" in str(e.value)
+    assert snapshot(run) == before  # nothing written, not even an event file
+
+
+def test_cli_config_is_the_saved_one_plus_allowed_overrides(finished_rnn):
+    _, run = finished_rnn
+    # what Hydra composes for `resume=RUN trainer.max_steps=20`: default model (lstm), ...
+    command = [f"resume={run}", "trainer.max_steps=20", "logging.sample_chars=5"]
+    cfg = config_for_resume(make_cfg(*command), command)
+    assert cfg.model.cell == "rnn" and cfg.model.hidden_size == 32  # ... but the run's own model
+    assert cfg.trainer.max_steps == 20 and cfg.logging.sample_chars == 5 and cfg.trainer.eval_every == 6
+    command = [f"resume={run}", "model.hidden_size=64"]
+    with pytest.raises(UserError, match="model.hidden_size: 32 -> 64"):
+        train(config_for_resume(make_cfg(*command), command), run)
+    command = [f"resume={run}", "model=attention"]
+    with pytest.raises(UserError, match="model._target_"):
+        train(config_for_resume(make_cfg(*command), command), run)
+    with pytest.raises(UserError, match="in the run's own directory"):
+        train(make_cfg(f"resume={run}"), run.parent / "elsewhere")
+
+
+def test_data_may_move_but_not_change(tmp_path, tiny_text):
+    text, moved = tmp_path / "text.txt", tmp_path / "moved.txt"
+    shutil.copy(tiny_text, text)
+    overrides = tiny_overrides("rnn", text, "trainer.max_steps=3")
+    train(make_cfg(*overrides), tmp_path / "run")
+    text.rename(moved)
+    metrics = train(make_cfg(*overrides, f"data.path={moved}", "trainer.max_steps=4", f"resume={tmp_path / 'run'}"))
+    assert metrics["steps"] == 4
+    moved.write_text(moved.read_text().replace("the", "teh"))
+    with pytest.raises(UserError, match="not the data"):
+        train(make_cfg(*overrides, f"data.path={moved}", f"resume={tmp_path / 'run'}"))
+
+
+def test_resolve_run_dir_checkpoint_and_latest(tmp_path, monkeypatch):
+    import os
+    older = tmp_path / "outputs" / "2025-01-01" / "a" / "checkpoints" / "last.pt"
+    newer = tmp_path / "outputs" / "multirun" / "2025-01-02" / "b" / "0_x=1" / "checkpoints" / "last.pt"
+    for i, p in enumerate((older, newer)):
+        p.parent.mkdir(parents=True)
+        p.write_bytes(b"x")
+        os.utime(p, (1e9 + i, 1e9 + i))
+    (newer.parent / ".last.pt.tmp-123").write_bytes(b"half")  # never picked
+    monkeypatch.chdir(tmp_path)
+    assert resolve("latest") == (newer.parent.parent, newer)
+    assert resolve(str(older.parent.parent)) == (older.parent.parent, older)
+    assert resolve(str(older)) == (older.parent.parent, older)
+    for spec, match in [("nope", "no such run directory"), (str(tmp_path / "outputs"), "no checkpoints/last.pt")]:
+        with pytest.raises(UserError, match=match):
+            resolve(spec)
+    (tmp_path / "loose.pt").write_bytes(b"x")
+    with pytest.raises(UserError, match="not in a run's checkpoints"):
+        resolve(str(tmp_path / "loose.pt"))
+    monkeypatch.chdir(tmp_path / "outputs" / "2025-01-01")
+    with pytest.raises(UserError, match="resume=latest: no run"):
+        resolve("latest")
+
+
+def test_resume_argv_points_hydra_at_the_run(tmp_path):
+    ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"x")
+    argv = resume_argv([f"resume={tmp_path / 'run'}", "trainer.max_steps=9"])
+    assert argv == ["trainer.max_steps=9", f"resume='{ckpt}'", f"hydra.run.dir='{tmp_path / 'run'}'",
+                    "hydra.output_subdir=null"]
+    assert resume_argv(["model=rnn"]) == ["model=rnn"]
+    with pytest.raises(UserError, match="multirun"):
+        resume_argv(["-m", f"resume={tmp_path / 'run'}"])
