@@ -16,7 +16,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate as hydra_instantiate
 from omegaconf import DictConfig
 
-from seqexp.checkpoint import remove_stale_tmp
+from seqexp.checkpoint import load_checkpoint, remove_stale_tmp
 from seqexp.config import to_container, validate
 from seqexp.errors import UserError
 from seqexp.logger import Logger
@@ -65,6 +65,19 @@ def build_optimizer(cfg: DictConfig, model: torch.nn.Module) -> torch.optim.Opti
     return opt
 
 
+def evaluate_test(trainer: Trainer, logger: Logger) -> None:
+    """Load best.pt's weights, evaluate the test split, record test/* in metrics.json and TensorBoard."""
+    trainer.model.load_state_dict(load_checkpoint(trainer.ckpt_dir / "best.pt")["model"])
+    metrics = trainer.evaluate("test")
+    test = {f"test/{k}": v for k, v in metrics.items() if not isinstance(v, list)}
+    trainer.extra_metrics["test"] = test
+    logger.scalars(test, trainer.best_step)
+    if "confusion" in metrics:
+        logger.confusion("test/confusion", metrics["confusion"], trainer.best_step, getattr(trainer.data, "classes", None))
+    log.info("test (best checkpoint, step %d): %s", trainer.best_step,
+             "  ".join(f"{k} {v:.4f}" for k, v in test.items() if isinstance(v, float)))
+
+
 def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     validate(cfg)  # cross-field checks: before any data is read
     run_dir = Path(run_dir)
@@ -104,6 +117,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
              type(model).__name__, trainer.num_params, total_steps, steps_per_epoch, device, run_dir)
     try:
         trainer.fit()
+        if "test" in getattr(data, "splits", {}):  # held out until now: evaluated once, on the best weights
+            evaluate_test(trainer, logger)
         trainer.write_metrics("finished")
     finally:
         logger.close()
