@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import os
 import random
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -67,3 +69,54 @@ def shakespeare() -> Path:
     if not path.exists():
         pytest.skip(f"{path} not present")
     return path
+
+
+# ----------------------------------------------------------------------------- IMDB
+POSITIVE = "good great wonderful superb loved brilliant".split()
+NEGATIVE = "bad awful boring terrible hated dull".split()
+FILLER = "the movie film plot actor scene it was a and of story".split()
+
+
+def synthetic_reviews(n_train: int = 24, n_test: int = 12, seed: int = 0, tag: bool = False) -> dict[str, bytes]:
+    """{member name: bytes}: a sentiment word or two in filler, with markup, case and punctuation.
+    With `tag`, each review starts with its own word (id0, id1, ...) that identifies it."""
+    rng = random.Random(seed)
+    files = {"aclImdb/README": b"synthetic aclImdb for tests\n"}
+    for split, n in (("train", n_train), ("test", n_test)):
+        for label, words in (("pos", POSITIVE), ("neg", NEGATIVE)):
+            for i in range(n):
+                toks = [rng.choice(FILLER) for _ in range(rng.randint(3, 60))]
+                for _ in range(rng.randint(1, 3)):
+                    toks.insert(rng.randrange(len(toks) + 1), rng.choice(words))
+                toks = [f"id{len(files)}"] * tag + toks
+                text = " ".join(toks).capitalize() + "!<br /><br />" + rng.choice(FILLER).upper() + "."
+                files[f"aclImdb/{split}/{label}/{i}_{rng.randint(1, 10)}.txt"] = text.encode()
+    return files
+
+
+def write_archive(path: Path, files: dict[str, bytes], extra=()) -> Path:
+    """A .tar.gz with `files` as regular members plus `extra` raw TarInfo members (no data)."""
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        for info in extra:
+            tar.addfile(info)
+    return path
+
+
+@pytest.fixture(scope="session")
+def imdb_archive(tmp_path_factory) -> Path:
+    """A small aclImdb-layout archive (48 train, 24 test reviews) with the official extras."""
+    files = synthetic_reviews()
+    files["aclImdb/train/unsup/0_0.txt"] = b"unlabelled, never needed"
+    files["aclImdb/imdb.vocab"] = b"the\nmovie\n"
+    return write_archive(tmp_path_factory.mktemp("imdb") / "aclImdb_small.tar.gz", files)
+
+
+def imdb_overrides(name: str, archive: Path, cache: Path, *extra: str) -> list[str]:
+    return ["data=imdb", *TINY[name], f"data.path={archive}", f"data.cache_dir={cache}", "data.batch_size=8",
+            "data.min_freq=1", "data.max_len=64", "trainer.max_steps=12", "trainer.eval_every=6",
+            "trainer.checkpoint_every=6", "trainer.log_every=3", "trainer.progress=false", "trainer.device=cpu",
+            "scheduler.warmup_steps=2", *extra]

@@ -261,3 +261,32 @@ def test_classifier_writes_its_most_confidently_wrong_examples(runs):
 def env() -> dict:
     """Subprocesses import this checkout's seqexp, and `tests` for the toy dataset."""
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
+
+
+def test_predict_on_an_imdb_run_encodes_reviews_as_training_did(tmp_path, capsys):
+    """A raw review through predict.py gets the probabilities the model gives the same review
+    through the training pipeline (tokenizer, vocabulary, head+tail truncation, padding)."""
+    from tests.conftest import imdb_overrides, synthetic_reviews, write_archive
+
+    review = ("An <b>AWFUL</b>, boring film!<br /><br />" + " the plot was dull" * 30 + " but the actor was great.")
+    files = synthetic_reviews(n_test=0)
+    files["aclImdb/test/neg/0_1.txt"] = review.encode()  # longer than max_len
+    files["aclImdb/test/pos/0_9.txt"] = b"Great!"  # the layout needs both classes
+    archive = write_archive(tmp_path / "one_test_review.tar.gz", files)
+    run = tmp_path / "run"
+    train(make_cfg(*imdb_overrides("lstm", archive, tmp_path / "cache", "data.max_len=32")), run)
+    loaded = load_run(run)
+    data = instantiate_run_data(loaded)
+    batch = next(data.batches("test"))  # both test reviews, shortest first
+    assert batch["lengths"].tolist() == [2, 32]  # "great", "!"; the long one truncated in training too
+    with torch.no_grad():
+        probs = torch.softmax(loaded.model(batch["tokens"], batch["lengths"])[0], -1)[1]
+    assert torch.equal(text_encoder(loaded.ckpt).encode(review), batch["tokens"][1])
+    predict.main([str(run), "--", review])
+    label, p = capsys.readouterr().out.strip().split("\t")
+    assert label == ["neg", "pos"][int(probs.argmax())] and float(p) == pytest.approx(float(probs.max()), abs=1e-4)
+
+
+def instantiate_run_data(run):
+    from seqexp.inference import build_data
+    return build_data(run.ckpt)

@@ -24,7 +24,7 @@ def sentence(rng: random.Random, label: int) -> str:
 
 class ToySentiment:
     task = "classify"
-    labels = ["neg", "pos"]
+    classes = ["neg", "pos"]
 
     def __init__(self, *, seed: int, size: int = 160, batch_size: int = 8, max_len: int = 40,
                  itos: Optional[list[str]] = None):
@@ -47,7 +47,7 @@ class ToySentiment:
         return dict(vocab_size=self.vocab_size, num_outputs=2, task=self.task, pad_id=0, max_len=self.max_len)
 
     def state(self) -> dict:
-        return {"kind": "char", "itos": self.vocab.itos, "labels": self.labels}
+        return {"kind": "char", "itos": self.vocab.itos, "classes": self.classes}
 
     def num_batches(self, split: str, stateful: bool) -> int:
         return math.ceil(len(self.splits[split][0]) / self.batch_size)

@@ -21,6 +21,7 @@ from typing import Any, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from seqexp.data.aclimdb import SHA256 as IMDB_SHA256, URL as IMDB_URL
 from seqexp.errors import UserError
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
@@ -42,6 +43,10 @@ class Pooling(StrEnum):
 class Positional(StrEnum):
     learned = "learned"
     sinusoidal = "sinusoidal"
+
+
+# "head+tail" is no identifier, hence the functional form; values and names are the same
+Truncation = StrEnum("Truncation", [(v, v) for v in ("head", "tail", "head+tail")])
 
 
 class Device(StrEnum):
@@ -102,6 +107,25 @@ class CharDataConfig:
     batch_size: int = 32  # recurrent: number of parallel streams; attention: windows per batch
     seq_len: int = 128  # recurrent: truncated-BPTT chunk; attention: context window (block size)
     cache_dir: Optional[str] = None  # default: $SEQEXP_CACHE or ~/.cache/seqexp
+
+
+@dataclass
+class ImdbDataConfig:
+    _target_: str = "seqexp.data.imdb.ImdbData"
+    # The official archive, any archive with its layout, or an extracted aclImdb directory.
+    # When null, `url` is downloaded into the cache and checked against `sha256`.
+    path: Optional[str] = None
+    url: str = IMDB_URL
+    sha256: Optional[str] = IMDB_SHA256
+    cache_dir: Optional[str] = None  # default: $SEQEXP_CACHE or ~/.cache/seqexp
+    lowercase: bool = True
+    max_vocab: int = 25_000  # most frequent training tokens kept; pad and unknown come on top
+    min_freq: int = 2  # a token seen once in training only teaches the model to memorise
+    max_len: int = 400  # tokens per review after truncation (median review: ~200)
+    truncation: Truncation = Truncation["head+tail"]  # head+tail: first quarter + last three quarters
+    val_fraction: float = 0.1  # of the 25k training reviews, stratified, chosen by the seed
+    batch_size: int = 32
+    bucket_chunks: int = 100  # sort by length within chunks of this many batches; 1: no bucketing
 
 
 # ----------------------------------------------------------------------------- optimizers
@@ -230,6 +254,7 @@ def register_configs() -> None:
         ("model", "recurrent", RecurrentConfig),
         ("model", "attention", AttentionConfig),
         ("data", "char", CharDataConfig),
+        ("data", "imdb", ImdbDataConfig),
         ("optimizer", "sgd", SGDConfig),
         ("optimizer", "adam", AdamConfig),
         ("optimizer", "adamw", AdamWConfig),
@@ -319,6 +344,9 @@ def validate(cfg: DictConfig) -> None:
         need(d.seq_len > 1, f"data.seq_len must be > 1, got {d.seq_len}.")
     if "val_fraction" in d:
         need(0.0 < d.val_fraction < 1.0, f"data.val_fraction must be in (0, 1), got {d.val_fraction}.")
+    for key in ("max_len", "max_vocab", "min_freq", "bucket_chunks"):
+        if key in d:
+            need(d[key] > 0, f"data.{key} must be positive, got {d[key]}.")
     need(t.max_steps == -1 or t.max_steps > 0, f"trainer.max_steps must be -1 or positive, got {t.max_steps}.")
     need(t.max_epochs > 0, f"trainer.max_epochs must be positive, got {t.max_epochs}.")
     for key in ("eval_every", "checkpoint_every", "log_every"):

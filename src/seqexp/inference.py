@@ -22,6 +22,7 @@ from hydra.errors import InstantiationException
 
 from seqexp.checkpoint import load_checkpoint
 from seqexp.data.char import CharVocab
+from seqexp.data.imdb import ReviewEncoder
 from seqexp.errors import UserError
 from seqexp.options import convert
 from seqexp.train import instantiate, pick_device
@@ -29,9 +30,10 @@ from seqexp.train import instantiate, pick_device
 CHECKPOINT_NAMES = ("best.pt", "last.pt")  # best by the validation objective, else the latest
 
 # data kind -> the saved state to an encoder. The "imdb" kind is wired where its data module lives.
-ENCODERS: dict[str, Callable[[dict], Any]] = {"char": CharVocab.from_state}
+ENCODERS: dict[str, Callable[[dict], Any]] = {"char": CharVocab.from_state, "imdb": ReviewEncoder.from_state}
 # data kind -> constructor arguments that give a rebuilt data object the checkpoint's vocabulary
-RESTORE: dict[str, Callable[[dict], dict]] = {"char": lambda state: {"itos": state["itos"]}}
+RESTORE: dict[str, Callable[[dict], dict]] = {"char": lambda state: {"itos": state["itos"]},
+                                              "imdb": lambda state: {"itos": state["itos"]}}
 
 TASK_NAMES = {"lm": "a language model", "classify": "a classifier"}
 
@@ -106,9 +108,9 @@ def text_encoder(ckpt: dict):
 
 
 def label_names(ckpt: dict) -> list[str]:
-    """Class names saved by the data (`state()["labels"]`), else the class indices."""
+    """Class names saved by the data (`state()["classes"]`), else the class indices."""
     n = ckpt["model_kwargs"]["num_outputs"]
-    names = ckpt["data"].get("labels")
+    names = ckpt["data"].get("classes")
     return [str(x) for x in names] if names and len(names) == n else [str(i) for i in range(n)]
 
 

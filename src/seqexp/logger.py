@@ -39,6 +39,26 @@ class Logger:
         if self.writer is not None:
             self.writer.add_histogram(tag, values.detach().float().cpu(), step)
 
+    def confusion(self, tag: str, matrix: list[list[int]], step: int, labels=None) -> None:
+        """A confusion matrix (rows: true class, columns: predicted) as an image."""
+        if self.writer is None:
+            return
+        from matplotlib.figure import Figure  # imported on first use: language models never pay for it
+
+        n = len(matrix)
+        labels = list(labels or range(n))
+        fig = Figure(figsize=(3.2, 3.0), dpi=100)
+        ax = fig.subplots()
+        ax.imshow(matrix, cmap="Blues", vmin=0)
+        ax.set(xticks=range(n), yticks=range(n), xticklabels=labels, yticklabels=labels,
+               xlabel="predicted", ylabel="true", title=f"{tag} @ {step}")
+        top = max(max(row) for row in matrix) or 1
+        for i, row in enumerate(matrix):
+            for j, v in enumerate(row):
+                ax.text(j, i, f"{v:,}", ha="center", va="center", color="white" if v > top / 2 else "black")
+        fig.tight_layout()
+        self.writer.add_figure(tag, fig, step)
+
     def flush(self) -> None:
         if self.writer is not None:
             self.writer.flush()

@@ -17,7 +17,7 @@ from hydra.utils import instantiate as hydra_instantiate
 from omegaconf import DictConfig
 
 from seqexp import resume
-from seqexp.checkpoint import remove_stale_tmp
+from seqexp.checkpoint import load_checkpoint, remove_stale_tmp
 from seqexp.config import to_container, validate
 from seqexp.errors import UserError
 from seqexp.logger import Logger
@@ -66,6 +66,19 @@ def build_optimizer(cfg: DictConfig, model: torch.nn.Module) -> torch.optim.Opti
         if "betas" in g:
             g["betas"] = tuple(g["betas"])
     return opt
+
+
+def evaluate_test(trainer: Trainer, logger: Logger) -> None:
+    """Load best.pt's weights, evaluate the test split, record test/* in metrics.json and TensorBoard."""
+    trainer.model.load_state_dict(load_checkpoint(trainer.ckpt_dir / "best.pt")["model"])
+    metrics = trainer.evaluate("test")
+    test = {f"test/{k}": v for k, v in metrics.items() if not isinstance(v, list)}
+    trainer.extra_metrics["test"] = test
+    logger.scalars(test, trainer.best_step)
+    if "confusion" in metrics:
+        logger.confusion("test/confusion", metrics["confusion"], trainer.best_step, getattr(trainer.data, "classes", None))
+    log.info("test (best checkpoint, step %d): %s", trainer.best_step,
+             "  ".join(f"{k} {v:.4f}" for k, v in test.items() if isinstance(v, float)))
 
 
 def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
@@ -124,6 +137,8 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     try:
         with stop_on_signals(trainer.request_stop):
             trainer.fit()
+        if "test" in getattr(data, "splits", {}):  # held out until now: evaluated once, on the best weights
+            evaluate_test(trainer, logger)
         trainer.write_metrics("finished")
     finally:
         logger.close()

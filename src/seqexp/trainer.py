@@ -241,6 +241,8 @@ class Trainer:
         metrics = self.evaluate("val")
         self.last_metrics = {f"val/{k}": v for k, v in metrics.items() if not isinstance(v, list)}
         self.logger.scalars(self.last_metrics, self.step)
+        if "confusion" in metrics:  # classification
+            self.logger.confusion("val/confusion", metrics["confusion"], self.step, getattr(self.data, "classes", None))
         value = self.last_metrics[self.task.objective]
         better = self.best is None or (value < self.best if self.task.mode == "min" else value > self.best)
         if better:

@@ -127,7 +127,7 @@ def make_visuals(lg, *, model, data, logger, device) -> Optional[Callable[[torch
     wrong = lg.wrong_examples > 0 and data.task == "classify"
     if example is None and not wrong and not lg.histograms:
         return None
-    names = getattr(data, "labels", None)
+    names = getattr(data, "classes", None)
 
     def visuals(model, step: int, metrics: dict) -> None:
         if example is not None:

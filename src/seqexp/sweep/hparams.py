@@ -40,16 +40,12 @@ def hparam_values(cfg: DictConfig, overrides: list[str]) -> dict:
 
 
 def job_metrics(metrics: dict) -> dict[str, float]:
-    """Scalars added for the HParams table: the validation metrics at the best step, test metrics
-    where the task has them, the parameter count. Final values need nothing: the table shows the
+    """Scalars added for the HParams table: the validation metrics at the best step and the
+    parameter count. Final values need nothing: the table shows the
     last value of each tag, and `val/*` ends at the final evaluation."""
     # floats only: the ints beside them are counts (val/tokens, tp, ...), not metrics
     out = {f"best/{k}": v for k, v in (metrics.get("best") or {}).items() if isinstance(v, float)}
-    test = metrics.get("test")
-    if isinstance(test, dict):
-        out.update({k if k.startswith("test/") else f"test/{k}": v for k, v in test.items()})
-    elif isinstance(test, (int, float)):
-        out["test/metric"] = test
+    # test/* needs nothing either: train() logs it when it evaluates the test split
     if metrics.get("num_params"):
         out["model/num_params"] = metrics["num_params"]
     return {k: float(v) for k, v in out.items()

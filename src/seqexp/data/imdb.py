@@ -1,0 +1,291 @@
+"""IMDB sentiment (Maas et al., 2011): reviews -> cached token ids -> vocabulary -> padded batches.
+
+1. Corpus (cached). Every review is tokenized (text.py) into ids of a corpus dictionary that holds
+   every distinct token. The ids are saved as tensors under `<cache>/imdb/`, keyed by the archive's
+   SHA-256 (or, for a directory, a fingerprint of its files) and the tokenizer settings, so a
+   second run reads one file instead of tokenizing 50,000 reviews.
+2. Split. A stratified validation set is drawn from the 25,000 training reviews with the run's
+   seed; the 25,000 test reviews are only evaluated at the end, on the best checkpoint.
+3. Vocabulary, from the training reviews only (validation held out): the `max_vocab` most
+   frequent tokens seen at least `min_freq` times, plus pad (0) and unknown (1). It is chosen at
+   load time in milliseconds, so vocabulary settings never invalidate the cache; a checkpoint
+   stores it (`state()`), and `itos=` reuses it.
+4. Truncation to `max_len` tokens: head, tail, or head+tail -- the first quarter and the last
+   three quarters, the split Sun et al. (2019) found best for long IMDB reviews.
+5. Batches. Training: shuffle, cut into chunks of `bucket_chunks` batches, sort each chunk by
+   length, cut into batches, shuffle the batches -- a pure function of (seed, epoch), every
+   review once per epoch, little padding. Evaluation: all reviews sorted by length.
+Invalid UTF-8: the bytes are replaced by U+FFFD, which the tokenizer drops; the reviews are named
+in a warning. Reviews with no token at all are left out, with a warning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+from urllib.parse import urlparse
+
+import numpy as np
+import torch
+
+from seqexp.checkpoint import save_checkpoint
+from seqexp.data import aclimdb
+from seqexp.data.download import cache_dir as default_cache_dir, download, sha256sum
+from seqexp.data.text import PAD_ID, TOKEN, UNK_ID, build_vocab, decode, tokenize
+from seqexp.errors import UserError
+
+log = logging.getLogger("seqexp")
+
+CACHE_FORMAT = "seqexp-imdb-tokens/1"
+HEAD = {"head": None, "tail": 0, "head+tail": 0.25}  # share of max_len taken from the start
+
+
+@dataclass
+class Split:
+    """Some reviews of the corpus: review i is ids[offsets[i] : offsets[i] + lengths[i]], of
+    which `kept[i]` tokens are used. Truncation and vocabulary are applied per batch (collate)."""
+    offsets: torch.Tensor  # (R,) into the corpus ids
+    lengths: torch.Tensor  # (R,) full review lengths, all >= 1
+    kept: torch.Tensor  # (R,) min(length, max_len)
+    labels: torch.Tensor  # (R,) 0 neg, 1 pos
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+# ----------------------------------------------------------------------------- corpus cache
+def build_corpus(reviews: list[aclimdb.Review], lowercase: bool) -> dict:
+    """Tokenize every review into ids of a dictionary of all its tokens (first appearance order)."""
+    stoi = defaultdict()
+    stoi.default_factory = stoi.__len__  # an unseen token gets the next id
+    kept, tokens, invalid = [], [], []
+    for r in reviews:
+        text, ok = decode(r.raw)
+        if not ok:
+            invalid.append(f"{r.split}/{aclimdb.LABELS[r.label]}/{r.name}")
+        toks = tokenize(text, lowercase)
+        if toks:
+            kept.append(r)
+            tokens.append(toks)
+    lengths = np.fromiter(map(len, tokens), dtype=np.int64, count=len(tokens))
+    ids = np.fromiter(map(stoi.__getitem__, itertools.chain.from_iterable(tokens)), dtype=np.int32,
+                      count=int(lengths.sum()))
+    return {
+        "format": CACHE_FORMAT,
+        "words": "\n".join(stoi),  # tokens never contain whitespace
+        "ids": torch.from_numpy(ids),
+        "lengths": torch.from_numpy(lengths),
+        "labels": torch.tensor([r.label for r in kept]),
+        "is_test": torch.tensor([r.split == "test" for r in kept]),
+        "invalid_utf8": invalid,
+        "empty": len(reviews) - len(kept),
+    }
+
+
+def load_corpus(path: Optional[str], url: str, sha256: Optional[str], cache: Optional[str],
+                lowercase: bool) -> tuple[dict, str]:
+    """-> (corpus, where it came from, content key). Tokenizes only when no cached corpus matches.
+
+    The key hashes the archive's (or directory's) content and the tokenizer settings: it names
+    the cache file and is the data's fingerprint in checkpoints (resume checks it)."""
+    root = default_cache_dir(cache) / "imdb"
+    if path is None:
+        archive = root / (Path(urlparse(url).path).name or "aclImdb.tar.gz")
+        if sha256 is None:  # an unpinned URL: download first to learn what it is
+            sha256 = sha256sum(download(url, archive, None))
+        source, origin = f"sha256:{sha256}", url
+    else:
+        p = Path(path).expanduser()
+        if p.is_dir():
+            found = aclimdb.find_root(p)
+            if found is None:
+                raise UserError(f"data.path: {p} is a directory without aclImdb/train and aclImdb/test in it.")
+            source, origin = f"dir:{aclimdb.fingerprint(found)}", str(found)
+        elif p.is_file():
+            source, origin = f"sha256:{sha256sum(p)}", str(p)
+        else:
+            raise UserError(f"data.path: no such file or directory: {p}. Point it at aclImdb_v1.tar.gz "
+                            f"or an extracted aclImdb directory, or leave it null to download.")
+    settings = {"format": CACHE_FORMAT, "source": source, "lowercase": lowercase, "token": TOKEN.pattern}
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    cached = root / f"tokens-{key}.pt"
+    if cached.is_file():
+        try:
+            return torch.load(cached, weights_only=True), origin, key
+        except Exception as e:  # a corrupt cache file is rebuilt, never trusted
+            log.warning("ignoring unreadable cache %s (%s)", cached, e)
+
+    t0 = time.perf_counter()
+    if path is not None and Path(path).expanduser().is_dir():
+        reviews = aclimdb.read_reviews(aclimdb.find_root(Path(path).expanduser()))
+    else:
+        digest = source.removeprefix("sha256:")
+        extracted = root / f"aclImdb-{digest[:16]}"
+        if (extracted / "aclImdb").is_dir():  # extracted by an earlier run (renamed when complete)
+            reviews = aclimdb.read_reviews(extracted / "aclImdb")
+        else:
+            archive = Path(path).expanduser() if path is not None else download(url, archive, sha256)
+            reviews = aclimdb.extract_reviews(archive, extracted)
+    corpus = build_corpus(reviews, lowercase)
+    save_checkpoint(cached, corpus)  # atomic: a killed run never leaves half a cache
+    if corpus["invalid_utf8"]:
+        bad = corpus["invalid_utf8"]
+        log.warning("%d review(s) are not valid UTF-8 (first: %s); invalid bytes were replaced by U+FFFD "
+                    "and dropped by the tokenizer", len(bad), bad[0])
+    if corpus["empty"]:
+        log.warning("%d review(s) have no token and were left out", corpus["empty"])
+    log.info("imdb: tokenized %d reviews from %s in %.1f s; cached in %s", len(corpus["labels"]), origin,
+             time.perf_counter() - t0, cached)
+    return corpus, origin, key
+
+
+# ----------------------------------------------------------------------------- splits
+def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
+    """(R,) bool, True for the validation reviews: `fraction` of each class, chosen by seed."""
+    g = torch.Generator().manual_seed(seed)
+    val = torch.zeros(len(labels), dtype=torch.bool)
+    for c in labels.unique():
+        idx = torch.nonzero(labels == c).flatten()
+        val[idx[torch.randperm(len(idx), generator=g)[: round(len(idx) * fraction)]]] = True
+    return val
+
+
+# ----------------------------------------------------------------------------- dataset
+class ImdbData:
+    task = "classify"
+    classes = aclimdb.LABELS
+
+    def __init__(self, *, seed: int, path: Optional[str] = None, url: str = aclimdb.URL,
+                 sha256: Optional[str] = aclimdb.SHA256, cache_dir: Optional[str] = None,
+                 lowercase: bool = True, max_vocab: int = 25_000, min_freq: int = 2, max_len: int = 400,
+                 truncation: str = "head+tail", val_fraction: float = 0.1, batch_size: int = 32,
+                 bucket_chunks: int = 100, itos: Optional[list[str]] = None):
+        t0 = time.perf_counter()
+        self.seed, self.batch_size, self.bucket_chunks = seed, batch_size, bucket_chunks
+        self.lowercase, self.max_len, self.truncation = lowercase, max_len, str(truncation)
+        corpus, self.origin, self.fingerprint = load_corpus(path, url, sha256, cache_dir, lowercase)
+        words = corpus["words"].split("\n")
+        self.ids, lengths, labels = corpus["ids"], corpus["lengths"], corpus["labels"]  # ids: (N,) int32
+        offsets = torch.cumsum(lengths, 0) - lengths
+        is_test = corpus["is_test"]
+        train_rows = torch.nonzero(~is_test).flatten()
+        is_val = torch.zeros_like(is_test)
+        is_val[train_rows[stratified_split(labels[train_rows], val_fraction, seed)]] = True
+        is_train = ~is_test & ~is_val
+
+        if itos is None:  # from the training reviews only
+            itos = build_vocab(words, self._train_counts(is_train, offsets, lengths, len(words)), max_vocab, min_freq)
+        self.itos = list(itos)
+        stoi = {w: i for i, w in enumerate(self.itos)}
+        self.to_vocab = torch.tensor([stoi.get(w, UNK_ID) for w in words])  # corpus id -> vocab id
+        share = HEAD[self.truncation]
+        self.head = max_len if share is None else int(max_len * share)  # tokens kept from the start
+
+        self.splits: dict[str, Split] = {}
+        for name, rows in (("train", is_train), ("val", is_val), ("test", is_test)):
+            rows = torch.nonzero(rows).flatten()
+            self.splits[name] = Split(offsets[rows], lengths[rows], lengths[rows].clamp(max=max_len), labels[rows])
+        if len(self.splits["train"]) == 0 or len(self.splits["val"]) == 0:
+            raise UserError(f"{self.origin}: data.val_fraction={val_fraction} leaves no training or no "
+                            f"validation review; use a value in (0, 1) and a dataset with more reviews.")
+        log.info("imdb: %s train / %s val / %s test reviews, vocabulary %d, max_len %d (%s); ready in %.2f s",
+                 *(f"{len(s):,}" for s in self.splits.values()), self.vocab_size, max_len, self.truncation,
+                 time.perf_counter() - t0)
+
+    def _train_counts(self, is_train, offsets, lengths, num_words) -> np.ndarray:
+        """(num_words,) occurrences in the training reviews. Reviews are in split order, so they
+        are one block of the corpus minus the validation reviews held out from it."""
+        rows = torch.nonzero(is_train).flatten()
+        first, last = int(rows[0]), int(rows[-1])
+        held = torch.nonzero(~is_train[first : last + 1]).flatten() + first
+        # the held-out reviews' tokens, back to back: each token's corpus position
+        shift = torch.repeat_interleave(offsets[held] - (torch.cumsum(lengths[held], 0) - lengths[held]), lengths[held])
+        held_ids = self.ids[shift + torch.arange(len(shift))]
+        block = self.ids[offsets[first] : offsets[last] + lengths[last]]
+        return (torch.bincount(block, minlength=num_words) - torch.bincount(held_ids, minlength=num_words)).numpy()
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.itos)
+
+    def model_kwargs(self) -> dict:
+        """Runtime facts every model is built with."""
+        return dict(vocab_size=self.vocab_size, num_outputs=len(self.classes), task=self.task,
+                    pad_id=PAD_ID, max_len=self.max_len)
+
+    def state(self) -> dict:
+        """What a checkpoint needs to turn new text into the same ids."""
+        return {"kind": "imdb", "itos": self.itos, "lowercase": self.lowercase, "max_len": self.max_len,
+                "truncation": self.truncation, "classes": list(self.classes), "fingerprint": self.fingerprint}
+
+    def decode(self, ids) -> str:
+        return " ".join(self.itos[i] for i in ids)
+
+    # ---------------------------------------------------------------- batches
+    def num_batches(self, split: str, stateful: bool = False) -> int:
+        return math.ceil(len(self.splits[split]) / self.batch_size)
+
+    def batches(self, split: str, *, stateful: bool = False, epoch: int = 0, start: int = 0) -> Iterator[dict]:
+        """Yield batch dicts from batch index `start` on. `stateful` is irrelevant: reviews are independent."""
+        s = self.splits[split]
+        order = self._bucketed(s, epoch) if split == "train" else torch.argsort(s.kept, stable=True).split(self.batch_size)
+        for rows in order[start:]:
+            yield self.collate(s, rows)
+
+    def _bucketed(self, s: Split, epoch: int) -> list[torch.Tensor]:
+        """Batches of similar length in random order: a pure function of (seed, epoch)."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        perm, chunk = torch.randperm(len(s), generator=g), self.batch_size * self.bucket_chunks
+        batches = []
+        for c in range(0, len(s), chunk):  # only the last chunk can end in a short batch
+            rows = perm[c : c + chunk]
+            batches += rows[torch.argsort(s.kept[rows], stable=True)].split(self.batch_size)
+        return [batches[i] for i in torch.randperm(len(batches), generator=g)]
+
+    def collate(self, s: Split, rows: torch.Tensor) -> dict:
+        """(B,) review indices -> padded (B, T) vocabulary ids, truncated to max_len."""
+        lengths, kept = s.lengths[rows], s.kept[rows]
+        j = torch.arange(int(kept.max()))[None, :]  # (1, T) position among the kept tokens
+        # past the head, skip what truncation drops: the middle (head+tail) or the start (tail)
+        src = s.offsets[rows, None] + j + torch.where(j >= self.head, (lengths - kept)[:, None], 0)  # (B, T)
+        valid = j < kept[:, None]
+        tokens = self.to_vocab[self.ids[src.clamp(max=len(self.ids) - 1)]].masked_fill(~valid, PAD_ID)
+        return {"tokens": tokens, "targets": s.labels[rows], "lengths": kept, "carry": False,
+                "num_tokens": int(kept.sum())}
+
+
+class ReviewEncoder:
+    """A checkpoint's text pipeline on its own: raw review -> (T,) ids with the run's tokenizer,
+    vocabulary and truncation, and ids -> words. For predictions on new text."""
+
+    def __init__(self, state: dict):
+        self.itos, self.lowercase = list(state["itos"]), state["lowercase"]
+        self.max_len, share = state["max_len"], HEAD[state["truncation"]]
+        self.head = self.max_len if share is None else int(self.max_len * share)
+        self.stoi = {w: i for i, w in enumerate(self.itos)}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "ReviewEncoder":
+        return cls(state)
+
+    def encode(self, text: str) -> torch.Tensor:
+        ids = [self.stoi.get(t, UNK_ID) for t in tokenize(text, self.lowercase)] or [UNK_ID]
+        if len(ids) > self.max_len:  # the same policy as training's collate
+            ids = ids[: self.head] + ids[len(ids) - (self.max_len - self.head):]
+        return torch.tensor(ids)
+
+    def decode(self, ids) -> str:
+        return " ".join(self.itos[i] for i in ids)
+
+
+def encode_text(text: str, state: dict) -> torch.Tensor:
+    """New text -> (T,) ids with a checkpoint's vocabulary and truncation (for predictions)."""
+    return ReviewEncoder(state).encode(text)
