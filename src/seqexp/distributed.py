@@ -175,3 +175,9 @@ def send_run_dir(run_dir: str) -> None:
     """On rank 0, inside Hydra's run: the directory Hydra made, to the other ranks."""
     if is_main():
         dist.broadcast_object_list([str(run_dir)], src=0)
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing in a single process)."""
+    if setup() is not None:
+        dist.barrier()
