@@ -62,6 +62,10 @@ def _train(cfg: DictConfig) -> float | None:
     from seqexp.train import train  # torch imports after Hydra has checked the overrides
 
     hydra_cfg = HydraConfig.get()
+    if torchrun():
+        from seqexp.distributed import send_run_dir
+
+        send_run_dir(hydra_cfg.runtime.output_dir)  # one run directory for every rank
     if hydra_cfg.mode == RunMode.MULTIRUN:  # a failing job is recorded; the sweep goes on
         from seqexp.sweep.job import run_sweep_job
 
@@ -73,11 +77,23 @@ def _train(cfg: DictConfig) -> float | None:
     return metrics["objective"]["best"]  # what a Hydra sweeper (Optuna) optimises
 
 
+def torchrun() -> bool:
+    """Started by torchrun with more than one process (README "Scaling out")."""
+    return int(os.environ.get("WORLD_SIZE", 1)) > 1
+
+
 def train_main() -> None:
     if os.environ.get("SEQEXP_DEBUG"):
         os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # config errors show their traceback too
     with user_errors():  # resume=: before Hydra, so that it uses the run's directory
         sys.argv[1:] = resume_argv(sys.argv[1:])
+        if torchrun():
+            if "-m" in sys.argv or "--multirun" in sys.argv:
+                raise UserError("-m/--multirun under torchrun would run the whole sweep in every process; "
+                                "sweep with hydra/launcher=submitit_slurm and hydra.launcher.tasks_per_node instead.")
+            from seqexp.distributed import receive_run_dir
+
+            sys.argv[1:] = receive_run_dir(sys.argv[1:])
     try:
         _train()
     except SystemExit as e:

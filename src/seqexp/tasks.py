@@ -2,7 +2,8 @@
 
 Both heads output unnormalised logits, so both losses are cross-entropy (log-softmax + NLL).
 Language-model padding is marked with target -100 and skipped by loss and metrics alike.
-Metrics are sums over the whole split divided once at the end, never means of batch means.
+Metrics are sums over the whole split divided once at the end, never means of batch means:
+`sums()` over some batches, `metrics()` of their sums -- under DDP the sums of every rank.
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ class LanguageModeling:
         return F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten(), ignore_index=IGNORE)
 
     @torch.no_grad()
-    def evaluate(self, model, batches: Iterable[dict], device: torch.device,
-                 autocast: Callable[[], AbstractContextManager]) -> dict[str, float]:
+    def sums(self, model, batches: Iterable[dict], device: torch.device,
+             autocast: Callable[[], AbstractContextManager]) -> dict:
         model.eval()
         total = torch.zeros((), dtype=torch.float64, device=device)
         count, state = 0, None
@@ -51,8 +52,15 @@ class LanguageModeling:
                                      ignore_index=IGNORE, reduction="sum").double()
             count += batch["num_tokens"]
             state = new_state
-        loss = total.item() / max(count, 1)
+        return {"loss": total, "tokens": count}
+
+    def metrics(self, sums: dict) -> dict[str, float]:
+        count = sums["tokens"]
+        loss = float(sums["loss"]) / max(count, 1)
         return {"loss": loss, "bpc": loss / math.log(2), "ppl": math.exp(min(loss, 700.0)), "tokens": count}
+
+    def evaluate(self, model, batches, device, autocast) -> dict[str, float]:
+        return self.metrics(self.sums(model, batches, device, autocast))
 
 
 class Classification:
@@ -64,8 +72,8 @@ class Classification:
         return F.cross_entropy(logits.float(), batch["targets"])
 
     @torch.no_grad()
-    def evaluate(self, model, batches: Iterable[dict], device: torch.device,
-                 autocast: Callable[[], AbstractContextManager]) -> dict[str, float]:
+    def sums(self, model, batches: Iterable[dict], device: torch.device,
+             autocast: Callable[[], AbstractContextManager]) -> dict:
         model.eval()
         total = torch.zeros((), dtype=torch.float64, device=device)
         confusion = None  # (C, C): rows true class, columns predicted
@@ -79,14 +87,20 @@ class Classification:
             pairs = y * C + logits.argmax(-1)
             counts = torch.bincount(pairs, minlength=C * C).view(C, C)
             confusion = counts if confusion is None else confusion + counts
-        confusion = confusion.cpu()
+        return {"loss": total, "confusion": confusion}
+
+    def metrics(self, sums: dict) -> dict[str, float]:
+        confusion = sums["confusion"].cpu()
         n = int(confusion.sum())
-        out = {"loss": total.item() / n, "acc": float(confusion.trace()) / n, "count": n}
+        out = {"loss": float(sums["loss"]) / n, "acc": float(confusion.trace()) / n, "count": n}
         if confusion.shape == (2, 2):  # class 1 is the positive class
             out.update(tn=int(confusion[0, 0]), fp=int(confusion[0, 1]), fn=int(confusion[1, 0]),
                        tp=int(confusion[1, 1]))
         out["confusion"] = confusion.tolist()
         return out
+
+    def evaluate(self, model, batches, device, autocast) -> dict[str, float]:
+        return self.metrics(self.sums(model, batches, device, autocast))
 
 
 TASKS = {"lm": LanguageModeling, "classify": Classification}

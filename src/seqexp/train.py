@@ -16,9 +16,10 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate as hydra_instantiate
 from omegaconf import DictConfig
 
-from seqexp import resume
+from seqexp import distributed, resume
 from seqexp.checkpoint import load_checkpoint, remove_stale_tmp
 from seqexp.config import to_container, validate
+from seqexp.data.shard import Sharded
 from seqexp.errors import UserError
 from seqexp.logger import Logger
 from seqexp.preempt import stop_on_signals
@@ -70,6 +71,8 @@ def build_optimizer(cfg: DictConfig, model: torch.nn.Module) -> torch.optim.Opti
 
 def evaluate_test(trainer: Trainer, logger: Logger) -> None:
     """Load best.pt's weights, evaluate the test split, record test/* in metrics.json and TensorBoard."""
+    if trainer.dist is not None:
+        trainer.dist.barrier()  # every rank reads best.pt only once the main process has written it
     trainer.model.load_state_dict(load_checkpoint(trainer.ckpt_dir / "best.pt")["model"])
     metrics = trainer.evaluate("test")
     test = {f"test/{k}": v for k, v in metrics.items() if not isinstance(v, list)}
@@ -94,10 +97,21 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
     device = pick_device(str(t.device))
+    dist = distributed.setup(device)  # None unless started by torchrun or as a multi-task submitit job
+    if dist is not None:
+        device = dist.device
 
     data = instantiate(cfg.data, seed=t.seed, _convert_="all")
     model_kwargs = data.model_kwargs()
     model = instantiate(cfg.model, **model_kwargs).to(device)
+    main = dist is None or dist.is_main  # the process that writes files and logs
+    trainer_data = data  # what the trainer iterates: under DDP, this rank's rows of every batch
+    if dist is not None:
+        if data.batch_size % dist.world_size:
+            raise UserError(f"data.batch_size={data.batch_size} is the global batch: it must be a multiple of "
+                            f"the {dist.world_size} processes.")
+        trainer_data = Sharded(data, dist.rank, dist.world_size)
+        seed_everything(t.seed + 1_000_003 * dist.rank)  # same weights (built above); own dropout masks
     task = TASKS[data.task]()
     optimizer = build_optimizer(cfg.optimizer, model)
     steps_per_epoch = data.num_batches("train", stateful=model.stateful)
@@ -111,29 +125,31 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
 
     sampler = None
     lg = cfg.logging
-    if data.task == "lm" and lg.sample_chars > 0:
+    if data.task == "lm" and lg.sample_chars > 0 and main:
         def sampler(m, step):
             return sample_text(m, data, lg.sample_prompt, lg.sample_chars, temperature=lg.sample_temperature,
                                top_k=lg.sample_top_k, seed=t.seed + step, device=device)
 
     # all checks passed: only now is anything written
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for d in (run_dir, run_dir / "checkpoints"):
-        remove_stale_tmp(d)  # left by a killed writer; never loaded
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for d in (run_dir, run_dir / "checkpoints"):
+            remove_stale_tmp(d)  # left by a killed writer; never loaded
     # a resumed run appends to its TensorBoard run; events after the checkpoint are dropped
     purge_step = ckpt["trainer"]["step"] + 1 if ckpt is not None else None
-    logger = Logger(run_dir, enabled=lg.tensorboard, purge_step=purge_step)
-    visuals = make_visuals(lg, model=model, data=data, logger=logger, device=device) if lg.tensorboard else None
-    trainer = Trainer(t, model=model, task=task, data=data, optimizer=optimizer, scheduler=scheduler,
+    logger = Logger(run_dir, enabled=lg.tensorboard and main, purge_step=purge_step)
+    visuals = make_visuals(lg, model=model, data=data, logger=logger, device=device) if lg.tensorboard and main else None
+    trainer = Trainer(t, model=model, task=task, data=trainer_data, optimizer=optimizer, scheduler=scheduler,
                       logger=logger, run_dir=run_dir, device=device, total_steps=total_steps, meta=meta,
-                      sampler=sampler, visuals=visuals)
+                      sampler=sampler, visuals=visuals, dist=dist)
     if ckpt is not None:
         trainer.restore(ckpt, ckpt_path)
         del ckpt  # the trainer holds its own copies now
         log.info("resumed from %s at step %d (epoch %d, batch %d)", ckpt_path, trainer.step, trainer.epoch,
                  trainer.batch_in_epoch)
-    log.info("%s: %s, %d parameters, %d steps (%d per epoch) on %s; run dir %s", data.task,
-             type(model).__name__, trainer.num_params, total_steps, steps_per_epoch, device, run_dir)
+    log.info("%s: %s, %d parameters, %d steps (%d per epoch) on %s%s; run dir %s", data.task,
+             type(model).__name__, trainer.num_params, total_steps, steps_per_epoch, device,
+             f" (rank {dist.rank} of {dist.world_size})" if dist else "", run_dir)
     try:
         with stop_on_signals(trainer.request_stop):
             trainer.fit()

@@ -8,6 +8,10 @@ Everything that decides what happens next -- step, epoch, position within the ep
 carried RNN state, optimizer/scheduler/scaler state, every RNG, the open logging window -- is
 in `state_dict()`, so N steps + resume + N steps equals 2N steps exactly. A stop request
 (SIGTERM/SIGINT, see preempt.py) is honoured between steps, after saving `last.pt`.
+
+Under DDP (`dist`, see distributed.py) every rank runs this loop on its rows of each batch;
+decisions are all-reduced, evaluation sums are added over ranks, and only rank 0 writes.
+Checkpoints hold the global carried state and each rank's RNG and logging window.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from tqdm import tqdm
 
 from seqexp.checkpoint import (FORMAT, load_model_state, prune_step_checkpoints, rng_state, save_checkpoint,
                                set_rng_state, step_name, write_json)
+from seqexp.distributed import Dist
 from seqexp.errors import UserError
 from seqexp.preempt import Preempted
 from seqexp.tasks import detach_state, to_device
@@ -38,15 +43,18 @@ class Trainer:
     def __init__(self, cfg, *, model, task, data, optimizer, scheduler, logger, run_dir: Path,
                  device: torch.device, total_steps: int, meta: dict,
                  sampler: Optional[Callable[[torch.nn.Module, int], str]] = None,
-                 visuals: Optional[Callable[[torch.nn.Module, int, dict], None]] = None):
+                 visuals: Optional[Callable[[torch.nn.Module, int, dict], None]] = None,
+                 dist: Optional[Dist] = None):
         self.cfg, self.model, self.task, self.data = cfg, model, task, data
         self.optimizer, self.scheduler, self.logger = optimizer, scheduler, logger
         self.run_dir, self.device, self.total_steps = Path(run_dir), device, total_steps
         self.meta, self.sampler = meta, sampler  # meta: config, runtime facts, vocabulary
         self.visuals = visuals  # TensorBoard figures and texts after each evaluation (seqexp.visuals)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        # compiled forward for training; checkpoints and evaluation use the plain module
-        self.net = torch.compile(model) if cfg.compile else model
+        self.dist, self.is_main = dist, dist is None or dist.is_main  # only the main process writes
+        # compiled (and under DDP wrapped) forward for training; checkpoints and evaluation use the plain module
+        net = dist.wrap(model) if dist is not None else model
+        self.net = torch.compile(net) if cfg.compile else net
         self.stateful = model.stateful
         self.steps_per_epoch = data.num_batches("train", stateful=self.stateful)
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -83,7 +91,14 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": rng_state(),
+            **(self.dist_state() if self.dist is not None else {}),
         }
+
+    def dist_state(self) -> dict:
+        """Under DDP (a collective: every rank calls it): the global carried state, and what each rank
+        keeps for itself -- its RNG (dropout masks differ by rank) and its logging window."""
+        ranks = self.dist.gather({"rng": rng_state(), "window": self._window.cpu()})
+        return {"carried": self.dist.gather_state(self.carried), "ranks": ranks}
 
     def load_state_dict(self, sd: dict) -> None:
         for key in ("step", "epoch", "batch_in_epoch", "best", "best_step", "best_metrics",
@@ -98,6 +113,19 @@ class Trainer:
         self.scheduler.load_state_dict(sd["scheduler"])
         self.scaler.load_state_dict(sd["scaler"])
         set_rng_state(sd["rng"])
+        if self.dist is not None:
+            self.load_dist_state(sd)
+
+    def load_dist_state(self, sd: dict) -> None:
+        """The saved global carried state, split for this rank's streams; its own RNG and window when
+        the checkpoint had as many processes (exact resume), otherwise fresh per-rank RNG streams."""
+        self.carried = self.dist.shard_state(self.carried)
+        ranks = sd.get("ranks", [])
+        if len(ranks) == self.dist.world_size:
+            set_rng_state(ranks[self.dist.rank]["rng"])
+            self._window = ranks[self.dist.rank]["window"].to(self.device)
+        elif self.dist.rank > 0:
+            torch.manual_seed(self.cfg.seed + 1_000_003 * self.dist.rank + self.step)
 
     def restore(self, ckpt: dict, path: Path) -> None:
         """Continue from a checkpoint: weights, then everything in state_dict()."""
@@ -109,7 +137,9 @@ class Trainer:
         return {"format": FORMAT, **self.meta, "model": self.model.state_dict(), "trainer": self.state_dict()}
 
     def save(self, *names: str) -> Path:
-        save_checkpoint([self.ckpt_dir / n for n in names], self.checkpoint())
+        ckpt = self.checkpoint()  # under DDP every rank takes part; rank 0 writes
+        if self.is_main:
+            save_checkpoint([self.ckpt_dir / n for n in names], ckpt)
         return self.ckpt_dir / names[0]
 
     def save_last(self) -> Path:
@@ -118,6 +148,8 @@ class Trainer:
         if keep == 0 or self.step % self.cfg.checkpoint_every != 0:
             return self.save("last.pt")
         path = self.save("last.pt", step_name(self.step))
+        if not self.is_main:
+            return path
         protect = frozenset([self.resumed_from] if self.resumed_from else [])
         prune_step_checkpoints(self.ckpt_dir, keep, upto=self.step, protect=protect)
         return path
@@ -126,10 +158,14 @@ class Trainer:
         self.stop_signal = reason
         log.warning("%s received: stopping after this step (send it again to stop at once)", reason)
 
+    def agree(self, flag: bool) -> bool:
+        """Under DDP: true on every rank when true on any, so all take the same branch."""
+        return flag if self.dist is None else self.dist.any(flag)
+
     def stop(self) -> None:
         path = self.save_last()
         self.write_metrics("preempted")
-        raise Preempted(f"{self.stop_signal} after step {self.step}; saved {path}. "
+        raise Preempted(f"{self.stop_signal or 'a signal to another rank'} after step {self.step}; saved {path}. "
                         f"Continue with: python scripts/train.py resume={self.run_dir}")
 
     # ------------------------------------------------------------------ loop
@@ -144,14 +180,14 @@ class Trainer:
         cfg = self.cfg
         self._t0 = time.perf_counter()
         t_window, tokens_window = time.perf_counter(), 0
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not cfg.progress,
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not (cfg.progress and self.is_main),
                    dynamic_ncols=True, unit="step", desc="train")
         try:
             while self.step < self.total_steps:
                 batches = self.data.batches("train", stateful=self.stateful, epoch=self.epoch,
                                             start=self.batch_in_epoch)
                 for batch in batches:
-                    tokens_window += batch["num_tokens"]
+                    tokens_window += batch["num_tokens"] * (self.dist.world_size if self.dist else 1)
                     self.train_step(batch)
                     self.batch_in_epoch += 1
                     self.step += 1
@@ -159,14 +195,14 @@ class Trainer:
                         now = time.perf_counter()
                         self.log_window(bar, tokens_window / max(now - t_window, 1e-9))
                         t_window, tokens_window = now, 0
-                    if cfg.max_time_s and self.train_s() >= cfg.max_time_s:
+                    if cfg.max_time_s and self.agree(self.train_s() >= cfg.max_time_s):
                         log.info("training-time budget of %.0f s reached at step %d", cfg.max_time_s, self.step)
                         self.total_steps = self.step  # this is the last step: evaluate and save below
                     if self.step % cfg.eval_every == 0 or self.step == self.total_steps:
                         self.evaluate_and_save()
                     elif self.step % cfg.checkpoint_every == 0:
                         self.save_last()
-                    if self.stop_signal is not None and self.step < self.total_steps:
+                    if self.agree(self.stop_signal is not None) and self.step < self.total_steps:
                         self.stop()  # (at the last step the run simply finishes)
                     if self.step >= self.total_steps:
                         break
@@ -186,6 +222,8 @@ class Trainer:
         with self.autocast():
             logits, new_state = self.net(batch["tokens"], batch.get("lengths"), state)
         loss = self.task.loss(logits, batch)
+        if "loss_scale" in batch:  # DDP: this rank's share of the global batch (data/shard.py)
+            loss = loss * batch["loss_scale"]
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
@@ -193,6 +231,8 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
         # caught before the update, so neither weights nor checkpoints ever see a NaN
         ok = torch.isfinite(loss) if self.scaler.is_enabled() else torch.isfinite(loss) & torch.isfinite(grad_norm)
+        if self.dist is not None:
+            ok = self.dist.all(ok)  # a NaN loss on one rank stops or skips the step on all
         if not bool(ok):
             self.handle_nonfinite(loss, grad_norm)
             self.scheduler.step()
@@ -221,7 +261,9 @@ class Trainer:
             f"trainer.precision=fp32, or set trainer.nonfinite=skip.")
 
     def log_window(self, bar, tokens_per_s: float) -> None:
-        loss_sum, gnorm_sum, n = self._window.tolist()  # the one device read per window
+        # the one device read per window; under DDP the mean over ranks (the global batch's loss)
+        window = self._window if self.dist is None else self.dist.mean(self._window)
+        loss_sum, gnorm_sum, n = window.tolist()
         self._window.zero_()
         lr = self.optimizer.param_groups[0]["lr"]
         if n > 0:
@@ -233,7 +275,8 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, split: str = "val") -> dict:
         batches = self.data.batches(split, stateful=self.stateful)
-        return self.task.evaluate(self.model, batches, self.device, self.autocast)
+        sums = self.task.sums(self.model, batches, self.device, self.autocast)
+        return self.task.metrics(sums if self.dist is None else self.dist.sum(sums))
 
     def evaluate_and_save(self) -> None:
         t0 = time.perf_counter()
@@ -279,4 +322,5 @@ class Trainer:
         }
 
     def write_metrics(self, status: str) -> None:
-        write_json(self.run_dir / "metrics.json", self.summary(status))
+        if self.is_main:
+            write_json(self.run_dir / "metrics.json", self.summary(status))

@@ -9,6 +9,8 @@
   from checkpoints/last.pt (`continue_or_restart`, the seam with `resume=RUN_DIR`).
 - Parallel jobs get their share of threads and a GPU each (resources.py); every job ends by
   writing its TensorBoard HParams (hparams.py).
+- A job of several processes (submitit's tasks_per_node > 1: DDP) decides together and only its
+  rank 0 writes here; all ranks read before any of them writes.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Optional
 
 from omegaconf import DictConfig
 
+from seqexp import distributed
 from seqexp.checkpoint import write_json
 from seqexp.config import to_container
 from seqexp.errors import UserError
@@ -68,13 +71,16 @@ def continue_or_restart(cfg: DictConfig, run_dir: Path, may_continue: bool) -> d
     """
     from seqexp.train import train  # torch
 
-    if may_continue and (run_dir / "checkpoints" / "last.pt").is_file():
+    unfinished = may_continue and (run_dir / "checkpoints" / "last.pt").is_file()
+    distributed.barrier()  # DDP: every rank has looked before rank 0 clears anything
+    if unfinished:
         if "resume" in cfg:
             log.info("%s: continuing from checkpoints/last.pt", run_dir.name)
             cfg.resume = str(run_dir)
             return train(cfg, run_dir)
         log.warning("%s: unfinished; this build cannot resume, so it starts over", run_dir.name)
-    clear_results(run_dir)
+    if distributed.is_main():
+        clear_results(run_dir)
     return train(cfg, run_dir)
 
 
@@ -89,12 +95,13 @@ def record(run_dir: Path, status: str, error: str) -> dict:
     """Mark the job in its metrics.json, keeping whatever the trainer wrote at its last evaluation."""
     metrics = read_json(run_dir / "metrics.json") or {}
     metrics.update(status=status, error=error)
-    write_json(run_dir / "metrics.json", metrics)
+    if distributed.is_main():
+        write_json(run_dir / "metrics.json", metrics)
     return metrics
 
 
 def safe_write_hparams(cfg: DictConfig, run_dir: Path, name: str, overrides: list[str], metrics: dict) -> None:
-    if not cfg.logging.tensorboard:
+    if not cfg.logging.tensorboard or not distributed.is_main():
         return
     try:
         write_hparams(run_dir, name, hparam_values(cfg, overrides), metrics, metrics.get("status", ""))
@@ -127,7 +134,8 @@ def run_sweep_job(cfg: DictConfig, hydra_cfg: DictConfig) -> Optional[float]:
 
     resources = configure_job(parallel_jobs(hydra_cfg.get("launcher")), int(hydra_cfg.job.num),
                               sweep_dir / ".locks", str(cfg.trainer.device))
-    write_json(run_dir / JOB_FILE, {"config_hash": digest, "overrides": overrides, "resources": resources})
+    if distributed.is_main():
+        write_json(run_dir / JOB_FILE, {"config_hash": digest, "overrides": overrides, "resources": resources})
     try:
         metrics = continue_or_restart(cfg, run_dir, may_continue=cfg.sweep.skip_finished)
     except KeyboardInterrupt:

@@ -1,0 +1,183 @@
+"""Data parallelism: one process per device, started by torchrun (or by submitit on SLURM).
+
+torchrun sets RANK, LOCAL_RANK, WORLD_SIZE and MASTER_ADDR/PORT; a job of Hydra's submitit
+launcher with tasks_per_node > 1 has submitit's job environment instead, which `env()`
+exports as the same variables. Without them nothing here runs: a single process creates no
+process group, wraps no model and pays for no collective.
+
+- `data.batch_size` is the global batch: each rank takes its rows of every batch
+  (data/shard.py), so K processes see the batches one process would, and the step count,
+  schedule and data position in checkpoints do not depend on K.
+- One process group serves both devices ("cpu:gloo,cuda:nccl"): CUDA tensors (DDP's
+  gradients, the per-step flags) go through NCCL, Python objects through gloo.
+- Decisions that change control flow (a non-finite step, a stop signal, the time budget) are
+  all-reduced, so every rank takes the same branch and no collective is left waiting.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+# torch.nn.RNN/LSTM/GRU states are (layers, batch, hidden), even with batch_first=True
+STATE_BATCH_DIM = 1
+
+
+def env() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) of this process; (0, 0, 1) when not launched in parallel."""
+    if "WORLD_SIZE" not in os.environ and os.environ.get("SUBMITIT_EXECUTOR"):
+        import submitit
+
+        if submitit.JobEnvironment().num_tasks > 1:  # tasks_per_node x nodes processes: one job
+            # CUDA_VISIBLE_DEVICES is left as SLURM set it; the device is picked by local rank
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
+            int(os.environ.get("WORLD_SIZE", 1)))
+
+
+def launched() -> bool:
+    return env()[2] > 1
+
+
+def rows(n: int, rank: int, world_size: int) -> slice:
+    """This rank's share of n rows: contiguous, sizes differ by at most one."""
+    return slice(n * rank // world_size, n * (rank + 1) // world_size)
+
+
+@dataclass
+class Dist:
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """DDP averages gradients over ranks during backward(); it broadcasts rank 0's weights now."""
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+
+    # ------------------------------------------------------------ decisions and metrics
+    def any(self, flag: bool) -> bool:
+        t = torch.tensor([float(flag)], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def all(self, ok: torch.Tensor) -> torch.Tensor:
+        t = ok.float().reshape(1)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return t[0] > 0
+
+    def mean(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        dist.all_reduce(t)
+        return t / self.world_size
+
+    def gather(self, obj: Any) -> list:
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def sum(self, sums: dict) -> dict:
+        """Evaluation sums of every rank added up (None: a rank that saw no batch)."""
+        parts = self.gather({k: v.cpu() if torch.is_tensor(v) else v for k, v in sums.items()})
+        total = {}
+        for k in sums:
+            values = [p[k] for p in parts if p[k] is not None]
+            total[k] = sum(values[1:], values[0]) if values else None
+        return total
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    # ------------------------------------------------------------ carried RNN state
+    def gather_state(self, state):
+        """Every rank's rows of the carried state, in rank order: the global state."""
+        if state is None:
+            return None
+        if isinstance(state, tuple):
+            return tuple(self.gather_state(s) for s in state)
+        parts = [torch.empty_like(state) for _ in range(self.world_size)]
+        dist.all_gather(parts, state.contiguous())
+        return torch.cat(parts, dim=STATE_BATCH_DIM)
+
+    def shard_state(self, state):
+        """This rank's rows of a global carried state (saved by any number of processes)."""
+        if state is None:
+            return None
+        if isinstance(state, tuple):
+            return tuple(self.shard_state(s) for s in state)
+        s = rows(state.shape[STATE_BATCH_DIM], self.rank, self.world_size)
+        return state.narrow(STATE_BATCH_DIM, s.start, s.stop - s.start).contiguous()
+
+
+_owned = False  # whether this module created the process group (then it also destroys it)
+
+
+def setup(device: Optional[torch.device] = None) -> Optional[Dist]:
+    """Join the process group (once per process); None in a single process.
+
+    `device` is the one the config chose (train.pick_device); on CUDA each rank takes its own.
+    """
+    global _owned
+    rank, local_rank, world_size = env()
+    if world_size == 1:
+        return None
+    if not dist.is_initialized():
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
+        _owned = True
+        atexit.register(teardown)
+    if device is not None and device.type == "cuda":
+        # LOCAL_RANK among the visible GPUs (just one when SLURM binds a GPU per task)
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    return Dist(rank=rank, world_size=world_size, device=device or torch.device("cpu"))
+
+
+def teardown() -> None:
+    global _owned
+    if _owned and dist.is_initialized():
+        dist.destroy_process_group()
+    _owned = False
+
+
+def is_main() -> bool:
+    """Rank 0, or a single process: the one that writes files."""
+    return env()[0] == 0
+
+
+# ----------------------------------------------------------------------------- one Hydra run directory
+# Hydra's run directory has microseconds in it, so every rank would make its own. Rank 0 lets
+# Hydra choose and then sends it; the others wait for it before Hydra starts and use it,
+# writing neither .hydra/ nor a log file there.
+def receive_run_dir(argv: list[str]) -> list[str]:
+    """Before Hydra, on every rank: the command line a non-zero rank runs Hydra with."""
+    setup()
+    if is_main():
+        return argv
+    box = [None]
+    dist.broadcast_object_list(box, src=0)  # sent by send_run_dir once rank 0's Hydra made it
+    quoted = "'" + box[0].replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return [*argv, f"hydra.run.dir={quoted}", "hydra.output_subdir=null", "hydra/job_logging=stdout"]
+
+
+def send_run_dir(run_dir: str) -> None:
+    """On rank 0, inside Hydra's run: the directory Hydra made, to the other ranks."""
+    if is_main():
+        dist.broadcast_object_list([str(run_dir)], src=0)
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing in a single process)."""
+    if setup() is not None:
+        dist.barrier()

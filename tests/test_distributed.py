@@ -1,0 +1,137 @@
+"""DDP on CPU (gloo), through the real command line: 2 processes = 1 process with the same
+global batch; one run directory, written by rank 0 alone; resume under 2 and under 1 process;
+a submitit_local sweep whose job is a 2-process DDP run.
+
+A data kind plugs in as in test_resume.py: add it to KINDS and to `overrides_for`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from seqexp.checkpoint import load_checkpoint
+from seqexp.train import train
+from tests.conftest import ROOT, imdb_overrides, make_cfg, tiny_overrides
+from tests.test_resume import final_state, same_tensors, scalars
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+KINDS = ["char", "imdb"]
+TIMEOUT = 240  # s per command; a hung collective fails the test instead of the suite
+
+
+def overrides_for(kind: str, model: str, request, *extra: str) -> list[str]:
+    """Tiny; batch 4 = 2 rows per process; 12 steps, evaluated and checkpointed at 6 and 12."""
+    if kind == "char":
+        return tiny_overrides(model, request.getfixturevalue("tiny_text"), "model.dropout=0.0",
+                              "logging.sample_chars=0", *extra)
+    if kind == "imdb":  # batch 8 = 4 reviews per process; the last batch of an epoch is short (3)
+        return imdb_overrides(model, request.getfixturevalue("imdb_archive"), request.getfixturevalue("tmp_path") / "cache",
+                              "model.dropout=0.0", "logging.wrong_examples=0", *extra)
+    raise ValueError(kind)
+
+
+def torchrun(args: list[str], cwd: Path, nproc: int = 2) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(ROOT / "scripts" / "train.py"), *args]
+    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    return r
+
+
+def close(a: list[tuple[int, float]], b: list[tuple[int, float]], rtol: float = 1e-5) -> bool:
+    return [s for s, _ in a] == [s for s, _ in b] and all(abs(x - y) <= rtol * abs(y) for (_, x), (_, y) in zip(a, b))
+
+
+def close_weights(a: dict, b: dict) -> bool:
+    # atol: Adam turns the float noise in gradients that are zero in exact arithmetic (an attention
+    # key's bias) into updates of ~lr x 1e-3
+    return a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5) for k in a)
+
+
+def files(run: Path) -> set[str]:
+    return {p.relative_to(run).as_posix() for p in run.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("model", ["lstm", "attention"])
+def test_two_processes_train_as_one_with_the_same_global_batch(kind, model, request, tmp_path):
+    overrides = overrides_for(kind, model, request)
+    torchrun(overrides, tmp_path)
+    runs = list((tmp_path / "outputs").glob("*/*"))
+    assert len(runs) == 1, runs  # one run directory, not one per rank
+    ddp = runs[0]
+    assert sorted(f for f in files(ddp) if not f.startswith(".hydra/")) == sorted(
+        ["cli.log", "metrics.json", *(f"checkpoints/{c}" for c in ("best.pt", "last.pt", "step_000006.pt",
+                                                                  "step_000012.pt")),
+         next(f for f in files(ddp) if f.startswith("events.out.tfevents."))])  # one event file: rank 0's
+
+    one = tmp_path / "one"
+    train(make_cfg(*overrides), one)
+    for tag in ("train/loss", "train/grad_norm", "val/loss"):
+        assert close(scalars(ddp, tag), scalars(one, tag)), tag
+    a, b = final_state(ddp), final_state(one)
+    assert a.keys() == b.keys()  # the unwrapped module's names: no "module." prefix
+    assert close_weights(a, b)
+    count = "val/tokens" if kind == "char" else "val/count"  # characters or reviews: the whole split, once
+    ddp_metrics, one_metrics = (json.loads((r / "metrics.json").read_text()) for r in (ddp, one))
+    assert ddp_metrics["final"][count] == one_metrics["final"][count]
+    if kind == "imdb":  # the test split too, evaluated on best.pt by both
+        assert ddp_metrics["test"]["test/count"] == one_metrics["test"]["test/count"] == 24
+        assert ddp_metrics["test"]["test/loss"] == pytest.approx(one_metrics["test"]["test/loss"], rel=1e-5)
+
+    # another world size: the 2-process checkpoint at step 6 continues in 1 process, at the same batch
+    # and (recurrent) with the global carried state
+    other = tmp_path / "other"
+    shutil.copytree(ddp, other)
+    train(make_cfg(*overrides, f"resume={other / 'checkpoints' / 'step_000006.pt'}"), other)
+    assert close(scalars(other, "train/loss"), scalars(one, "train/loss"))
+    assert close_weights(final_state(other), b)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_resume_of_a_two_process_run_is_exact(kind, request, tmp_path):
+    """Dropout: each rank's RNG state must come back; carried LSTM state (char) across the resume."""
+    overrides = overrides_for(kind, "lstm", request, "model.dropout=0.2")
+    straight = tmp_path / "straight"
+    torchrun([*overrides, f"hydra.run.dir={straight}"], tmp_path)
+    ckpt = load_checkpoint(straight / "checkpoints" / "step_000006.pt")["trainer"]
+    assert len(ckpt["ranks"]) == 2 and not torch.equal(ckpt["ranks"][0]["rng"]["torch"], ckpt["ranks"][1]["rng"]["torch"])
+    if kind == "char":  # stateful BPTT; a classifier carries nothing between batches
+        assert ckpt["carried"][0].shape[1] == 4  # (layers, global batch, hidden)
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight, resumed)
+    torchrun([f"resume={resumed / 'checkpoints' / 'step_000006.pt'}"], tmp_path)
+    assert same_tensors(final_state(straight), final_state(resumed))
+    for tag in ("train/loss", "val/loss"):
+        assert scalars(straight, tag) == scalars(resumed, tag), tag
+    assert not (tmp_path / "outputs").exists()  # no new directory
+
+
+def test_submitit_local_sweep_runs_each_job_as_two_process_ddp(tiny_text, tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    sweep = tmp_path / "sweep"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}"}
+    overrides = tiny_overrides("lstm", tiny_text, "logging.sample_chars=0", "trainer.max_steps=6")
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), "-m", "hydra/launcher=local",
+                        "hydra.launcher.tasks_per_node=2", "optimizer.lr=1e-3,3e-3", *overrides,
+                        f"hydra.sweep.dir={sweep}"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=TIMEOUT)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert len(jobs) == 2
+    for job in jobs:
+        assert json.loads((job / "metrics.json").read_text())["status"] == "finished"
+        assert len(list(job.glob("events.out.tfevents.*[0-9]"))) == 1  # training events from rank 0 only
+        assert "rank 1 of 2" in "".join(p.read_text() for p in (sweep / ".submitit").rglob("*_log.*"))
+    assert "2 jobs (2 finished)" in (sweep / "summary.md").read_text()
