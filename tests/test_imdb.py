@@ -59,20 +59,17 @@ def test_invalid_utf8_is_replaced_and_reported(tmp_path, caplog):
 
 
 # ----------------------------------------------------------------------------- sources and extraction
-def test_extraction_keeps_labelled_reviews_only_and_is_atomic(archive, tmp_path):
+def test_archive_gives_labelled_reviews_only_and_writes_just_the_cache(archive, tmp_path):
     d = data(archive, tmp_path)
-    root = tmp_path / "imdb"
-    extracted = [p for p in root.iterdir() if p.is_dir()]
-    assert len(extracted) == 1 and extracted[0].name.startswith("aclImdb-")  # no temporary leftovers
-    names = sorted(str(p.relative_to(extracted[0])) for p in extracted[0].rglob("*") if p.is_file())
-    assert "aclImdb/README" in names and len(names) == 1 + 2 * 24 + 2 * 12
-    assert not any("unsup" in n or "vocab" in n for n in names)
-    assert len(d.splits["test"]) == 24 and len(d.splits["train"]) + len(d.splits["val"]) == 48
+    assert [p.name for p in (tmp_path / "imdb").iterdir()] == [next((tmp_path / "imdb").glob("tokens-*.pt")).name]
+    assert len(d.splits["test"]) == 24 and len(d.splits["train"]) + len(d.splits["val"]) == 48  # no unsup/
 
 
 def test_extracted_directory_gives_the_same_data_as_the_archive(archive, tmp_path):
     a = data(archive, tmp_path / "c1")
-    directory = next((tmp_path / "c1" / "imdb").glob("aclImdb-*")) / "aclImdb"
+    with tarfile.open(archive) as tar:
+        tar.extractall(tmp_path / "x", filter="data")
+    directory = tmp_path / "x" / "aclImdb"
     b = data(directory, tmp_path / "c2")
     c = data(directory.parent, tmp_path / "c3")  # the parent of aclImdb/ works too
     for other in (b, c):
@@ -103,18 +100,21 @@ def test_malicious_members_are_rejected(bad, why, tmp_path):
     with pytest.raises(UserError, match=rf"refusing archive member '{bad.name}' \(.*{why}"):
         data(arc, cache)
     left = sorted(p.name for p in (cache / "imdb").iterdir()) if (cache / "imdb").exists() else []
-    assert left == []  # no extraction, no temporary directory, no cache
+    assert left == []  # no cache of a refused archive
     assert not (tmp_path / "evil.txt").exists()
 
 
-def test_not_an_aclimdb_archive_is_a_clear_error(tmp_path):
+def test_not_an_aclimdb_archive_is_a_clear_error(archive, tmp_path):
     no_test = {k: v for k, v in synthetic_reviews(2, 1).items() if "/test/neg/" not in k}
     with pytest.raises(UserError, match="no reviews under aclImdb/test/neg"):
         data(write_archive(tmp_path / "a.tar.gz", no_test), tmp_path / "c")
-    assert not list((tmp_path / "c" / "imdb").iterdir())  # nothing looks extracted
+    assert not (tmp_path / "c" / "imdb").exists() or not list((tmp_path / "c" / "imdb").iterdir())
     (tmp_path / "garbage.tar.gz").write_bytes(b"\x1f\x8b\x08 not really gzip" * 10)
-    with pytest.raises(UserError, match="could not extract"):
+    with pytest.raises(UserError, match="could not read"):
         data(tmp_path / "garbage.tar.gz", tmp_path / "c")
+    (tmp_path / "cut.tar.gz").write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    with pytest.raises(UserError, match="could not read"):
+        data(tmp_path / "cut.tar.gz", tmp_path / "c")
     with pytest.raises(UserError, match="no such file"):
         data(tmp_path / "missing.tar.gz", tmp_path / "c")
 

@@ -30,7 +30,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 from urllib.parse import urlparse
 
 import numpy as np
@@ -90,30 +90,35 @@ def build_corpus(reviews: list[aclimdb.Review], lowercase: bool) -> dict:
     }
 
 
+def find_source(path: Optional[str], url: str, sha256: Optional[str],
+                root: Path) -> tuple[str, str, Callable[[], list[aclimdb.Review]]]:
+    """-> (what identifies the data, where it is, how to read its reviews). Reads nothing yet."""
+    if path is None:
+        archive = root / (Path(urlparse(url).path).name or "aclImdb.tar.gz")
+        if sha256 is None:  # an unpinned URL: download first to learn what it is
+            sha256 = sha256sum(download(url, archive, None))
+        # the download is verified before it is opened, and only when no cache matches
+        return f"sha256:{sha256}", url, lambda: aclimdb.read_archive(download(url, archive, sha256))
+    p = Path(path).expanduser()
+    if p.is_dir():
+        found = aclimdb.find_root(p)
+        if found is None:
+            raise UserError(f"data.path: {p} is a directory without aclImdb/train and aclImdb/test in it.")
+        return f"dir:{aclimdb.fingerprint(found)}", str(found), lambda: aclimdb.read_reviews(found)
+    if p.is_file():
+        return f"sha256:{sha256sum(p)}", str(p), lambda: aclimdb.read_archive(p)
+    raise UserError(f"data.path: no such file or directory: {p}. Point it at aclImdb_v1.tar.gz or an "
+                    f"extracted aclImdb directory, or leave it null to download.")
+
+
 def load_corpus(path: Optional[str], url: str, sha256: Optional[str], cache: Optional[str],
-                lowercase: bool) -> tuple[dict, str]:
+                lowercase: bool) -> tuple[dict, str, str]:
     """-> (corpus, where it came from, content key). Tokenizes only when no cached corpus matches.
 
     The key hashes the archive's (or directory's) content and the tokenizer settings: it names
     the cache file and is the data's fingerprint in checkpoints (resume checks it)."""
     root = default_cache_dir(cache) / "imdb"
-    if path is None:
-        archive = root / (Path(urlparse(url).path).name or "aclImdb.tar.gz")
-        if sha256 is None:  # an unpinned URL: download first to learn what it is
-            sha256 = sha256sum(download(url, archive, None))
-        source, origin = f"sha256:{sha256}", url
-    else:
-        p = Path(path).expanduser()
-        if p.is_dir():
-            found = aclimdb.find_root(p)
-            if found is None:
-                raise UserError(f"data.path: {p} is a directory without aclImdb/train and aclImdb/test in it.")
-            source, origin = f"dir:{aclimdb.fingerprint(found)}", str(found)
-        elif p.is_file():
-            source, origin = f"sha256:{sha256sum(p)}", str(p)
-        else:
-            raise UserError(f"data.path: no such file or directory: {p}. Point it at aclImdb_v1.tar.gz "
-                            f"or an extracted aclImdb directory, or leave it null to download.")
+    source, origin, read_reviews = find_source(path, url, sha256, root)
     settings = {"format": CACHE_FORMAT, "source": source, "lowercase": lowercase, "token": TOKEN.pattern}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     cached = root / f"tokens-{key}.pt"
@@ -124,17 +129,7 @@ def load_corpus(path: Optional[str], url: str, sha256: Optional[str], cache: Opt
             log.warning("ignoring unreadable cache %s (%s)", cached, e)
 
     t0 = time.perf_counter()
-    if path is not None and Path(path).expanduser().is_dir():
-        reviews = aclimdb.read_reviews(aclimdb.find_root(Path(path).expanduser()))
-    else:
-        digest = source.removeprefix("sha256:")
-        extracted = root / f"aclImdb-{digest[:16]}"
-        if (extracted / "aclImdb").is_dir():  # extracted by an earlier run (renamed when complete)
-            reviews = aclimdb.read_reviews(extracted / "aclImdb")
-        else:
-            archive = Path(path).expanduser() if path is not None else download(url, archive, sha256)
-            reviews = aclimdb.extract_reviews(archive, extracted)
-    corpus = build_corpus(reviews, lowercase)
+    corpus = build_corpus(read_reviews(), lowercase)
     save_checkpoint(cached, corpus)  # atomic: a killed run never leaves half a cache
     if corpus["invalid_utf8"]:
         bad = corpus["invalid_utf8"]
@@ -148,6 +143,12 @@ def load_corpus(path: Optional[str], url: str, sha256: Optional[str], cache: Opt
 
 
 # ----------------------------------------------------------------------------- splits
+def gather(ids: torch.Tensor, offsets: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """The tokens of the given reviews, back to back."""
+    shift = torch.repeat_interleave(offsets - (torch.cumsum(lengths, 0) - lengths), lengths)
+    return ids[shift + torch.arange(len(shift))]
+
+
 def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
     """(R,) bool, True for the validation reviews: `fraction` of each class, chosen by seed."""
     g = torch.Generator().manual_seed(seed)
@@ -201,16 +202,14 @@ class ImdbData:
                  time.perf_counter() - t0)
 
     def _train_counts(self, is_train, offsets, lengths, num_words) -> np.ndarray:
-        """(num_words,) occurrences in the training reviews. Reviews are in split order, so they
-        are one block of the corpus minus the validation reviews held out from it."""
+        """(num_words,) occurrences in the training reviews. Reviews are in split order: the
+        training reviews span one block of the corpus, less the validation reviews among them."""
         rows = torch.nonzero(is_train).flatten()
         first, last = int(rows[0]), int(rows[-1])
-        held = torch.nonzero(~is_train[first : last + 1]).flatten() + first
-        # the held-out reviews' tokens, back to back: each token's corpus position
-        shift = torch.repeat_interleave(offsets[held] - (torch.cumsum(lengths[held], 0) - lengths[held]), lengths[held])
-        held_ids = self.ids[shift + torch.arange(len(shift))]
         block = self.ids[offsets[first] : offsets[last] + lengths[last]]
-        return (torch.bincount(block, minlength=num_words) - torch.bincount(held_ids, minlength=num_words)).numpy()
+        held = torch.nonzero(~is_train[first : last + 1]).flatten() + first
+        counts = torch.bincount(block, minlength=num_words)
+        return (counts - torch.bincount(gather(self.ids, offsets[held], lengths[held]), minlength=num_words)).numpy()
 
     @property
     def vocab_size(self) -> int:
