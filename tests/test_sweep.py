@@ -187,7 +187,7 @@ def test_tensorboard_serves_every_jobs_scalars_and_hparams(basic_sweep, tmp_path
         log.close()
 
 
-def test_rerun_skips_finished_jobs_and_restarts_an_unfinished_one(basic_sweep, conf_dir):
+def test_rerun_skips_finished_jobs_and_continues_an_unfinished_one(basic_sweep, conf_dir):
     jobs = job_dirs(basic_sweep)
     before = {j.name: (j / "metrics.json").stat().st_mtime_ns for j in jobs}
     unfinished = jobs[1]  # as if the sweep had been killed during this job
@@ -204,7 +204,8 @@ def test_rerun_skips_finished_jobs_and_restarts_an_unfinished_one(basic_sweep, c
         if job != unfinished:
             assert (job / "metrics.json").stat().st_mtime_ns == before[job.name]
     assert metrics(unfinished)["status"] == "finished" and metrics(unfinished)["steps"] == 8
-    # started over or continued, the job's events hold each evaluation once
+    assert f"{unfinished.name}: continuing from checkpoints/last.pt" in out  # resumed, not started over
+    # the job's events hold each evaluation once
     steps = [e.step for e in EventAccumulator(str(unfinished)).Reload().Scalars("val/loss")]
     assert steps == [4, 8]
     assert len(summary_rows(basic_sweep)) == 4
