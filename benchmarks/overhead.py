@@ -1,14 +1,14 @@
 """Trainer overhead: seqexp's training loop against a minimal hand-written PyTorch loop.
 
 Both train the same model (same config, same seed) with the same optimizer, schedule, gradient
-clipping, batch size and device, on the same data tensors. The hand-written loop gets its
-batches pre-built on the device, the most favourable case for it; seqexp runs its real loop
+clipping, precision, batch size and device, on the same data tensors. The hand-written loop gets
+its batches pre-built on the device, the most favourable case for it; seqexp runs its real loop
 (data iteration, autocast/scaler plumbing, non-finite guard, TensorBoard logging every
 `log_every` steps, progress bar) with evaluation and checkpointing switched off. The two run in
 turn, A B A B ..., and the ratio is taken pair by pair so that a slow spell hits both.
 
     python benchmarks/overhead.py [--steps 200] [--rounds 5] [overrides ...]
-    python benchmarks/overhead.py model=attention data=imdb data.path=...   # any task
+    python benchmarks/overhead.py experiment=imdb_attention data.path=...   # any task
 """
 
 from __future__ import annotations
@@ -18,23 +18,28 @@ import math
 import statistics
 import tempfile
 import time
+from pathlib import Path
+from unittest.mock import patch
 
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 
+import seqexp.train
 from seqexp.config import CONFIG_DIR
 from seqexp.tasks import detach_state, to_device
 from seqexp.train import build_optimizer, instantiate, pick_device, seed_everything, train
 from seqexp.trainer import Trainer
 
 IGNORE = -100
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # trainer.precision -> autocast dtype
 
 
 def config(steps: int, overrides: list[str]):
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         return compose("train", overrides=[
-            f"trainer.max_steps={steps}", f"trainer.eval_every={10**9}",
+            f"trainer.max_steps={steps}", f"trainer.max_epochs={10**9}",  # --steps alone sets the length
+            f"trainer.eval_every={10**9}",
             f"trainer.checkpoint_every={10**9}", "logging.sample_chars=0", *overrides])
 
 
@@ -54,12 +59,10 @@ def seqexp_loop(cfg) -> float:
         seconds.append(time.perf_counter() - t)
         return out
 
-    Trainer.fit = timed_fit
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            train(cfg, tmp)
-    finally:
-        Trainer.fit = fit
+    # a dataset with a test split (IMDB) is evaluated after fit on best.pt, which is never written here
+    with patch.object(Trainer, "fit", timed_fit), patch.object(seqexp.train, "evaluate_test", lambda *a: None), \
+            tempfile.TemporaryDirectory() as tmp:
+        train(cfg, tmp)
     return seconds[0]
 
 
@@ -69,9 +72,15 @@ def hand_loop(cfg) -> float:
     seed_everything(t.seed)
     device = pick_device(str(t.device))
     data = instantiate(cfg.data, seed=t.seed, _convert_="all")
-    model = instantiate(cfg.model, **data.model_kwargs()).to(device)
+    model = instantiate(cfg.model, **data.model_kwargs())
+    if hasattr(model, "prepare"):  # data-dependent initialisation (n-gram), as train() does
+        model.prepare(data.batches("train", epoch=0))
+    model = model.to(device)
+    net = torch.compile(model) if t.compile else model
     opt = build_optimizer(cfg.optimizer, model)
     sched = instantiate(cfg.scheduler, optimizer=opt, total_steps=t.max_steps)
+    dtype = DTYPES.get(str(t.precision))
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
     stateful = model.stateful
     batches = []
     epoch = 0
@@ -87,20 +96,37 @@ def hand_loop(cfg) -> float:
         torch.cuda.synchronize()
     start = time.perf_counter()
     for b in batches:
-        logits, new_state = model(b["tokens"], b.get("lengths"), state if b["carry"] else None)
-        if data.task == "lm":
-            loss = F.cross_entropy(logits.flatten(0, 1), b["targets"].flatten(), ignore_index=IGNORE)
-        else:
-            loss = F.cross_entropy(logits, b["targets"])
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            logits, new_state = net(b["tokens"], b.get("lengths"), state if b["carry"] else None)
+        if data.task == "lm":  # (B, T, V) against (B, T), padding marked IGNORE
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), b["targets"].flatten(), ignore_index=IGNORE)
+        else:  # classification: (B, C) against (B,)
+            loss = F.cross_entropy(logits.float(), b["targets"])
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(params, clip)
-        opt.step()
+        scaler.step(opt)
+        scaler.update()
         sched.step()
-        state = detach_state(new_state)
+        state = detach_state(new_state) if stateful else None
     if device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - start
+
+
+def describe(cfg) -> tuple[str, str]:
+    """The table's model and data cells, e.g. ('lstm 2 x 256', 'tinyshakespeare.txt, batch 32 x 128')."""
+    m, d = cfg.model, cfg.data
+    if "cell" in m:
+        model = f"{m.cell} {m.num_layers} x {m.hidden_size}"
+    elif "d_model" in m:
+        model = f"attention {m.n_layers} x {m.d_model}, {m.n_heads} heads"
+    else:
+        model = m._target_.rsplit(".", 1)[-1]
+    source = Path(d.path).name if d.get("path") else d.get("source", "default")
+    shape = f"{d.batch_size} x {d.seq_len}" if "seq_len" in d else f"{d.batch_size} x <= {d.max_len} tokens"
+    return model, f"{source}, batch {shape}"
 
 
 def main() -> None:
@@ -117,11 +143,14 @@ def main() -> None:
         ours.append(a.steps / s)
         theirs.append(a.steps / h)
         ratios.append(h / s)  # = seqexp steps/s / hand-written steps/s
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    print(f"\n{' '.join(a.overrides) or 'defaults'} | {device} | torch {torch.__version__} | "
+    device = pick_device(str(cfg.trainer.device))
+    hw = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"\n{' '.join(a.overrides) or 'defaults'} | {hw} | torch {torch.__version__} | "
           f"{a.steps} steps x {a.rounds} rounds")
-    print(f"seqexp steps/s median {statistics.median(ours):.2f}; hand-written {statistics.median(theirs):.2f}")
-    print(f"ratio seqexp/hand: median {statistics.median(ratios):.4f} min {min(ratios):.4f} max {max(ratios):.4f}")
+    print("| model | data | seqexp steps/s | hand-written steps/s | ratio seqexp / hand (median) | min | max |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| {' | '.join(describe(cfg))} | {statistics.median(ours):.2f} | {statistics.median(theirs):.2f} | "
+          f"{statistics.median(ratios):.3f} | {min(ratios):.3f} | {max(ratios):.3f} |")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ TINY = {
     "lstm": ["model=lstm", "model.hidden_size=32", "model.embed_dim=16", "model.num_layers=2"],
     "gru": ["model=gru", "model.hidden_size=32", "model.embed_dim=16", "model.num_layers=1"],
     "attention": ["model=attention", "model.d_model=32", "model.n_heads=2", "model.n_layers=2"],
+    "ngram": ["model=ngram", "model.max_features=5000", "model.min_count=1"],  # classification only
 }
 
 

@@ -268,7 +268,7 @@ def test_bucketing_cuts_padding_and_serves_each_review_once_per_epoch(tmp_path):
 
 
 # ----------------------------------------------------------------------------- models on real batches
-@pytest.mark.parametrize("name", ["rnn", "lstm", "gru", "attention"])
+@pytest.mark.parametrize("name", ["rnn", "lstm", "gru", "attention", "ngram"])
 def test_padding_invariance_through_the_pipeline(name, archive, tmp_path):
     """A review's logits are the same batched alone or, padded by collate, with much longer ones."""
     d = data(archive, tmp_path, min_freq=1)
@@ -276,9 +276,12 @@ def test_padding_invariance_through_the_pipeline(name, archive, tmp_path):
     order = torch.argsort(s.kept)
     short, longest = order[:1], order[-3:]
     assert s.kept[short] * 4 < s.kept[longest].min()
-    cfg = make_cfg("data=imdb", *TINY[name], "model.dropout=0.0",
-                   *(["model.bidirectional=true", "model.pooling=mean"] if name != "attention" else []))
+    extra = {"attention": ["model.dropout=0.0"], "ngram": []}.get(
+        name, ["model.dropout=0.0", "model.bidirectional=true", "model.pooling=mean"])
+    cfg = make_cfg("data=imdb", *TINY[name], *extra)
     model = instantiate(cfg.model, **d.model_kwargs()).eval()
+    if name == "ngram":
+        model.prepare(d.batches("train"))
     alone = d.collate(s, short)
     mixed = d.collate(s, torch.cat([longest[:1], short, longest[1:]]))
     assert mixed["tokens"].shape[1] > alone["tokens"].shape[1] * 4  # really padded
@@ -288,7 +291,7 @@ def test_padding_invariance_through_the_pipeline(name, archive, tmp_path):
     torch.testing.assert_close(b[1], a[0], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["rnn", "lstm", "gru", "attention"])
+@pytest.mark.parametrize("name", ["rnn", "lstm", "gru", "attention", "ngram"])
 def test_end_to_end_run_tests_the_best_checkpoint(name, archive, tmp_path):
     run = tmp_path / "run"
     metrics = train(make_cfg(*imdb_overrides(name, archive, tmp_path / "cache")), run)

@@ -49,6 +49,8 @@ def test_lm_is_causal(name):
 @pytest.mark.parametrize("name", MODELS)
 def test_gradients_reach_every_parameter(name, task):
     kw = {"pooling": "attention"} if task == "classify" else {}
+    if task == "classify" and name != "attention":
+        kw["bidirectional"] = True  # both directions' modules must learn
     model = build(name, task, **kw)
     x = torch.randint(V, (4, 12))
     lengths = torch.tensor([12, 9, 5, 2])
@@ -91,6 +93,46 @@ def test_padding_invariance(name, pooling):
     batch[0, 5:] = torch.randint(1, V, (55,))
     together, _ = model(batch, torch.tensor([5, 60, 41]))
     torch.testing.assert_close(together[0], alone[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("pooling", ["last", "max"])
+@pytest.mark.parametrize("name", ["rnn", "lstm", "gru"])
+def test_padded_path_equals_packed_path(name, pooling):
+    """The CPU path (per-sequence reversal, no packing) computes exactly what packed sequences --
+    the CUDA path -- compute: same logits, same gradient for every parameter."""
+    model = build(name, "classify", bidirectional=True, pooling=pooling, dropout=0.0)
+    x = torch.randint(1, V, (4, 15))
+    lengths = torch.tensor([15, 3, 9, 1])
+    y = torch.tensor([0, 1, 1, 0])
+    results = []
+    for pack in (False, True):
+        model.pack = pack
+        model.zero_grad()
+        logits, _ = model(x, lengths)
+        F.cross_entropy(logits, y).backward()
+        results.append((logits.detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert any(g.abs().sum() > 0 for g in results[0][1])
+
+
+@pytest.mark.parametrize("name", ["rnn", "lstm", "gru"])
+def test_backward_direction_reads_each_sequence_from_its_own_end(name):
+    """With last-state pooling, the backward half is the state after reading the valid tokens
+    from the last one back to the first: the same as a forward pass over the reversed tokens."""
+    model = build(name, "classify", bidirectional=True, pooling="last").eval()
+    model.layers = model.layers[:1]  # one layer: the halves are then separable
+    x = torch.randint(1, V, (1, 7))
+    emb = model.embed(x)
+    fwd, bwd = model.layers[0]
+    with torch.no_grad():
+        padded = torch.cat([x, torch.zeros(1, 5, dtype=torch.long)], 1)
+        head_in = {}
+        model.head.register_forward_hook(lambda m, inp, out: head_in.setdefault("v", inp[0]))
+        model(padded, torch.tensor([7]))
+        expected = torch.cat([fwd(emb)[0][:, -1], bwd(emb.flip(1))[0][:, -1]], -1)
+    torch.testing.assert_close(head_in["v"], expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["rnn", "lstm", "gru"])

@@ -410,4 +410,6 @@ def test_summary_handles_test_metrics_running_jobs_and_maximised_objectives(tmp_
     assert rows[0]["model"] == "lstm" and rows[0]["final val/acc"] == str(0.80 - 0.01)
     md = (tmp_path / "summary.md").read_text()
     assert "higher is better" in md and "bad \\| value" in md
+    header = next(line for line in md.splitlines() if line.startswith("| #"))
+    assert "| model |" in header and "overrides" not in header  # what varies, not the shared values
     assert math.isclose(float(rows[1]["best val/acc"]), 0.70)

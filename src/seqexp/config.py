@@ -95,6 +95,17 @@ class AttentionConfig:
 
 # ----------------------------------------------------------------------------- data
 @dataclass
+class NgramConfig:
+    _target_: str = "seqexp.models.ngram.NgramModel"
+    n: int = 3  # uni-, bi- and trigrams
+    max_features: int = 1_000_000  # the most frequent n-grams of the training reviews
+    min_count: int = 2  # seen at least this often in training (rarer ones only memorise)
+    smoothing: float = 1.0  # added to each class's count in the naive Bayes ratio
+    w_adj: float = 0.4  # vote = (w + w_adj) * r / r_adj, fast.ai's NBSVM++ parametrisation
+    r_adj: float = 10.0
+
+
+@dataclass
 class CharDataConfig:
     _target_: str = "seqexp.data.char.CharData"
     # A UTF-8 text file. When null, `source` decides: `stdlib` reads the Python standard
@@ -253,6 +264,7 @@ def register_configs() -> None:
     for group, name, node in [
         ("model", "recurrent", RecurrentConfig),
         ("model", "attention", AttentionConfig),
+        ("model", "ngram", NgramConfig),
         ("data", "char", CharDataConfig),
         ("data", "imdb", ImdbDataConfig),
         ("optimizer", "sgd", SGDConfig),
@@ -324,6 +336,11 @@ def validate(cfg: DictConfig) -> None:
         if not ok:
             raise UserError(msg)
 
+    if m._target_ == NgramConfig._target_:
+        need(task == "classify", "model=ngram is a bag of n-grams: it classifies (data=imdb) and cannot "
+             "model language.")
+        need(1 <= m.n <= 5, f"model.n must be in 1..5, got {m.n}.")
+        need(m.max_features > 0 and m.min_count > 0, "model.max_features and model.min_count must be positive.")
     if "n_heads" in m and "d_model" in m:
         need(m.n_heads > 0 and m.d_model % m.n_heads == 0,
              f"model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads}.")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import time
 from pathlib import Path
 
 import numpy as np
@@ -103,7 +104,15 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
 
     data = instantiate(cfg.data, seed=t.seed, _convert_="all")
     model_kwargs = data.model_kwargs()
-    model = instantiate(cfg.model, **model_kwargs).to(device)
+    model = instantiate(cfg.model, **model_kwargs)
+    if hasattr(model, "prepare"):
+        # data-dependent initialisation (the n-gram model's features): a pure function of the
+        # full training split, so every rank and every resume computes the same; before the
+        # optimizer, which must see the final parameters. A resume then loads the saved values.
+        t0 = time.perf_counter()
+        model.prepare(data.batches("train", epoch=0))
+        log.info("model prepared from the training split in %.1f s", time.perf_counter() - t0)
+    model = model.to(device)
     main = dist is None or dist.is_main  # the process that writes files and logs
     trainer_data = data  # what the trainer iterates: under DDP, this rank's rows of every batch
     if dist is not None:

@@ -258,7 +258,7 @@ class ImdbData:
         valid = j < kept[:, None]
         tokens = self.to_vocab[self.ids[src.clamp(max=len(self.ids) - 1)]].masked_fill(~valid, PAD_ID)
         return {"tokens": tokens, "targets": s.labels[rows], "lengths": kept, "carry": False,
-                "num_tokens": int(kept.sum())}
+                "num_tokens": int(kept.sum()), "rows": rows}  # rows: which reviews of the split
 
 
 class ReviewEncoder:

@@ -3,8 +3,18 @@
 One class serves both tasks:
 - language modelling ("lm"): logits for every position, (B, T, V). The hidden state is
   returned so the trainer can carry it across consecutive chunks (stateful truncated BPTT).
-- classification ("classify"): padded batches are packed, so padding never enters the
-  recurrence; the valid states are pooled to one vector per sequence, (B, C).
+- classification ("classify"): padding never enters a state that is used. Each direction of
+  each layer is its own one-directional module:
+  - forward: a recurrence is causal, so the states at a sequence's valid positions never see
+    the padding after them;
+  - backward: each sequence is reversed within its own length (padding stays at the end), run
+    forward, and its outputs are put back in place -- exactly what a packed bidirectional
+    layer computes.
+  On CUDA the padded batch is also packed, so cuDNN skips the padding. On CPU it is not:
+  torch's CPU recurrence slices the packed input once per time step and each slice's backward
+  writes a zero gradient the size of the whole batch, so packed training costs O(T^2). At IMDB
+  lengths that made a BiLSTM step ~10x slower (BENCHMARKS.md, fast paths).
+  The valid states are pooled to one vector per sequence, (B, C).
 """
 
 from __future__ import annotations
@@ -19,6 +29,19 @@ from seqexp.models.heads import MaskedPooling
 
 CELLS = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
 State = Optional[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]
+
+
+def reverse_index(lengths: torch.Tensor, T: int) -> torch.Tensor:
+    """(B, T) gather index that reverses each row within its length; padding stays in place.
+    It is its own inverse."""
+    t = torch.arange(T, device=lengths.device)[None, :]  # (1, T)
+    L = lengths[:, None]
+    return torch.where(t < L, L - 1 - t, t)
+
+
+def flip(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """(B, T, H) -> (B, T, H), row b reversed within its length."""
+    return x.gather(1, index[..., None].expand_as(x))
 
 
 class RecurrentModel(nn.Module):
@@ -47,22 +70,37 @@ class RecurrentModel(nn.Module):
         self.task, self.cell, self.pooling = task, str(cell), str(pooling)
         self.bidirectional = bool(bidirectional) and task == "classify"
         self.context_size = None
+        self.pack: Optional[bool] = None  # classification: None packs on CUDA only (see above)
         self.embed = nn.Embedding(vocab_size, embed_dim)
         self.drop = nn.Dropout(dropout)
-        self.rnn = CELLS[self.cell](
-            embed_dim, hidden_size, num_layers,
-            batch_first=True,
-            dropout=dropout if num_layers > 1 else 0.0,  # torch applies it between layers only
-            bidirectional=self.bidirectional,
-        )
-        out_dim = hidden_size * (2 if self.bidirectional else 1)
         if task == "lm":
-            self.head = nn.Linear(out_dim, num_outputs)
+            self.rnn = CELLS[self.cell](
+                embed_dim, hidden_size, num_layers, batch_first=True,
+                dropout=dropout if num_layers > 1 else 0.0,  # torch applies it between layers only
+            )
+            self.head = nn.Linear(hidden_size, num_outputs)
             if tie_weights:  # config.validate ensures embed_dim == hidden_size
                 self.head.weight = self.embed.weight
-        else:
-            self.pool = MaskedPooling(self.pooling, out_dim) if self.pooling != "last" else None
-            self.head = nn.Linear(out_dim, num_outputs)
+            return
+        dirs = 2 if self.bidirectional else 1
+        # layers[i][d]: layer i, direction d (0 forward, 1 backward)
+        self.layers = nn.ModuleList(
+            nn.ModuleList(CELLS[self.cell](embed_dim if i == 0 else hidden_size * dirs, hidden_size, batch_first=True)
+                          for _ in range(dirs))
+            for i in range(num_layers)
+        )
+        if self.cell == "lstm":
+            # forget-gate bias 1 (Jozefowicz et al., 2015): the state starts out remembering, so
+            # gradients reach the start of a long review. torch orders the gates i, f, g, o and
+            # adds b_ih and b_hh: the forget slice of b_ih gets 1, that of b_hh 0.
+            for layer in self.layers:
+                for rnn in layer:
+                    with torch.no_grad():
+                        rnn.bias_ih_l0[hidden_size : 2 * hidden_size].fill_(1.0)
+                        rnn.bias_hh_l0[hidden_size : 2 * hidden_size].fill_(0.0)
+        out_dim = hidden_size * dirs
+        self.pool = MaskedPooling(self.pooling, out_dim) if self.pooling != "last" else None
+        self.head = nn.Linear(out_dim, num_outputs)
 
     def forward(self, tokens: torch.Tensor, lengths: Optional[torch.Tensor] = None, state: State = None):
         """tokens (B, T) -> (logits, state). logits: (B, T, V) for lm, (B, C) for classify."""
@@ -71,19 +109,34 @@ class RecurrentModel(nn.Module):
             out, state = self.rnn(x, state)  # (B, T, H)
             return self.head(self.drop(out)), state
 
-        # classification: pack so that the recurrence stops at each sequence's true end
         B, T = tokens.shape
-        if lengths is None:
-            lengths = torch.full((B,), T, dtype=torch.long)
-        packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
-        out, h_n = self.rnn(packed)
-        if self.cell == "lstm":
-            h_n = h_n[0]  # (layers * dirs, B, H): hidden, not cell state
+        lengths = torch.full((B,), T, device=tokens.device) if lengths is None else lengths.to(tokens.device)
+        rev = reverse_index(lengths, T) if self.bidirectional else None
+        h = x
+        for i, layer in enumerate(self.layers):
+            if i > 0:
+                h = self.drop(h)  # between layers, as torch's stacked modules do
+            outs = [self._run(layer[0], h, lengths)]  # (B, T, H)
+            if self.bidirectional:
+                outs.append(flip(self._run(layer[1], flip(h, rev), lengths), rev))
+            h = torch.cat(outs, dim=-1)  # (B, T, H * dirs); garbage at padded positions only
         if self.pooling == "last":
-            # final state of the top layer; backward direction's "last" is position 0
-            top = h_n[-2:] if self.bidirectional else h_n[-1:]
-            pooled = torch.cat(list(top), dim=-1)  # (B, H * dirs)
+            # forward: state after the last token; backward: state after reading back to token 0
+            end = (lengths - 1).clamp(min=0)
+            pooled = h[torch.arange(B, device=h.device), end]  # (B, H * dirs)
+            if self.bidirectional:
+                H = h.shape[-1] // 2
+                pooled = torch.cat([pooled[:, :H], h[:, 0, H:]], dim=-1)
         else:
-            out, _ = pad_packed_sequence(out, batch_first=True, total_length=T)  # (B, T, H * dirs)
-            pooled = self.pool(out, lengths)
+            pooled = self.pool(h, lengths)
         return self.head(self.drop(pooled)), None
+
+    def _run(self, rnn: nn.Module, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """One direction of one layer over a right-padded batch -> (B, T, H), exact at valid positions."""
+        pack = x.is_cuda if self.pack is None else self.pack
+        if not pack:
+            return rnn(x)[0]
+        packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        out, _ = rnn(packed)
+        out, _ = pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
+        return out

@@ -121,7 +121,9 @@ def write_csv(rows: list[dict], path: Path) -> None:
 def write_markdown(rows: list[dict], path: Path, sweep_dir: Path, metric: str, mode: str,
                    params: list[str]) -> None:
     counts = {s: sum(r["status"] == s for r in rows) for s in dict.fromkeys(r["status"] for r in rows)}
-    cols = [c for c in rows[0] if c not in params]  # the overrides column already names them
+    # the swept parameters get a column each; the full override list (shared values, paths)
+    # would push them out of view, so it is left to summary.csv
+    cols = [c for c in rows[0] if c != "overrides" or not params]
     cols = [c for c in cols if c != "error" or any(r["error"] for r in rows)]
     lines = [f"# Sweep {sweep_dir}", "",
              f"{len(rows)} jobs ({', '.join(f'{n} {s}' for s, n in counts.items())}); "

@@ -1,0 +1,135 @@
+"""Bag of n-grams with naive-Bayes-initialised weights: NBSVM (Wang & Manning, 2012) as a network.
+
+The strong non-neural baseline for sentiment, trained by seqexp's loop: a review is the set of
+distinct n-grams (n = 1..`n`) in it, and each n-gram votes for a class with a learned weight.
+Two things make this work far better than a plain linear model on n-gram counts:
+- binary features: an n-gram counts once per review, however often it is repeated;
+- each feature's vote starts from its naive Bayes log-count ratio on the training reviews,
+  r_c = log(p_c / |p_c|_1) (p_c: smoothed count of reviews of class c that contain it),
+  and a learned gate scales it: logit_c = sum_f (w_f + w_adj) * r_fc / r_adj + b_c.
+  This is fast.ai's "NBSVM++" form of Wang & Manning's interpolation; r is trained as well.
+
+The features are exact (no hashing): every n-gram of the training reviews seen at least
+`min_count` times, at most `max_features` of them (the most frequent). Which those are, and
+their ratios, depend on the training data: `prepare(batches)` computes them once before
+training (train.py calls it). They are buffers and weights of fixed size, so a checkpoint
+holds everything and loads into a freshly built model.
+
+Order matters inside an n-gram but not between them: this is the sequence-free reference the
+sequence models are measured against, and a strong member of an ensemble with them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Optional
+
+import torch
+import torch.nn as nn
+
+from seqexp.models.heads import length_mask
+
+NONE = torch.iinfo(torch.int64).max  # key of an empty feature slot: sorts after every real key
+
+
+class NgramModel(nn.Module):
+    stateful = False  # reviews are independent
+
+    def __init__(
+        self,
+        *,
+        vocab_size: int,
+        num_outputs: int,
+        task: str,
+        pad_id: int = 0,
+        max_len: Optional[int] = None,
+        n: int = 3,
+        max_features: int = 1_000_000,
+        min_count: int = 2,
+        smoothing: float = 1.0,
+        w_adj: float = 0.4,
+        r_adj: float = 10.0,
+    ):
+        super().__init__()
+        if task != "classify":
+            raise ValueError("the n-gram model is a classifier; it has no language-model head")
+        # a k-gram's key is its ids as digits in base vocab_size, plus k in the top bits
+        self.base, self.n = vocab_size, n
+        if n * math.log2(max(vocab_size, 2)) > 58:
+            raise ValueError(f"{n}-grams over a vocabulary of {vocab_size} do not fit 64-bit keys; lower model.n")
+        self.max_features, self.min_count, self.smoothing = max_features, min_count, smoothing
+        self.w_adj, self.r_adj = w_adj, r_adj
+        self.context_size = None
+        self.register_buffer("keys", torch.full((max_features,), NONE, dtype=torch.int64))  # sorted
+        # row 0 of each table is "no feature" (padding, unseen n-grams) and stays zero
+        self.w = nn.Embedding(max_features + 1, 1, padding_idx=0)
+        self.r = nn.Embedding(max_features + 1, num_outputs, padding_idx=0)
+        self.bias = nn.Parameter(torch.zeros(num_outputs))
+        nn.init.uniform_(self.w.weight, -0.1, 0.1)
+        nn.init.zeros_(self.r.weight)
+        with torch.no_grad():
+            self.w.weight[0] = 0.0
+
+    def ngram_keys(self, tokens: torch.Tensor, lengths: Optional[torch.Tensor]) -> torch.Tensor:
+        """(B, T) ids -> (B, M) keys of the distinct n-grams of each row, sorted; NONE fills the rest."""
+        B, T = tokens.shape
+        lengths = torch.full((B,), T, device=tokens.device) if lengths is None else lengths.to(tokens.device)
+        t = tokens.long()
+        keys, k_gram = [], t
+        for k in range(1, self.n + 1):
+            if k > 1:  # extend every (k-1)-gram by the token after it
+                k_gram = k_gram[:, :-1] * self.base + t[:, k - 1:]
+            if k_gram.shape[1] == 0:
+                break
+            valid = length_mask(lengths - (k - 1), k_gram.shape[1])  # the k-gram ends inside the review
+            keys.append(torch.where(valid, k_gram + (k << 58), NONE))
+        keys = torch.cat(keys, dim=1).sort(dim=1).values  # (B, M)
+        repeat = torch.zeros_like(keys, dtype=torch.bool)
+        repeat[:, 1:] = keys[:, 1:] == keys[:, :-1]  # binary features: each n-gram once per review
+        return keys.masked_fill(repeat, NONE)
+
+    def features(self, tokens: torch.Tensor, lengths: Optional[torch.Tensor]) -> torch.Tensor:
+        """(B, T) ids -> (B, M) feature rows (1..max_features), 0 where an n-gram is not a feature."""
+        keys = self.ngram_keys(tokens, lengths)
+        idx = torch.searchsorted(self.keys, keys).clamp(max=self.max_features - 1)
+        found = (self.keys[idx] == keys) & (keys != NONE)
+        return torch.where(found, idx + 1, 0)
+
+    def forward(self, tokens: torch.Tensor, lengths: Optional[torch.Tensor] = None, state=None):
+        """tokens (B, T) -> (logits (B, C), None)."""
+        f = self.features(tokens, lengths)  # (B, M)
+        votes = (self.w(f) + self.w_adj) * self.r(f)  # (B, M, C); row 0 of r is zero: no vote
+        return votes.sum(1) / self.r_adj + self.bias, None
+
+    @torch.no_grad()
+    def prepare(self, batches: Iterable[dict]) -> None:
+        """Choose the features and set their naive Bayes ratios from the training batches
+        (dicts with tokens, lengths, targets). Deterministic: a function of the reviews only."""
+        keys, labels = [], []
+        for b in batches:
+            k = self.ngram_keys(b["tokens"], b["lengths"])  # (B, M)
+            keep = k != NONE
+            keys.append(k[keep])
+            labels.append(b["targets"][:, None].expand_as(k)[keep])
+        keys, labels = torch.cat(keys), torch.cat(labels)
+        uniq, inverse, counts = torch.unique(keys, return_inverse=True, return_counts=True)
+        chosen = torch.nonzero(counts >= self.min_count).flatten()
+        # the most frequent; ties by key, so the choice never depends on the batch order
+        chosen = chosen[torch.argsort(counts[chosen], descending=True, stable=True)[: self.max_features]]
+        chosen = chosen.sort().values  # keys stay sorted for searchsorted
+        F = len(chosen)
+        self.keys.fill_(NONE)
+        self.keys[:F] = uniq[chosen]
+        row = torch.full((len(uniq),), -1, dtype=torch.long)
+        row[chosen] = torch.arange(F)
+        row = row[inverse]  # per occurrence: its feature row, -1 if not a feature
+        C = self.r.weight.shape[1]
+        per_class = torch.zeros(F, C, dtype=torch.float64)
+        ok = row >= 0
+        per_class.index_put_((row[ok], labels[ok]), torch.ones(int(ok.sum()), dtype=torch.float64), accumulate=True)
+        p = per_class + self.smoothing  # (F, C): reviews of each class containing the feature
+        r = torch.log(p / p.sum(0))
+        r = r - r.mean(1, keepdim=True)  # only differences between classes matter
+        self.r.weight.zero_()
+        self.r.weight[1 : F + 1] = (r * self.r_adj).float()
+        self.num_features = F

@@ -1,0 +1,154 @@
+"""benchmarks/run.py: markers, table extraction, failures, and a registry whose every command parses.
+
+No real benchmark runs here: the subprocess path is exercised with tiny fake scripts, the
+registry against the scripts' own argument parsers, and overhead.py's two loops on a toy IMDB."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from seqexp.config import CONFIG_DIR
+from tests.conftest import ROOT, TINY
+
+
+def load(name: str):
+    """A script of benchmarks/ as a module (they are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while it executes
+    spec.loader.exec_module(module)
+    return module
+
+
+run = load("run")
+
+OLD = "Command: `python old.py`\n(2026-01-01, old machine)\n\n| a | b |\n|---|---|\n| 1 | 2 |"
+# prose with what a careless rewrite would change: CRLF, trailing spaces, non-ASCII, no final newline
+DOC = ("# Benchmarks\r\n\nprose   \n  ünïcode — ok\n\n<!-- bench:x -->\n" + OLD + "\n<!-- /bench:x -->\n\n"
+       "more prose\n<!-- bench:y -->\nY\n<!-- /bench:y -->\nlast line, no newline")
+
+
+# ----------------------------------------------------------------------------- markers
+def test_replace_block_changes_only_the_block():
+    assert run.replace_block(DOC, "x", "NEW") == DOC.replace(OLD, "NEW")
+    assert run.replace_block(DOC, "y", "| t |") == DOC.replace("\nY\n", "\n| t |\n")
+
+
+def test_missing_section_is_appended_under_a_heading():
+    block = "<!-- bench:z -->\nZ\n<!-- /bench:z -->\n"
+    assert run.replace_block(DOC, "z", "Z") == DOC + "\n\n## z\n\n" + block
+    assert run.replace_block("text\n", "z", "Z") == "text\n\n## z\n\n" + block
+    assert run.replace_block("", "z", "Z") == "## z\n\n" + block
+
+
+@pytest.mark.parametrize("doc", ["<!-- bench:x -->\nno end", "<!-- /bench:x -->\n<!-- bench:x -->",
+                                 "<!-- bench:x -->\n<!-- /bench:x -->\n<!-- bench:x -->\n<!-- /bench:x -->"])
+def test_broken_markers_are_refused(doc):
+    with pytest.raises(ValueError, match="markers of x"):
+        run.replace_block(doc, "x", "NEW")
+
+
+def test_last_table_is_taken():
+    out = "log | not a table\n| a |\n|---|\n| 1 |\ntext\n\n| b | c |\n|---|---|\n| 2 | 3 |  \nsummary\n"
+    assert run.last_table(out) == "| b | c |\n|---|---|\n| 2 | 3 |"
+    assert run.last_table("| only |\n|---|") == "| only |\n|---|"  # at the very end
+    assert run.last_table("no table at all\n") is None
+
+
+# ----------------------------------------------------------------------------- the real subprocess path
+def fake_script(path: Path, body: str) -> str:
+    path.write_text("import sys\n" + body)
+    return str(path)
+
+
+def test_failures_keep_their_old_block_and_exit_non_zero(tmp_path, capsys):
+    (tmp_path / "in.txt").write_text("42")
+    ok = fake_script(tmp_path / "ok.py", "print('| early |')\nprint('progress')\n"
+                     "print('| value | device |')\nprint('|---|---|')\n"
+                     "print(f'| {open(sys.argv[1]).read()} | {sys.argv[2]} |')\n")
+    crash = fake_script(tmp_path / "crash.py", "print('| partial |')\nsys.exit(3)\n")
+    silent = fake_script(tmp_path / "silent.py", "print('done, but no table')\n")
+    sections = [run.Section("x", crash, full="", quick=""),
+                run.Section("y", silent, full="", quick=""),
+                run.Section("ok", ok, full="{data}/in.txt {device} --slow", quick="{data}/in.txt {device}",
+                            needs=("in.txt",))]
+    out = tmp_path / "BENCHMARKS.md"
+    out.write_bytes(DOC.encode())
+    code = run.main(["--quick", "--out", str(out), "--data-dir", str(tmp_path), "--device", "cpu"], sections)
+    assert code == 1
+    new = out.read_bytes().decode()
+    assert new.startswith(DOC)  # x and y untouched, prose byte for byte; ok appended at the end
+    added = new[len(DOC):]
+    assert f"Command: `python {ok} {tmp_path}/in.txt cpu`\n" in added
+    assert "quick run" in added and "| 42 | cpu |" in added and "early" not in added
+    report = capsys.readouterr().out
+    assert "x: FAILED (exit status 3" in report and "y: FAILED (printed no table" in report
+    assert "ok: ok" in report
+    assert not list(tmp_path.glob(".BENCHMARKS.md.*"))  # no temporary file left behind
+
+
+def test_missing_data_stops_before_anything_runs(tmp_path):
+    flag = tmp_path / "ran"
+    script = fake_script(tmp_path / "touch.py", f"open({str(flag)!r}, 'w').close()\n")
+    sections = [run.Section("a", script, full="", quick=""),
+                run.Section("b", script, full="", quick="", needs=("absent.txt",))]
+    code = run.main(["--out", str(tmp_path / "B.md"), "--data-dir", str(tmp_path), "--device", "cpu"], sections)
+    assert code == 2 and not flag.exists() and not (tmp_path / "B.md").exists()
+
+
+def test_unknown_section_is_a_usage_error():
+    with pytest.raises(SystemExit):
+        run.main(["--only", "nope", "--device", "cpu"])
+
+
+# ----------------------------------------------------------------------------- the registry
+class Parsed(Exception):
+    """Raised in place of running the benchmark, once its parser has accepted the arguments."""
+
+
+@pytest.mark.parametrize("quick", [False, True], ids=["full", "quick"])
+@pytest.mark.parametrize("section", run.SECTIONS, ids=lambda s: s.name)
+def test_every_command_parses_with_its_script(section, quick, monkeypatch):
+    args = run.argv(section, quick, "DATA", "cpu")
+    assert (ROOT / args[0]).is_file()
+    # every data file the command names is declared, so a missing one is caught before any run
+    named = {a.split("DATA/", 1)[1] for a in args if "DATA/" in a}
+    assert named == set(section.needs)
+    parse = argparse.ArgumentParser.parse_args
+
+    def parse_and_stop(self, a=None, namespace=None):
+        raise Parsed(parse(self, a, namespace))  # a bad argument exits here, with argparse's message
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_and_stop)
+    monkeypatch.setattr(sys, "argv", args)
+    with pytest.raises(Parsed) as stopped:
+        load(Path(args[0]).stem).main()
+    overrides = getattr(stopped.value.args[0], "overrides", None)
+    if overrides:  # Hydra overrides: every key and group must exist
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+            compose("train", overrides=overrides)
+
+
+def test_section_names_are_unique():
+    names = [s.name for s in run.SECTIONS]
+    assert len(names) == len(set(names))
+
+
+# ----------------------------------------------------------------------------- overhead.py on a classifier
+def test_overhead_loops_run_a_classification_config(imdb_archive, tmp_path, one_thread):
+    overhead = load("overhead")
+    GlobalHydra.instance().clear()
+    cfg = overhead.config(3, ["data=imdb", *TINY["attention"], f"data.path={imdb_archive}",
+                              f"data.cache_dir={tmp_path}", "data.batch_size=8", "data.min_freq=1",
+                              "data.max_len=64", "trainer.progress=false", "trainer.device=cpu"])
+    assert overhead.seqexp_loop(cfg) > 0  # no test evaluation: best.pt is never written
+    assert overhead.hand_loop(cfg) > 0
+    assert overhead.describe(cfg) == ("attention 2 x 32, 2 heads", f"{imdb_archive.name}, batch 8 x <= 64 tokens")
