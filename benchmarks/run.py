@@ -34,7 +34,8 @@ SHAKESPEARE, IMDB = "tinyshakespeare.txt", "aclImdb_v1_labeled.tar.gz"
 class Section:
     name: str
     script: str  # relative to the repo root
-    full: str  # arguments, split like a shell would; {data} is the data directory, {device} cpu or cuda
+    full: str  # arguments, split like a shell would; {data} is the data directory, {device} cpu or cuda,
+    # {preset} char_lm's preset for the device
     quick: str  # tiny step counts: does it still run end to end, not how fast
     needs: tuple[str, ...] = ()  # files in the data directory
 
@@ -53,7 +54,7 @@ SECTIONS = [
             full=f"--steps 40 --rounds 5 {OVERHEAD_IMDB}",
             quick=f"--steps 3 --rounds 1 {OVERHEAD_IMDB}", needs=(IMDB,)),
     Section("char_lm", "benchmarks/char_lm.py",
-            full=f"--data-path {{data}}/{SHAKESPEARE} --budget 300 --device {{device}}",
+            full=f"--data-path {{data}}/{SHAKESPEARE} --budget 300 --device {{device}} --preset {{preset}}",
             # own --out: a quick run must not overwrite the full run's curves
             quick=f"--data-path {{data}}/{SHAKESPEARE} --budget 10 --device {{device}} --out benchmarks/results/quick",
             needs=(SHAKESPEARE,)),
@@ -63,6 +64,9 @@ SECTIONS = [
     Section("scaling", "benchmarks/scaling.py",
             full="--device {device} --lengths 64,128,256,512,1024,2048 --batches 8,32 --reps 3",
             quick="--device {device} --lengths 64,256 --batches 8 --reps 1 --out benchmarks/results/quick"),
+    Section("bucketing", "benchmarks/bucketing.py",
+            full=f"--imdb {{data}}/{IMDB} --max-lens 400,512", quick=f"--imdb {{data}}/{IMDB} --max-lens 400",
+            needs=(IMDB,)),
     Section("data_prep", "benchmarks/data_prep.py",  # CPU only: no --device
             full=f"--imdb {{data}}/{IMDB} --text {{data}}/{SHAKESPEARE} --repeats 3",
             quick=f"--imdb {{data}}/{IMDB} --text {{data}}/{SHAKESPEARE} --repeats 1", needs=(IMDB, SHAKESPEARE)),
@@ -72,7 +76,13 @@ SECTIONS = [
 def argv(section: Section, quick: bool, data: str, device: str) -> list[str]:
     """The command after `python`; split before filling in, so a data path may hold spaces."""
     args = shlex.split(section.quick if quick else section.full)
-    return [section.script, *(a.format(data=data, device=device) for a in args)]
+    preset = "gpu" if device == "cuda" else "cpu"  # char_lm's model sizes for the device
+    return [section.script, *(a.format(data=data, device=device, preset=preset) for a in args)]
+
+
+def key(section: Section, device: str) -> str:
+    """The marker name: GPU tables are sections of their own, next to (not over) the CPU ones."""
+    return section.name if device == "cpu" else f"{section.name}_cuda"
 
 
 def command_line(args: list[str]) -> str:
@@ -184,7 +194,7 @@ def main(cli: list[str] | None = None, sections: list[Section] = SECTIONS) -> in
     todo = [s for s in sections if s.name in chosen]
     try:  # broken markers stop us before an hour of benchmarks, not after
         for s in todo:
-            replace_block(read(a.out), s.name, "")
+            replace_block(read(a.out), key(s, a.device), "")
     except ValueError as e:
         p.error(f"{a.out}: {e}")
     data = data_dir(a.data_dir)
@@ -209,7 +219,8 @@ def main(cli: list[str] | None = None, sections: list[Section] = SECTIONS) -> in
             report.append(f"{s.name}: FAILED ({why}, {took}); its block in {a.out} is unchanged")
             continue
         # read again just before writing: the prose may have been edited during a long run
-        write_atomic(a.out, replace_block(read(a.out), s.name, block(command_line(args), table, hw, a.quick)))
+        write_atomic(a.out, replace_block(read(a.out), key(s, a.device),
+                                          block(command_line(args), table, hw, a.quick)))
         report.append(f"{s.name}: ok ({took})")
     print("\n" + "\n".join(report), flush=True)
     return 1 if failed else 0

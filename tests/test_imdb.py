@@ -338,7 +338,7 @@ EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 
 
 def test_the_imdb_experiments_exist():
-    assert {"imdb_seed_rnn", "imdb_lstm", "imdb_attention", "imdb_best"} <= set(EXPERIMENTS)
+    assert {"imdb_seed_rnn", "imdb_lstm", "imdb_attention", "imdb_ngram"} <= set(EXPERIMENTS)
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)

@@ -162,3 +162,15 @@ def test_attention_maps_match_fused_path():
     torch.testing.assert_close(fused, explicit, rtol=1e-5, atol=1e-5)
     assert len(maps) == 2 and maps[0].shape == (2, 4, 9, 9)
     assert maps[0][1, :, :, 4:].abs().max() == 0  # no attention to padding
+
+
+@pytest.mark.parametrize("positional", ["learned", "sinusoidal"])
+def test_tokens_are_not_drowned_by_positions(positional):
+    """At initialisation the positional signal is no louder than the token embeddings, so the
+    input of the first block still tells tokens apart (an unscaled sinusoid was 50x louder)."""
+    torch.manual_seed(0)
+    model = AttentionModel(vocab_size=V, num_outputs=C, task="classify", max_len=64, d_model=32, n_heads=4,
+                           n_layers=1, positional=positional)
+    pos_rms = model.pos_emb.pow(2).mean().sqrt()
+    tok_rms = model.tok_emb.weight.pow(2).mean().sqrt()
+    assert pos_rms <= 1.5 * tok_rms, (pos_rms, tok_rms)

@@ -109,7 +109,9 @@ class AttentionModel(nn.Module):
         if str(positional) == "learned":
             self.pos_emb = nn.Parameter(torch.zeros(max_len, d_model))
         else:
-            self.register_buffer("pos_emb", sinusoidal_table(max_len, d_model), persistent=False)
+            # at the token embeddings' scale (init std 0.02): unscaled, the +-1 table drowns the
+            # tokens and a classifier starts out seeing positions only
+            self.register_buffer("pos_emb", 0.02 * sinusoidal_table(max_len, d_model), persistent=False)
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(Block(d_model, n_heads, mlp_ratio, dropout) for _ in range(n_layers))
         self.ln_f = nn.LayerNorm(d_model)
