@@ -165,6 +165,10 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
         if "test" in getattr(data, "splits", {}):  # held out until now: evaluated once, on the best weights
             evaluate_test(trainer, logger)
         trainer.write_metrics("finished")
+        if dist is not None:
+            # leave together: a rank tearing down its process group while rank 0 still writes
+            # was seen to abort ("terminate called without an active exception")
+            dist.barrier()
     finally:
         logger.close()
     metrics = trainer.summary()
