@@ -93,7 +93,6 @@ class AttentionConfig:
     tie_weights: bool = True  # language modelling: share input embedding and output projection
 
 
-# ----------------------------------------------------------------------------- data
 @dataclass
 class NgramConfig:
     _target_: str = "seqexp.models.ngram.NgramModel"
@@ -105,6 +104,7 @@ class NgramConfig:
     r_adj: float = 10.0
 
 
+# ----------------------------------------------------------------------------- data
 @dataclass
 class CharDataConfig:
     _target_: str = "seqexp.data.char.CharData"
