@@ -43,29 +43,22 @@ def test_members_are_scored_on_every_review_in_split_order(members):
 def test_ensemble_of_two_runs_on_test_with_weights_from_val(members, tmp_path):
     result = ensemble([str(members["ngram"]), str(members["attention"])], Options(out=str(tmp_path / "e.json")), {})
     assert [m["weight"] for m in result["members"]] == pytest.approx(
-        list(fit_weights(*val_lps(members))), abs=1e-9)
+        list(fit_weights(*split_lps(members, "val"))), abs=1e-9)
     assert sum(m["weight"] for m in result["members"]) == pytest.approx(1.0)
     # recompute the mixture from the members' own test predictions
-    lps, labels = split_lps(members)
+    lps, labels = split_lps(members, "test")
     expected = ens.metrics(mix(lps, tuple(m["weight"] for m in result["members"])), labels)
     assert result["metrics"]["test/acc"] == expected["acc"] and result["metrics"]["test/count"] == 24
     for m, lp in zip(result["members"], lps):
         assert m["metrics"]["test/acc"] == ens.metrics(lp, labels)["acc"]
 
 
-def val_lps(members):
+def split_lps(members, split: str):
+    """The two members' log-probabilities on a split, and its labels."""
     out = []
     for name in ("ngram", "attention"):
         run = load_run(members[name])
-        out.append(ens.log_probs(run.model, build_data(run.ckpt), "val", run.device))
-    return [lp for lp, _ in out], out[0][1]
-
-
-def split_lps(members):
-    out = []
-    for name in ("ngram", "attention"):
-        run = load_run(members[name])
-        out.append(ens.log_probs(run.model, build_data(run.ckpt), "test", run.device))
+        out.append(ens.log_probs(run.model, build_data(run.ckpt), split, run.device))
     return [lp for lp, _ in out], out[0][1]
 
 

@@ -286,3 +286,23 @@ def test_resume_argv_points_hydra_at_the_run(tmp_path):
     assert resume_argv(["model=rnn"]) == ["model=rnn"]
     with pytest.raises(UserError, match="multirun"):
         resume_argv(["-m", f"resume={tmp_path / 'run'}"])
+
+
+def test_resume_of_the_ngram_model_loads_its_prepared_features(imdb_archive, tmp_path, monkeypatch):
+    """The n-gram model's features come from prepare() on a fresh run; a resume takes them from
+    the checkpoint (prepare is not run again) and continues exactly."""
+    from seqexp.models.ngram import NgramModel
+
+    overrides = imdb_overrides("ngram", imdb_archive, tmp_path / "cache", f"trainer.max_steps={TOTAL}",
+                               "trainer.eval_every=10", "trainer.checkpoint_every=10")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(make_cfg(*overrides), straight)
+    run_until_signal(overrides, resumed, STOP)
+
+    def again(self, batches):
+        raise AssertionError("prepare() ran again on resume")
+
+    monkeypatch.setattr(NgramModel, "prepare", again)
+    resume_run(overrides, resumed)
+    assert_same_training(straight, resumed)
+    assert (final_state(resumed)["model.keys"] < torch.iinfo(torch.int64).max).any()  # real features

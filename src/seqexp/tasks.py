@@ -63,6 +63,12 @@ class LanguageModeling:
         return self.metrics(self.sums(model, batches, device, autocast))
 
 
+def confusion_counts(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(B, C) scores and (B,) labels -> (C, C) counts: rows true class, columns predicted."""
+    C = logits.shape[-1]
+    return torch.bincount(y * C + logits.argmax(-1), minlength=C * C).view(C, C)
+
+
 class Classification:
     name = "classify"
     objective, mode = "val/acc", "max"
@@ -83,9 +89,7 @@ class Classification:
                 logits, _ = model(batch["tokens"], batch.get("lengths"), None)
             y = batch["targets"]
             total += F.cross_entropy(logits.float(), y, reduction="sum").double()
-            C = logits.shape[-1]
-            pairs = y * C + logits.argmax(-1)
-            counts = torch.bincount(pairs, minlength=C * C).view(C, C)
+            counts = confusion_counts(logits, y)
             confusion = counts if confusion is None else confusion + counts
         return {"loss": total, "confusion": confusion}
 

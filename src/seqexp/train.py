@@ -105,10 +105,10 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     data = instantiate(cfg.data, seed=t.seed, _convert_="all")
     model_kwargs = data.model_kwargs()
     model = instantiate(cfg.model, **model_kwargs)
-    if hasattr(model, "prepare"):
+    if hasattr(model, "prepare") and ckpt is None:
         # data-dependent initialisation (the n-gram model's features): a pure function of the
-        # full training split, so every rank and every resume computes the same; before the
-        # optimizer, which must see the final parameters. A resume then loads the saved values.
+        # full training split, so every rank computes the same, before the optimizer is built.
+        # A resume skips it: the checkpoint holds the prepared buffers and weights (fixed shapes).
         t0 = time.perf_counter()
         model.prepare(data.batches("train", epoch=0))
         log.info("model prepared from the training split in %.1f s", time.perf_counter() - t0)

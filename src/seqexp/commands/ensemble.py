@@ -26,7 +26,7 @@ from seqexp.cli import user_errors
 from seqexp.errors import UserError
 from seqexp.inference import build_data, load_run
 from seqexp.options import parse
-from seqexp.tasks import Classification, to_device
+from seqexp.tasks import Classification, confusion_counts, to_device
 
 GRID = 20  # weights are multiples of 1/GRID
 
@@ -69,10 +69,8 @@ def log_probs(model, data, split: str, device) -> tuple[torch.Tensor, torch.Tens
 
 def metrics(lp: torch.Tensor, labels: torch.Tensor) -> dict:
     """Log-probabilities -> the same metrics a run reports (loss, acc, confusion counts)."""
-    C = lp.shape[1]
-    confusion = torch.bincount(labels * C + lp.argmax(1), minlength=C * C).view(C, C)
     return Classification().metrics({"loss": torch.nn.functional.nll_loss(lp, labels, reduction="sum").double(),
-                                     "confusion": confusion})
+                                     "confusion": confusion_counts(lp, labels)})
 
 
 def mix(lps: list[torch.Tensor], weights: tuple[float, ...]) -> torch.Tensor:

@@ -17,6 +17,12 @@ def length_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
     return positions[None, :] < lengths[:, None]
 
 
+def lengths_or_full(tokens: torch.Tensor, lengths) -> torch.Tensor:
+    """(B,) lengths on the tokens' device; every row full (T) when none are given."""
+    B, T = tokens.shape
+    return torch.full((B,), T, device=tokens.device) if lengths is None else lengths.to(tokens.device)
+
+
 class MaskedPooling(nn.Module):
     """(B, T, H) states + (B,) lengths -> (B, H)."""
 

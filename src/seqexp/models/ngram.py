@@ -27,7 +27,7 @@ from typing import Iterable, Optional
 import torch
 import torch.nn as nn
 
-from seqexp.models.heads import length_mask
+from seqexp.models.heads import length_mask, lengths_or_full
 
 NONE = torch.iinfo(torch.int64).max  # key of an empty feature slot: sorts after every real key
 
@@ -72,8 +72,7 @@ class NgramModel(nn.Module):
 
     def ngram_keys(self, tokens: torch.Tensor, lengths: Optional[torch.Tensor]) -> torch.Tensor:
         """(B, T) ids -> (B, M) keys of the distinct n-grams of each row, sorted; NONE fills the rest."""
-        B, T = tokens.shape
-        lengths = torch.full((B,), T, device=tokens.device) if lengths is None else lengths.to(tokens.device)
+        lengths = lengths_or_full(tokens, lengths)
         t = tokens.long()
         keys, k_gram = [], t
         for k in range(1, self.n + 1):

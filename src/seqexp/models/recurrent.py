@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from seqexp.models.heads import MaskedPooling
+from seqexp.models.heads import MaskedPooling, lengths_or_full
 
 CELLS = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
 State = Optional[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]
@@ -110,7 +110,7 @@ class RecurrentModel(nn.Module):
             return self.head(self.drop(out)), state
 
         B, T = tokens.shape
-        lengths = torch.full((B,), T, device=tokens.device) if lengths is None else lengths.to(tokens.device)
+        lengths = lengths_or_full(tokens, lengths)
         rev = reverse_index(lengths, T) if self.bidirectional else None
         h = x
         for i, layer in enumerate(self.layers):
