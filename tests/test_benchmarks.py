@@ -6,6 +6,7 @@ registry against the scripts' own argument parsers, and overhead.py's two loops 
 from __future__ import annotations
 
 import argparse
+import json
 import importlib.util
 import sys
 from pathlib import Path
@@ -152,3 +153,48 @@ def test_overhead_loops_run_a_classification_config(imdb_archive, tmp_path, one_
     assert overhead.seqexp_loop(cfg) > 0  # no test evaluation: best.pt is never written
     assert overhead.hand_loop(cfg) > 0
     assert overhead.describe(cfg) == ("attention 2 x 32, 2 heads", f"{imdb_archive.name}, batch 8 x <= 64 tokens")
+
+
+# ----------------------------------------------------------------------------- imdb.py
+def test_imdb_benchmark_trains_reads_and_reuses_runs(imdb_archive, tmp_path, capsys):
+    """Two families side by side through scripts/train.py, read back from their events; a second
+    call reads the finished runs instead of retraining, and a changed config retrains, keeping the
+    old run aside."""
+    imdb = load("imdb")
+    GlobalHydra.instance().clear()
+    cli = ["--data-path", str(imdb_archive), "--experiments", "imdb_ngram,imdb_rnn", "--quick", "--device", "cpu",
+           "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "out"), f"data.cache_dir={tmp_path}",
+           "data.min_freq=1"]
+    imdb.main(cli)
+    results = json.loads((tmp_path / "out" / "imdb_cpu_quick.json").read_text())
+    assert [r["experiment"] for r in results] == ["imdb_ngram", "imdb_rnn"]
+    for r in results:
+        assert r["test_count"] == 24 and 0.0 <= r["test_acc"] <= 1.0  # every test review of the archive
+        steps = [step for _, step, _ in r["curve"]]  # eval_every=2, max_steps=4; the n-gram model: 1 epoch
+        assert steps == [2, 4] if r["experiment"] == "imdb_rnn" else steps == [r["steps"]]
+        assert r["best_step"] in steps and r["best_at_s"] is not None
+    assert results[1]["model"] == "BiRNN 1 x 128 per direction, max pooling"
+    assert (tmp_path / "out" / "imdb_cpu_quick.png").stat().st_size > 0
+    out = capsys.readouterr().out
+    assert "| `imdb_rnn` | BiRNN 1 x 128 per direction, max pooling |" in out
+
+    GlobalHydra.instance().clear()
+    stamp = (tmp_path / "runs" / "imdb_rnn" / "metrics.json").stat().st_mtime_ns
+    imdb.main([*cli[:3], "imdb_rnn", *cli[4:]])
+    assert "imdb_rnn: reusing" in capsys.readouterr().out
+    assert (tmp_path / "runs" / "imdb_rnn" / "metrics.json").stat().st_mtime_ns == stamp
+
+    GlobalHydra.instance().clear()
+    imdb.main([*cli[:3], "imdb_rnn", *cli[4:], "model.hidden_size=16"])
+    assert "reusing" not in capsys.readouterr().out
+    assert len(list((tmp_path / "runs").glob("imdb_rnn.old-*"))) == 1
+
+
+def test_imdb_benchmark_config_comparison():
+    same = load("imdb").same_config
+    run = {"model": {"d": 64, "drop": 0.3}, "trainer": {"seed": 1}}
+    assert same(run, {"model": {"d": 64, "drop": 0.3}, "trainer": {"seed": 1}})
+    assert same(run, {"model": {"d": 64, "drop": 0.3, "word_dropout": 0.0}, "trainer": {"seed": 1}})  # added since, off
+    assert not same(run, {"model": {"d": 64, "drop": 0.3, "word_dropout": 0.2}, "trainer": {"seed": 1}})
+    assert not same(run, {"model": {"d": 128, "drop": 0.3}, "trainer": {"seed": 1}})
+    assert not same(run, {"model": {"d": 64, "drop": 0.3}, "trainer": {"seed": 2}})

@@ -71,6 +71,7 @@ def test_bad_override_fails_at_compose_time(override, match):
     (["model=lstm", "model.bidirectional=true"], "see the next"),
     (["model=lstm", "model.tie_weights=true"], "embed_dim"),
     (["model.dropout=1.5"], "dropout"),
+    (["model=attention", "model.word_dropout=1.0"], "model.word_dropout"),
     (["optimizer.lr=0"], "optimizer.lr"),
     (["trainer.max_steps=0"], "max_steps"),
 ])

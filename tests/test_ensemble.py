@@ -97,3 +97,17 @@ def test_weights_are_on_the_simplex_and_the_fit_prefers_the_better_member():
     bad = torch.log(torch.tensor([[0.4, 0.6], [0.6, 0.4], [0.5, 0.5], [0.5, 0.5]]))
     assert fit_weights([bad, good], labels) == (0.0, 1.0)
     torch.testing.assert_close(mix([good, bad], (1.0, 0.0)), good)
+
+
+def test_a_run_saved_before_val_split_existed_gets_its_random_split_back(members):
+    """Checkpoints from before `data.val_split` drew validation reviews at random; rebuilding
+    their data must give that split, not today's default."""
+    run = load_run(members["attention"])
+    today = build_data(run.ckpt)
+    assert run.ckpt["config"]["data"]["val_split"] == "contiguous"
+    old = {**run.ckpt, "config": {**run.ckpt["config"], "data": dict(run.ckpt["config"]["data"])}}
+    del old["config"]["data"]["val_split"]
+    rebuilt = build_data(old)
+    random = build_data(run.ckpt, {"data.val_split": "random"})
+    assert torch.equal(rebuilt.splits["val"].offsets, random.splits["val"].offsets)
+    assert not torch.equal(rebuilt.splits["val"].offsets, today.splits["val"].offsets)

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from seqexp.models.attention import AttentionModel
+from seqexp.models.heads import embed_words
 from seqexp.models.recurrent import RecurrentModel
 
 V, C = 23, 2
@@ -174,3 +175,34 @@ def test_tokens_are_not_drowned_by_positions(positional):
     pos_rms = model.pos_emb.pow(2).mean().sqrt()
     tok_rms = model.tok_emb.weight.pow(2).mean().sqrt()
     assert pos_rms <= 1.5 * tok_rms, (pos_rms, tok_rms)
+
+
+def test_word_dropout_drops_word_types_while_training_only():
+    """Each training step zeroes a fraction p of the vocabulary at every occurrence and scales the
+    rest by 1/(1-p); evaluation is the plain lookup."""
+    torch.manual_seed(0)
+    embed = torch.nn.Embedding(1000, 8)
+    tokens = torch.randint(1000, (16, 50))
+    embed.eval()
+    torch.testing.assert_close(embed_words(embed, tokens, 0.5), embed(tokens))
+    embed.train()
+    out = embed_words(embed, tokens, 0.5)
+    ratio = (out / embed(tokens))[..., 0]  # (B, T): 0 or 2 at each position
+    dropped = ratio == 0
+    assert torch.allclose(ratio[~dropped], torch.tensor(2.0))
+    for w in tokens.unique():  # a word is dropped everywhere in the batch or nowhere
+        at = dropped[tokens == w]
+        assert at.all() or not at.any()
+    frac = torch.stack([dropped[tokens == w][0] for w in tokens.unique()]).float().mean()
+    assert 0.4 < frac < 0.6, frac
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_word_dropout_is_off_in_eval_mode(name):
+    model = build(name, "classify", word_dropout=0.4)
+    x, lengths = torch.randint(V, (3, 12)), torch.tensor([12, 7, 3])
+    plain = build(name, "classify")
+    plain.load_state_dict(model.state_dict())
+    torch.testing.assert_close(model.eval()(x, lengths)[0], plain.eval()(x, lengths)[0])
+    model.train()
+    assert not torch.allclose(model(x, lengths)[0], plain.eval()(x, lengths)[0])

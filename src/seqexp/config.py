@@ -61,6 +61,11 @@ class Precision(StrEnum):
     fp16 = "fp16"
 
 
+class ValSplit(StrEnum):
+    contiguous = "contiguous"  # blocks of consecutive review ids: the validation movies are not trained on
+    random = "random"  # any reviews: other reviews of the same movies train
+
+
 class NonFinite(StrEnum):
     stop = "stop"  # raise, naming the step and the last good checkpoint
     skip = "skip"  # drop the batch, count it, keep going
@@ -75,6 +80,7 @@ class RecurrentConfig:
     hidden_size: int = 256
     num_layers: int = 2
     dropout: float = 0.0
+    word_dropout: float = 0.0  # fraction of the vocabulary dropped each step (heads.embed_words)
     bidirectional: bool = False  # classification only: a language model must not see the future
     pooling: Pooling = Pooling.last  # classification only
     tie_weights: bool = False  # language modelling; needs embed_dim == hidden_size
@@ -88,6 +94,7 @@ class AttentionConfig:
     n_layers: int = 4
     mlp_ratio: int = 4
     dropout: float = 0.1
+    word_dropout: float = 0.0  # fraction of the vocabulary dropped each step (heads.embed_words)
     positional: Positional = Positional.learned
     pooling: Pooling = Pooling.mean  # classification only
     tie_weights: bool = True  # language modelling: share input embedding and output projection
@@ -135,6 +142,7 @@ class ImdbDataConfig:
     max_len: int = 400  # tokens per review after truncation (median review: ~200)
     truncation: Truncation = Truncation["head+tail"]  # head+tail: first quarter + last three quarters
     val_fraction: float = 0.1  # of the 25k training reviews, stratified, chosen by the seed
+    val_split: ValSplit = ValSplit.contiguous  # contiguous: unseen movies, as in the test set (data/imdb.py)
     batch_size: int = 32
     bucket_chunks: int = 100  # sort by length within chunks of this many batches; 1: no bucketing
 
@@ -355,6 +363,8 @@ def validate(cfg: DictConfig) -> None:
             need(m[key] > 0, f"model.{key} must be positive, got {m[key]}.")
     if "dropout" in m:
         need(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}.")
+    if "word_dropout" in m:
+        need(0.0 <= m.word_dropout < 1.0, f"model.word_dropout must be in [0, 1), got {m.word_dropout}.")
     if "batch_size" in d:
         need(d.batch_size > 0, f"data.batch_size must be positive, got {d.batch_size}.")
     if "seq_len" in d:

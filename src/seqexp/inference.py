@@ -118,6 +118,8 @@ def build_data(ckpt: dict, overrides: dict[str, str] | None = None):
     """The run's data from its saved config (e.g. for its validation split), with the
     checkpoint's vocabulary. `overrides`: `{"data.path": "..."}`, keys of the saved data config."""
     cfg = copy.deepcopy(ckpt["config"]["data"])
+    if ckpt["data"].get("kind") == "imdb":
+        cfg.setdefault("val_split", "random")  # saved before data.val_split existed: reviews drawn at random
     for key, value in (overrides or {}).items():
         leaf = key.removeprefix("data.")
         if leaf not in cfg or leaf.startswith("_"):

@@ -113,12 +113,15 @@ def ensemble(paths: list[str], opts: Options, data_overrides: dict[str, str]) ->
             if split not in data.splits:
                 raise UserError(f"{run.path}: this run's data has no '{split}' split.")
         # the same reviews in the same order: same data content and the same seeded validation split
-        key = (run.ckpt["data"].get("fingerprint"), run.ckpt["config"]["trainer"]["seed"])
+        d = run.ckpt["config"]["data"]
+        key = (run.ckpt["data"].get("fingerprint"), run.ckpt["config"]["trainer"]["seed"],
+               d.get("val_fraction"), d.get("val_split", "random"))  # no val_split yet: random
         if reference is None:
             reference = (key, run.path)
         elif key != reference[0]:
             raise UserError(f"{run.path} was trained on other data or another validation split (data "
-                            f"fingerprint, trainer.seed) than {reference[1]}; ensemble runs of one dataset and seed.")
+                            f"fingerprint, trainer.seed, data.val_fraction, data.val_split) than {reference[1]}; "
+                            f"ensemble runs of one dataset and validation split.")
         members.append({"checkpoint": str(run.path), "step": run.step,
                         "lp": {s: log_probs(run.model, data, s, run.device) for s in splits}})
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from seqexp.models.heads import MaskedPooling, length_mask
+from seqexp.models.heads import MaskedPooling, embed_words, length_mask
 
 
 class SelfAttention(nn.Module):
@@ -98,6 +98,7 @@ class AttentionModel(nn.Module):
         n_layers: int = 4,
         mlp_ratio: int = 4,
         dropout: float = 0.1,
+        word_dropout: float = 0.0,
         positional: str = "learned",
         pooling: str = "mean",
         tie_weights: bool = True,
@@ -105,6 +106,7 @@ class AttentionModel(nn.Module):
         super().__init__()
         assert task in ("lm", "classify"), task
         self.task, self.context_size = task, max_len
+        self.word_dropout = float(word_dropout)
         self.tok_emb = nn.Embedding(vocab_size, d_model)
         if str(positional) == "learned":
             self.pos_emb = nn.Parameter(torch.zeros(max_len, d_model))
@@ -135,7 +137,7 @@ class AttentionModel(nn.Module):
         """tokens (B, T) -> (logits, None), or (logits, per-layer attention maps) with need_weights."""
         B, T = tokens.shape
         assert T <= self.context_size, f"sequence of {T} exceeds the context size {self.context_size}"
-        x = self.drop(self.tok_emb(tokens) + self.pos_emb[:T])  # (B, T, C)
+        x = self.drop(embed_words(self.tok_emb, tokens, self.word_dropout) + self.pos_emb[:T])  # (B, T, C)
         causal = self.task == "lm"
         key_mask = None
         if not causal and lengths is not None:

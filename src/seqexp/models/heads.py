@@ -1,4 +1,4 @@
-"""What every model family shares: length masks and pooling over valid positions only.
+"""What every model family shares: length masks, pooling over valid positions only, word dropout.
 
 Padding must never reach a result, so every reduction here takes the mask into account:
 mean divides by the true length, max ignores padded positions, attention pooling gives them
@@ -21,6 +21,20 @@ def lengths_or_full(tokens: torch.Tensor, lengths) -> torch.Tensor:
     """(B,) lengths on the tokens' device; every row full (T) when none are given."""
     B, T = tokens.shape
     return torch.full((B,), T, device=tokens.device) if lengths is None else lengths.to(tokens.device)
+
+
+def embed_words(embed: nn.Embedding, tokens: torch.Tensor, p: float) -> torch.Tensor:
+    """(B, T) ids -> (B, T, E), with word-type dropout while training (Gal & Ghahramani, 2016).
+
+    Each step a fraction p of the vocabulary is dropped: those words' vectors are zero wherever
+    they occur in the batch, the rest are scaled by 1/(1-p). Unlike dropout on single positions,
+    a review cannot fall back on another mention of the same actor's name: a classifier has to
+    learn from the words that carry sentiment, not memorise words specific to a movie."""
+    x = embed(tokens)
+    if not embed.training or p == 0.0:
+        return x
+    keep = torch.empty(embed.num_embeddings, 1, device=x.device, dtype=x.dtype).bernoulli_(1.0 - p)
+    return x * (keep / (1.0 - p))[tokens]  # (B, T, E) * (B, T, 1)
 
 
 class MaskedPooling(nn.Module):

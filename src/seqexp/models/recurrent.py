@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from seqexp.models.heads import MaskedPooling, lengths_or_full
+from seqexp.models.heads import MaskedPooling, embed_words, lengths_or_full
 
 CELLS = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
 State = Optional[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]
@@ -61,6 +61,7 @@ class RecurrentModel(nn.Module):
         hidden_size: int = 256,
         num_layers: int = 2,
         dropout: float = 0.0,
+        word_dropout: float = 0.0,
         bidirectional: bool = False,
         pooling: str = "last",
         tie_weights: bool = False,
@@ -68,6 +69,7 @@ class RecurrentModel(nn.Module):
         super().__init__()
         assert task in ("lm", "classify"), task
         self.task, self.cell, self.pooling = task, str(cell), str(pooling)
+        self.word_dropout = float(word_dropout)
         self.bidirectional = bool(bidirectional) and task == "classify"
         self.context_size = None
         self.pack: Optional[bool] = None  # classification: None packs on CUDA only (see above)
@@ -104,7 +106,7 @@ class RecurrentModel(nn.Module):
 
     def forward(self, tokens: torch.Tensor, lengths: Optional[torch.Tensor] = None, state: State = None):
         """tokens (B, T) -> (logits, state). logits: (B, T, V) for lm, (B, C) for classify."""
-        x = self.drop(self.embed(tokens))  # (B, T, E)
+        x = self.drop(embed_words(self.embed, tokens, self.word_dropout))  # (B, T, E)
         if self.task == "lm":
             out, state = self.rnn(x, state)  # (B, T, H)
             return self.head(self.drop(out)), state
