@@ -229,7 +229,6 @@ def test_contiguous_validation_holds_out_whole_movies():
     order = torch.randperm(R, generator=g)  # the order reviews are stored in is not the id order
     numbers, movie = order, movie[order]  # review i has id numbers[i] and belongs to movie[i]
     labels = torch.randint(2, (R,), generator=g)
-
     group = movie * 2 + labels  # (movie, class)
 
     def shared(val: torch.Tensor) -> float:  # share of validation groups with reviews in training too
@@ -243,7 +242,8 @@ def test_contiguous_validation_holds_out_whole_movies():
         blocks = -(-int(val.sum()) // VAL_BLOCK) + 2  # whole blocks; per class one partly taken
         assert shared(val) <= 2 * blocks / len(set(group[val].tolist())) + 1e-9
         assert shared(validation_split(labels, numbers, 0.1, seed, contiguous=False)) > 0.5
-    assert not torch.equal(validation_split(labels, numbers, 0.1, 0, True), validation_split(labels, numbers, 0.1, 1, True))
+    assert not torch.equal(validation_split(labels, numbers, 0.1, 0, contiguous=True),
+                           validation_split(labels, numbers, 0.1, 1, contiguous=True))
 
 
 @pytest.mark.parametrize("policy,expected", [
