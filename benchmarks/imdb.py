@@ -104,11 +104,12 @@ def train_all(names: list[str], a) -> dict[str, Path]:
     while todo or running:
         while todo and len(running) < a.parallel:
             name = todo.pop(0)
-            args = [*overrides(name, a), f"hydra.run.dir={runs[name]}"]
-            print(f"{name}: {command(overrides(name, a), runs[name], a.threads)}", flush=True)
+            ov = overrides(name, a)
+            print(f"{name}: {command(ov, runs[name], a.threads)}", flush=True)
             runs[name].parent.mkdir(parents=True, exist_ok=True)
             log = open(runs[name].parent / f"{name}.log", "w")
-            running[name] = (subprocess.Popen([sys.executable, "scripts/train.py", *args], cwd=ROOT, env=env,
+            running[name] = (subprocess.Popen([sys.executable, "scripts/train.py", *ov, f"hydra.run.dir={runs[name]}"],
+                                              cwd=ROOT, env=env,
                                               stdout=log, stderr=subprocess.STDOUT), log)
         time.sleep(1.0)
         for name, (proc, log) in list(running.items()):

@@ -10,6 +10,7 @@ import torch
 
 from seqexp.commands import ensemble as ens
 from seqexp.commands.ensemble import Options, ensemble, fit_weights, mix, simplex
+from seqexp.errors import UserError
 from seqexp.inference import build_data, load_run
 from seqexp.train import train
 from tests.conftest import imdb_overrides, make_cfg
@@ -111,3 +112,11 @@ def test_a_run_saved_before_val_split_existed_gets_its_random_split_back(members
     random = build_data(run.ckpt, {"data.val_split": "random"})
     assert torch.equal(rebuilt.splits["val"].offsets, random.splits["val"].offsets)
     assert not torch.equal(rebuilt.splits["val"].offsets, today.splits["val"].offsets)
+
+
+def test_a_member_with_another_kind_of_validation_split_is_refused(members, imdb_archive, tmp_path):
+    """Same data and seed, validation drawn at random instead of by movie: other validation reviews."""
+    train(make_cfg(*imdb_overrides("attention", imdb_archive, tmp_path / "cache", "data.val_split=random")),
+          tmp_path / "random_split")
+    with pytest.raises(UserError, match="another validation split"):
+        ensemble([str(members["attention"]), str(tmp_path / "random_split")], Options(), {})

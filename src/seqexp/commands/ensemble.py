@@ -3,7 +3,7 @@
 Combine trained classifiers into one: the prediction is a weighted mean of their class
 probabilities. Each run reads the reviews through its own pipeline (vocabulary, truncation),
 so members can be any models trained on the same data and split (the same data fingerprint
-and seed). A sweep directory stands for its finished jobs.
+and the same validation reviews). A sweep directory stands for its finished jobs.
 
 weights=val (default) picks the weights on the validation split -- the simplex, in steps of
 0.05, minimising the validation log-loss -- and then evaluates `split` once with them;
@@ -112,16 +112,15 @@ def ensemble(paths: list[str], opts: Options, data_overrides: dict[str, str]) ->
         for split in splits:
             if split not in data.splits:
                 raise UserError(f"{run.path}: this run's data has no '{split}' split.")
-        # the same reviews in the same order: same data content and the same seeded validation split
-        d = run.ckpt["config"]["data"]
-        key = (run.ckpt["data"].get("fingerprint"), run.ckpt["config"]["trainer"]["seed"],
-               d.get("val_fraction"), d.get("val_split", "random"))  # no val_split yet: random
+        # the same reviews in the same order: the same data content and the same reviews in each
+        # split, compared as they are, whatever chose them (seed, val_fraction, val_split)
+        fingerprint, rows = run.ckpt["data"].get("fingerprint"), {s: data.splits[s].offsets for s in splits}
         if reference is None:
-            reference = (key, run.path)
-        elif key != reference[0]:
-            raise UserError(f"{run.path} was trained on other data or another validation split (data "
-                            f"fingerprint, trainer.seed, data.val_fraction, data.val_split) than {reference[1]}; "
-                            f"ensemble runs of one dataset and validation split.")
+            reference = (fingerprint, rows, run.path)
+        elif fingerprint != reference[0] or not all(torch.equal(rows[s], reference[1][s]) for s in splits):
+            raise UserError(f"{run.path} was trained on other data or another validation split than "
+                            f"{reference[2]}; ensemble runs of one dataset, trainer.seed, data.val_fraction "
+                            f"and data.val_split.")
         members.append({"checkpoint": str(run.path), "step": run.step,
                         "lp": {s: log_probs(run.model, data, s, run.device) for s in splits}})
 
