@@ -69,6 +69,7 @@ def final_state(run_dir: Path) -> dict[str, torch.Tensor]:
     """Model weights and optimizer state of checkpoints/last.pt, flattened."""
     ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     out = {f"model.{k}": v for k, v in ckpt["model"].items()}
+    out.update({f"weights.{k}": v for k, v in ckpt["trainer"].get("weights", {}).items()})  # trainer.ema
     for i, s in ckpt["trainer"]["optimizer"]["state"].items():
         out.update({f"opt.{i}.{k}": v for k, v in s.items()})
     return out
@@ -150,6 +151,42 @@ def test_resume_is_bitwise_exact_and_every_ingredient_matters(kind, model, reque
             patch(m)
             resume_run(overrides, run)
         assert not same_tensors(final_state(straight), final_state(run)), f"dropping {name} changed nothing"
+
+
+def test_resume_with_weight_averaging_is_exact_and_needs_the_average(request, tmp_path, monkeypatch):
+    """trainer.ema: the average is part of the state. Resumed without it (the average restarted
+    from the weights), the run's checkpoints and validation curve differ."""
+    overrides = overrides_for("imdb", "lstm", request, "trainer.ema=0.8")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(make_cfg(*overrides), straight)
+    run_until_signal(overrides, resumed, STOP)
+    partial = tmp_path / "partial"
+    shutil.copytree(resumed, partial)
+    resume_run(overrides, resumed)
+    assert_same_training(straight, resumed)
+
+    original = Trainer.restore
+
+    def restore_without_average(self, ckpt, path):
+        original(self, ckpt, path)
+        self.ema = [p.detach().clone() for p in self.params]
+
+    monkeypatch.setattr(Trainer, "restore", restore_without_average)
+    resume_run(overrides, partial)
+    assert not same_tensors(final_state(straight), final_state(partial)), "dropping the average changed nothing"
+
+
+def test_weight_averaging_may_be_switched_off_at_resume(request, tmp_path):
+    """The average never feeds back into training, so a run that averaged for its first part and
+    not after trains exactly the weights of a run that never averaged: a resume takes the trained
+    weights from the trainer state, not the checkpoint's averaged "model"."""
+    overrides = overrides_for("char", "lstm", request)
+    plain, switched = tmp_path / "plain", tmp_path / "switched"
+    train(make_cfg(*overrides), plain)
+    run_until_signal([*overrides, "trainer.ema=0.9"], switched, STOP)
+    resume_run(overrides, switched, "trainer.ema=0.0")
+    assert same_tensors(final_state(plain), final_state(switched))
+    assert scalars(plain, "train/loss") == scalars(switched, "train/loss")
 
 
 def test_resume_from_an_earlier_step_checkpoint_rewrites_history_once(tiny_text, request, tmp_path):

@@ -11,8 +11,10 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from seqexp.checkpoint import load_checkpoint
+from seqexp.inference import build_model
 from seqexp.tasks import TASKS
 from seqexp.train import instantiate, train
+from seqexp.trainer import Trainer
 from tests.conftest import ROOT, make_cfg, tiny_overrides
 
 
@@ -40,9 +42,11 @@ def test_train_script_writes_checkpoints_metrics_and_events(model, tiny_text, tm
     assert "samples/text_summary" in tags["tensors"]
 
 
-def test_checkpoint_rebuilds_the_model_alone(tiny_text, tmp_path):
-    """best.pt loads with weights_only=True and, with nothing but itself, reproduces the val loss."""
-    metrics = train(make_cfg(*tiny_overrides("lstm", tiny_text)), tmp_path)
+@pytest.mark.parametrize("ema", ["trainer.ema=0.0", "trainer.ema=0.5"])
+def test_checkpoint_rebuilds_the_model_alone(ema, tiny_text, tmp_path):
+    """best.pt loads with weights_only=True and, with nothing but itself, reproduces the val loss
+    (with weight averaging: the val loss of the averaged weights, which are its "model")."""
+    metrics = train(make_cfg(*tiny_overrides("lstm", tiny_text, ema)), tmp_path)
     ckpt = load_checkpoint(tmp_path / "checkpoints" / "best.pt")
     torch.load(tmp_path / "checkpoints" / "best.pt", weights_only=True)  # plain values only
     cfg = ckpt["config"]
@@ -53,6 +57,40 @@ def test_checkpoint_rebuilds_the_model_alone(tiny_text, tmp_path):
                                  lambda: torch.autocast("cpu", enabled=False))
     assert val["loss"] == pytest.approx(metrics["best"]["val/loss"], rel=1e-6)
     assert ckpt["trainer"]["step"] == metrics["best_step"]
+
+
+def test_weight_averaging_saves_the_average_and_trains_the_weights(tiny_text, tmp_path, monkeypatch):
+    """trainer.ema: the checkpoint's "model" is the moving average of the weights after each step
+    (decay ramped as (1 + n) / (10 + n) up to trainer.ema); the trained weights go on unaveraged.
+    Attention with tied embeddings: the average must reach both names of the shared weight."""
+    decay, seen, initial = 0.7, [], []
+    update, fit = Trainer.update_ema, Trainer.fit
+
+    def update_ema(self):
+        seen.append([p.detach().clone() for p in self.params])  # the weights after this step
+        update(self)
+
+    def spy_fit(self):
+        initial.extend(e.clone() for e in self.ema)  # the average starts at the initial weights
+        return fit(self)
+
+    monkeypatch.setattr(Trainer, "update_ema", update_ema)
+    monkeypatch.setattr(Trainer, "fit", spy_fit)
+    run = tmp_path / "run"
+    train(make_cfg(*tiny_overrides("attention", tiny_text, f"trainer.ema={decay}")), run)
+    ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
+    names = [n for n, _ in build_model(ckpt).named_parameters()]
+    assert len(seen) == 12 and ckpt["trainer"]["ema_updates"] == 12
+
+    ema = initial
+    for n, weights in enumerate(seen, start=1):
+        d = min(decay, (1 + n) / (10 + n))
+        ema = [d * e + (1 - d) * w for e, w in zip(ema, weights)]
+    for name, e, w in zip(names, ema, seen[-1]):
+        assert torch.allclose(ckpt["model"][name], e, atol=1e-6), name
+        assert torch.equal(ckpt["trainer"]["weights"][name], w), name
+        assert not torch.equal(e, w), name  # averaging did something to every parameter
+    assert "head.weight" in ckpt["model"] and torch.equal(ckpt["model"]["head.weight"], ckpt["model"]["tok_emb.weight"])
 
 
 def test_same_seed_same_metrics(tiny_text, tmp_path):

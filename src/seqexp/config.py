@@ -221,6 +221,9 @@ class TrainerConfig:
     max_steps: int = -1  # -1: run max_epochs; otherwise stop after this many optimizer steps
     max_time_s: float = 0.0  # training-time budget in seconds (0: none); evaluation time not counted
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    # decay of an exponential moving average of the weights (0: off). When on, the average is what
+    # is evaluated, chosen as best and saved as a checkpoint's "model"; e.g. 0.999 ~ the last 1000 steps
+    ema: float = 0.0
     eval_every: int = 500  # steps between validations on the full validation split
     checkpoint_every: int = 500  # steps between writes of checkpoints/last.pt and step_XXXXXX.pt
     keep_last: int = 3  # step checkpoints kept (never best.pt, nor the one resumed from); 0: none written
@@ -381,6 +384,7 @@ def validate(cfg: DictConfig) -> None:
     need(t.max_time_s >= 0, f"trainer.max_time_s must be >= 0 (0: no budget), got {t.max_time_s}.")
     need(t.keep_last >= 0, f"trainer.keep_last must be >= 0 (0: no step checkpoints), got {t.keep_last}.")
     need(t.grad_clip >= 0, f"trainer.grad_clip must be >= 0 (0 disables), got {t.grad_clip}.")
+    need(0.0 <= t.ema < 1.0, f"trainer.ema must be in [0, 1) (0: off; e.g. 0.999), got {t.ema}.")
     need(cfg.optimizer.lr > 0, f"optimizer.lr must be positive, got {cfg.optimizer.lr}.")
     check_targets(cfg, {
         "model": ("vocab_size", "num_outputs", "task", "pad_id", "max_len"),

@@ -173,5 +173,6 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
         logger.close()
     metrics = trainer.summary()
     if sampler is not None:
-        print(f"\n--- sample at step {trainer.step} ---\n{sampler(model, trainer.step)}\n---", flush=True)
+        with trainer.averaged():  # the weights that were validated
+            print(f"\n--- sample at step {trainer.step} ---\n{sampler(model, trainer.step)}\n---", flush=True)
     return metrics

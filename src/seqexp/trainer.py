@@ -12,6 +12,11 @@ in `state_dict()`, so N steps + resume + N steps equals 2N steps exactly. A stop
 Under DDP (`dist`, see distributed.py) every rank runs this loop on its rows of each batch;
 decisions are all-reduced, evaluation sums are added over ranks, and only rank 0 writes.
 Checkpoints hold the global carried state and each rank's RNG and logging window.
+
+With `trainer.ema` > 0 the trainer keeps an exponential moving average of the weights. The
+average is what is evaluated, chosen as best and saved as a checkpoint's "model", so every tool
+that loads a checkpoint (test evaluation, predict, ensemble) uses the weights that were
+validated; the weights the optimizer steps are in the trainer state ("weights"), for resume.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -57,7 +63,8 @@ class Trainer:
         self.net = torch.compile(net) if cfg.compile else net
         self.stateful = model.stateful
         self.steps_per_epoch = data.num_batches("train", stateful=self.stateful)
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # tied weights once
+        self.param_names, self.params = [n for n, _ in named], [p for _, p in named]
         self.num_params = sum(p.numel() for p in self.params)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(cfg.precision))
         self.autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
@@ -77,6 +84,9 @@ class Trainer:
         self._window = torch.zeros(3, device=device)  # running sums: loss, grad norm, steps
         self.stop_signal: Optional[str] = None  # set by a signal handler; honoured between steps
         self.resumed_from: Optional[Path] = None  # never pruned by keep_last
+        # the moving average of self.params (trainer.ema > 0), and how many updates it has had
+        self.ema = [p.detach().clone() for p in self.params] if cfg.ema > 0 else None
+        self.ema_updates = 0
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
@@ -85,7 +95,7 @@ class Trainer:
             "carried": self.carried,
             "best": self.best, "best_step": self.best_step, "best_metrics": self.best_metrics,
             "last_metrics": self.last_metrics, "skipped": self.skipped,
-            "elapsed": self.wall_s(), "eval_s": self.eval_s,
+            "elapsed": self.wall_s(), "eval_s": self.eval_s, "ema_updates": self.ema_updates,
             "window": self._window.cpu(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -108,6 +118,7 @@ class Trainer:
         if isinstance(carried, (tuple, list)):
             carried = tuple(t.to(self.device) for t in carried)
         self.carried = carried.to(self.device) if torch.is_tensor(carried) else carried
+        self.ema_updates = sd.get("ema_updates", 0)
         self._window = sd["window"].to(self.device)
         self.optimizer.load_state_dict(sd["optimizer"])
         self.scheduler.load_state_dict(sd["scheduler"])
@@ -129,12 +140,58 @@ class Trainer:
 
     def restore(self, ckpt: dict, path: Path) -> None:
         """Continue from a checkpoint: weights, then everything in state_dict()."""
-        load_model_state(self.model, ckpt["model"], path)
+        averaged = "weights" in ckpt["trainer"]  # saved with EMA on: "model" is the average
+        load_model_state(self.model, ckpt["trainer"]["weights"] if averaged else ckpt["model"], path)
         self.load_state_dict(ckpt["trainer"])
+        if self.ema is not None:
+            if averaged:
+                with torch.no_grad():
+                    for name, e in zip(self.param_names, self.ema):
+                        e.copy_(ckpt["model"][name])
+            else:  # EMA turned on at this resume: it starts from the current weights
+                self.ema = [p.detach().clone() for p in self.params]
+                self.ema_updates = 0
         self.resumed_from = Path(path)
 
     def checkpoint(self) -> dict:
-        return {"format": FORMAT, **self.meta, "model": self.model.state_dict(), "trainer": self.state_dict()}
+        trainer = self.state_dict()
+        if self.ema is None:
+            return {"format": FORMAT, **self.meta, "model": self.model.state_dict(), "trainer": trainer}
+        return {"format": FORMAT, **self.meta, "model": self.averaged_state(),
+                "trainer": {**trainer, "weights": self.model.state_dict()}}
+
+    # ------------------------------------------------------------------ weight averaging
+    def update_ema(self) -> None:
+        """ema += (1 - decay) * (weights - ema). The decay ramps up from 0.1 (as in TensorFlow's
+        ExponentialMovingAverage with num_updates), so early averages do not cling to the init."""
+        self.ema_updates += 1
+        decay = min(self.cfg.ema, (1 + self.ema_updates) / (10 + self.ema_updates))
+        with torch.no_grad():
+            for e, p in zip(self.ema, self.params):
+                e.lerp_(p, 1.0 - decay)
+
+    def averaged_state(self) -> dict:
+        """model.state_dict() with the averaged weights in place of the trained ones."""
+        # by storage, so that a tied weight's two names both get the average
+        ema = {p.data_ptr(): e for p, e in zip(self.params, self.ema)}
+        return {k: ema.get(v.data_ptr(), v).clone() for k, v in self.model.state_dict().items()}
+
+    @contextmanager
+    def averaged(self):
+        """Inside the block the model holds the averaged weights (with EMA off: its own)."""
+        if self.ema is None:
+            yield
+            return
+        trained = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for p, e in zip(self.params, self.ema):
+                p.copy_(e)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, t in zip(self.params, trained):
+                    p.copy_(t)
 
     def save(self, *names: str) -> Path:
         ckpt = self.checkpoint()  # under DDP every rank takes part; rank 0 writes
@@ -240,6 +297,8 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
+        if self.ema is not None:
+            self.update_ema()
         self.carried = detach_state(new_state) if self.stateful else None
         self._window += torch.stack([loss.detach().float(), grad_norm.detach().float(),
                                      torch.ones((), device=self.device)])
@@ -281,7 +340,12 @@ class Trainer:
     def evaluate_and_save(self) -> None:
         t0 = time.perf_counter()
         self.logger.scalars({"time/train_s": self.train_s()}, self.step)
-        metrics = self.evaluate("val")
+        with self.averaged():  # what is validated is what is saved as the checkpoint's "model"
+            metrics = self.evaluate("val")
+            if self.sampler is not None:
+                self.logger.text("samples", self.sampler(self.model, self.step), self.step)
+            if self.visuals is not None:
+                self.visuals(self.model, self.step, metrics)
         self.last_metrics = {f"val/{k}": v for k, v in metrics.items() if not isinstance(v, list)}
         self.logger.scalars(self.last_metrics, self.step)
         if "confusion" in metrics:  # classification
@@ -293,10 +357,6 @@ class Trainer:
         log.info("step %d: %s%s", self.step,
                  "  ".join(f"{k} {v:.4f}" for k, v in self.last_metrics.items() if isinstance(v, float)),
                  "  (best)" if better else "")
-        if self.sampler is not None:
-            self.logger.text("samples", self.sampler(self.model, self.step), self.step)
-        if self.visuals is not None:
-            self.visuals(self.model, self.step, metrics)
         if better:
             self.save("best.pt")
         self.save_last()
