@@ -184,6 +184,10 @@ def test_imdb_benchmark_trains_reads_and_reuses_runs(imdb_archive, tmp_path, cap
     assert "imdb_rnn: reusing" in capsys.readouterr().out
     assert (tmp_path / "runs" / "imdb_rnn" / "metrics.json").stat().st_mtime_ns == stamp
 
+    GlobalHydra.instance().clear()  # how the run is watched is no change to what it trained
+    imdb.main([*cli[:3], "imdb_rnn", *cli[4:], "logging.wrong_examples=3", "trainer.progress=true"])
+    assert "imdb_rnn: reusing" in capsys.readouterr().out
+
     GlobalHydra.instance().clear()
     imdb.main([*cli[:3], "imdb_rnn", *cli[4:], "model.hidden_size=16"])
     assert "reusing" not in capsys.readouterr().out

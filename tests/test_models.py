@@ -11,12 +11,15 @@ from seqexp.models.heads import embed_words
 from seqexp.models.recurrent import RecurrentModel
 
 V, C = 23, 2
-MODELS = ["rnn", "lstm", "gru", "attention"]
+MODELS = ["rnn", "lstm", "gru", "attention", "alibi"]  # alibi: attention with positional=alibi
+ATTENTION = ("attention", "alibi")
 
 
 def build(name: str, task: str, **kw) -> torch.nn.Module:
     torch.manual_seed(0)
     common = dict(vocab_size=V, num_outputs=V if task == "lm" else C, task=task, max_len=64)
+    if name == "alibi":
+        name, kw = "attention", {"positional": "alibi", **kw}
     if name == "attention":
         return AttentionModel(**common, d_model=32, n_heads=4, n_layers=2, dropout=0.0, **kw)
     return RecurrentModel(**common, cell=name, embed_dim=16, hidden_size=32, num_layers=2, **kw)
@@ -27,7 +30,7 @@ def test_output_shapes(name):
     x = torch.randint(V, (3, 10))
     logits, state = build(name, "lm")(x)
     assert logits.shape == (3, 10, V)
-    assert (state is None) == (name == "attention")
+    assert (state is None) == (name in ATTENTION)
     logits, _ = build(name, "classify")(x, torch.tensor([10, 4, 1]))
     assert logits.shape == (3, C)
 
@@ -50,7 +53,7 @@ def test_lm_is_causal(name):
 @pytest.mark.parametrize("name", MODELS)
 def test_gradients_reach_every_parameter(name, task):
     kw = {"pooling": "attention"} if task == "classify" else {}
-    if task == "classify" and name != "attention":
+    if task == "classify" and name not in ATTENTION:
         kw["bidirectional"] = True  # both directions' modules must learn
     model = build(name, task, **kw)
     x = torch.randint(V, (4, 12))
@@ -82,7 +85,7 @@ def test_overfits_one_batch(name):
 def test_padding_invariance(name, pooling):
     """A sequence's logits are the same alone or batched with much longer, padded neighbours."""
     kw = {"pooling": pooling}
-    if name != "attention":
+    if name not in ATTENTION:
         kw["bidirectional"] = True
     model = build(name, "classify", **kw).eval()
     short = torch.randint(1, V, (1, 5))
@@ -154,8 +157,9 @@ def test_tied_weights_share_storage():
     assert model.head.weight is model.tok_emb.weight
 
 
-def test_attention_maps_match_fused_path():
-    model = build("attention", "classify").eval()
+@pytest.mark.parametrize("name", ATTENTION)
+def test_attention_maps_match_fused_path(name):
+    model = build(name, "classify").eval()
     x = torch.randint(V, (2, 9))
     lengths = torch.tensor([9, 4])
     fused, _ = model(x, lengths)
@@ -175,6 +179,24 @@ def test_tokens_are_not_drowned_by_positions(positional):
     pos_rms = model.pos_emb.pow(2).mean().sqrt()
     tok_rms = model.tok_emb.weight.pow(2).mean().sqrt()
     assert pos_rms <= 1.5 * tok_rms, (pos_rms, tok_rms)
+
+
+@pytest.mark.parametrize("task", ["lm", "classify"])
+def test_alibi_penalises_attention_by_distance(task):
+    """With every query-key score equal, ALiBi's attention weights fall off as exp(-slope * |i - j|)
+    over the keys a query may see: head h with slope 2^(-8(h+1)/nh); nothing else knows positions."""
+    model = build("alibi", task).eval()
+    assert not any("pos" in n for n, _ in model.named_parameters())
+    torch.nn.init.zeros_(model.blocks[0].attn.qkv.weight)  # equal scores: only the bias remains
+    torch.nn.init.zeros_(model.blocks[0].attn.qkv.bias)
+    T = 9
+    _, maps = model(torch.randint(V, (1, T)), torch.tensor([T]) if task == "classify" else None, need_weights=True)
+    dist = (torch.arange(T)[None, :] - torch.arange(T)[:, None]).abs().float()  # (T, T)
+    for h in range(4):
+        expect = torch.exp(-(2.0 ** (-8.0 * (h + 1) / 4)) * dist)
+        if task == "lm":
+            expect = expect.tril()
+        torch.testing.assert_close(maps[0][0, h], expect / expect.sum(-1, keepdim=True), rtol=1e-5, atol=1e-6)
 
 
 def test_word_dropout_drops_word_types_while_training_only():

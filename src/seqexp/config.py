@@ -43,6 +43,7 @@ class Pooling(StrEnum):
 class Positional(StrEnum):
     learned = "learned"
     sinusoidal = "sinusoidal"
+    alibi = "alibi"  # no position vectors: attention scores fall off with distance (Press et al., 2022)
 
 
 # "head+tail" is no identifier, hence the functional form; values and names are the same

@@ -6,6 +6,8 @@ device has them).
 - language modelling: causal, so position t sees positions <= t only; logits (B, T, V).
 - classification: bidirectional with a key padding mask, so no query attends to padding;
   valid positions are pooled to (B, C).
+Positions enter as a learned or sinusoidal table added to the token embeddings, or (alibi) as a
+penalty on attention scores linear in the distance between query and key, one slope per head.
 """
 
 from __future__ import annotations
@@ -28,18 +30,24 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(d_model, d_model)
 
     def forward(self, x: torch.Tensor, key_mask: Optional[torch.Tensor], causal: bool,
-                need_weights: bool = False):
+                need_weights: bool = False, bias: Optional[torch.Tensor] = None):
+        """bias: (nh, T, T) added to the scores (ALiBi), or None."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         # (B, T, C) -> (B, nh, T, hs)
         q, k, v = (t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))
         mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, T) True = attend
+        if bias is not None:  # one additive float mask: the bias, -inf where not allowed
+            allowed = torch.ones(T, T, dtype=torch.bool, device=x.device)
+            allowed = allowed.tril() if causal else allowed
+            allowed = allowed if mask is None else allowed & mask  # (B, 1, T, T) or (T, T)
+            mask, causal = bias.to(q.dtype).masked_fill(~allowed, float("-inf")), False  # (B|1, nh, T, T)
         if need_weights:  # explicit path, only for inspecting attention maps
             att = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))  # (B, nh, T, T)
             if causal:
                 att = att.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=x.device).tril(), float("-inf"))
             if mask is not None:
-                att = att.masked_fill(~mask, float("-inf"))
+                att = att + mask if mask.is_floating_point() else att.masked_fill(~mask, float("-inf"))
             weights = att.softmax(-1)
             y = weights @ v
         else:
@@ -64,8 +72,8 @@ class Block(nn.Module):
         )
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x, key_mask, causal, need_weights=False):
-        a, weights = self.attn(self.ln1(x), key_mask, causal, need_weights)
+    def forward(self, x, key_mask, causal, need_weights=False, bias=None):
+        a, weights = self.attn(self.ln1(x), key_mask, causal, need_weights, bias)
         x = x + self.drop(a)
         x = x + self.mlp(self.ln2(x))
         return x, weights
@@ -79,6 +87,19 @@ def sinusoidal_table(max_len: int, dim: int) -> torch.Tensor:
     table[:, 0::2] = torch.sin(pos * freq)
     table[:, 1::2] = torch.cos(pos * freq[: dim // 2])
     return table
+
+
+def alibi_slopes(n_heads: int) -> torch.Tensor:
+    """(nh,) the geometric slopes of ALiBi (Press et al., 2022): 2^(-8/nh), 2^(-16/nh), ... so one
+    head looks at the next few tokens and another across the whole review."""
+    return torch.tensor([2.0 ** (-8.0 * (h + 1) / n_heads) for h in range(n_heads)])
+
+
+def alibi_bias(slopes: torch.Tensor, T: int) -> torch.Tensor:
+    """(nh, T, T): -slope * |i - j|, the score penalty for query i attending to key j. Symmetric:
+    a causal model masks j > i anyway, and an encoder should see both sides alike."""
+    pos = torch.arange(T, device=slopes.device)
+    return -slopes[:, None, None] * (pos[None, :] - pos[:, None]).abs()
 
 
 class AttentionModel(nn.Module):
@@ -108,7 +129,11 @@ class AttentionModel(nn.Module):
         self.task, self.context_size = task, max_len
         self.word_dropout = float(word_dropout)
         self.tok_emb = nn.Embedding(vocab_size, d_model)
-        if str(positional) == "learned":
+        self.alibi = str(positional) == "alibi"
+        if self.alibi:  # positions act inside attention, as a bias on the scores
+            self.pos_emb = None
+            self.register_buffer("slopes", alibi_slopes(n_heads), persistent=False)
+        elif str(positional) == "learned":
             self.pos_emb = nn.Parameter(torch.zeros(max_len, d_model))
         else:
             # at the token embeddings' scale (init std 0.02): unscaled, the +-1 table drowns the
@@ -137,14 +162,16 @@ class AttentionModel(nn.Module):
         """tokens (B, T) -> (logits, None), or (logits, per-layer attention maps) with need_weights."""
         B, T = tokens.shape
         assert T <= self.context_size, f"sequence of {T} exceeds the context size {self.context_size}"
-        x = self.drop(embed_words(self.tok_emb, tokens, self.word_dropout) + self.pos_emb[:T])  # (B, T, C)
+        x = embed_words(self.tok_emb, tokens, self.word_dropout)  # (B, T, C)
+        x = self.drop(x if self.alibi else x + self.pos_emb[:T])
         causal = self.task == "lm"
         key_mask = None
         if not causal and lengths is not None:
             key_mask = length_mask(lengths.to(tokens.device), T)  # (B, T)
+        bias = alibi_bias(self.slopes, T) if self.alibi else None  # (nh, T, T)
         maps = []
         for block in self.blocks:
-            x, w = block(x, key_mask, causal, need_weights)
+            x, w = block(x, key_mask, causal, need_weights, bias)
             maps.append(w)
         x = self.ln_f(x)
         if causal:
