@@ -223,7 +223,8 @@ class TrainerConfig:
     max_time_s: float = 0.0  # training-time budget in seconds (0: none); evaluation time not counted
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     # decay of an exponential moving average of the weights (0: off). When on, the average is what
-    # is evaluated, chosen as best and saved as a checkpoint's "model"; e.g. 0.999 ~ the last 1000 steps
+    # is evaluated, chosen as best and saved as a checkpoint's "model". Ramped: update n uses
+    # min(ema, (1 + n) / (10 + n)), so e.g. 0.999 averages ~the last 1000 steps only after ~9000
     ema: float = 0.0
     eval_every: int = 500  # steps between validations on the full validation split
     checkpoint_every: int = 500  # steps between writes of checkpoints/last.pt and step_XXXXXX.pt
