@@ -162,8 +162,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ weight averaging
     def update_ema(self) -> None:
-        """ema += (1 - decay) * (weights - ema). The decay ramps up from 0.1 (as in TensorFlow's
-        ExponentialMovingAverage with num_updates), so early averages do not cling to the init."""
+        """ema += (1 - decay) * (weights - ema). The decay ramps up as (1 + n) / (10 + n) to
+        trainer.ema (TensorFlow's ExponentialMovingAverage with num_updates), so early averages do
+        not cling to the initial weights."""
         self.ema_updates += 1
         decay = min(self.cfg.ema, (1 + self.ema_updates) / (10 + self.ema_updates))
         with torch.no_grad():
