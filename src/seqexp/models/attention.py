@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from seqexp.models.heads import MaskedPooling, embed_words, length_mask
+from seqexp.models.heads import MaskedPooling, embed_words, length_mask, lengths_or_full
 
 
 class SelfAttention(nn.Module):
@@ -29,19 +29,15 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.proj = nn.Linear(d_model, d_model)
 
-    def forward(self, x: torch.Tensor, key_mask: Optional[torch.Tensor], causal: bool,
-                need_weights: bool = False, bias: Optional[torch.Tensor] = None):
-        """bias: (nh, T, T) added to the scores (ALiBi), or None."""
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor], causal: bool, need_weights: bool = False):
+        """mask: None, bool (B, 1, 1, T) True = attend, or an additive float (B|1, nh, T, T) (ALiBi),
+        built once per forward by AttentionModel.attention_mask."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         # (B, T, C) -> (B, nh, T, hs)
         q, k, v = (t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))
-        mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, T) True = attend
-        if bias is not None:  # one additive float mask: the bias, -inf where not allowed
-            allowed = torch.ones(T, T, dtype=torch.bool, device=x.device)
-            allowed = allowed.tril() if causal else allowed
-            allowed = allowed if mask is None else allowed & mask  # (B, 1, T, T) or (T, T)
-            mask, causal = bias.to(q.dtype).masked_fill(~allowed, float("-inf")), False  # (B|1, nh, T, T)
+        if mask is not None and mask.is_floating_point():
+            mask = mask.to(q.dtype)  # under autocast: SDPA wants the query's dtype
         if need_weights:  # explicit path, only for inspecting attention maps
             att = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))  # (B, nh, T, T)
             if causal:
@@ -72,8 +68,8 @@ class Block(nn.Module):
         )
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x, key_mask, causal, need_weights=False, bias=None):
-        a, weights = self.attn(self.ln1(x), key_mask, causal, need_weights, bias)
+    def forward(self, x, mask, causal, need_weights=False):
+        a, weights = self.attn(self.ln1(x), mask, causal, need_weights)
         x = x + self.drop(a)
         x = x + self.mlp(self.ln2(x))
         return x, weights
@@ -165,19 +161,27 @@ class AttentionModel(nn.Module):
         x = embed_words(self.tok_emb, tokens, self.word_dropout)  # (B, T, C)
         x = self.drop(x if self.alibi else x + self.pos_emb[:T])
         causal = self.task == "lm"
-        key_mask = None
-        if not causal and lengths is not None:
-            key_mask = length_mask(lengths.to(tokens.device), T)  # (B, T)
-        bias = alibi_bias(self.slopes, T) if self.alibi else None  # (nh, T, T)
+        # built once for every block; with ALiBi the mask itself is causal (mask_causal False)
+        mask, mask_causal = self.attention_mask(T, None if causal else lengths, causal, tokens.device)
         maps = []
         for block in self.blocks:
-            x, w = block(x, key_mask, causal, need_weights, bias)
+            x, w = block(x, mask, mask_causal, need_weights)
             maps.append(w)
         x = self.ln_f(x)
         if causal:
             logits = self.head(x)  # (B, T, V)
         else:
-            if lengths is None:
-                lengths = torch.full((B,), T, dtype=torch.long, device=tokens.device)
-            logits = self.head(self.pool(x, lengths))  # (B, C)
+            logits = self.head(self.pool(x, lengths_or_full(tokens, lengths)))  # (B, C)
         return logits, (maps if need_weights else None)
+
+    def attention_mask(self, T: int, lengths: Optional[torch.Tensor], causal: bool, device: torch.device):
+        """-> (mask, whether attention must still be made causal) for every block: the key padding mask (B, 1, 1, T), True = attend, or
+        None; with ALiBi one additive float mask (B|1, nh, T, T), the distance bias and -inf where
+        a key is padding or in the future, which then carries causality itself."""
+        mask = None if lengths is None else length_mask(lengths.to(device), T)[:, None, None, :]
+        if not self.alibi:
+            return mask, causal
+        allowed = torch.ones(T, T, dtype=torch.bool, device=device)
+        allowed = allowed.tril() if causal else allowed
+        allowed = allowed if mask is None else allowed & mask  # (B, 1, T, T) or (T, T)
+        return alibi_bias(self.slopes, T).masked_fill(~allowed, float("-inf")), False
