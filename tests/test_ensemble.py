@@ -79,6 +79,15 @@ def test_a_sweep_directory_stands_for_its_jobs_and_the_script_writes_json(member
     assert f"**{saved['metrics']['test/acc']:.4f}**" in printed
 
 
+def test_by_default_the_json_goes_beside_the_runs_not_into_the_working_directory(members, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ens.main([str(members["ngram"]), str(members["attention"]) + "/checkpoints/best.pt", "weights=equal"])
+    written = members["root"] / "ensemble_test.json"  # the directory both runs are in
+    assert json.loads(written.read_text())["weights_from"] == "equal"
+    assert list(tmp_path.iterdir()) == []
+    written.unlink()  # the module's other tests list this directory
+
+
 @pytest.mark.parametrize("argv, message", [
     (["one"], "at least two runs"),
     (["a", "b", "weights=best"], "weights=val or weights=equal"),

@@ -8,12 +8,13 @@ and the same validation reviews). A sweep directory stands for its finished jobs
 weights=val (default) picks the weights on the validation split -- the simplex, in steps of
 0.05, minimising the validation log-loss -- and then evaluates `split` once with them;
 weights=equal averages. Prints each member's metrics and the ensemble's, and writes them as
-JSON (default: ./ensemble_<split>.json).
+JSON (default: ensemble_<split>.json in the directory the members share, e.g. the sweep dir).
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ import torch
 from seqexp.checkpoint import write_json
 from seqexp.cli import user_errors
 from seqexp.errors import UserError
-from seqexp.inference import build_data, load_run
+from seqexp.inference import build_data, load_run, run_dir_of
 from seqexp.options import parse
 from seqexp.tasks import Classification, confusion_counts, to_device
 
@@ -36,7 +37,7 @@ class Options:
     split: str = field(default="test", metadata={"help": "the split to evaluate"})
     weights: str = field(default="val", metadata={"help": "val (fit on the validation split) or equal"})
     device: str = field(default="cpu", metadata={"help": "cpu, cuda or auto"})
-    out: Optional[str] = field(default=None, metadata={"help": "JSON file to write (default: ./ensemble_<split>.json)"})
+    out: Optional[str] = field(default=None, metadata={"help": "JSON file to write (default: beside the runs)"})
 
 
 def expand(paths: list[str]) -> list[str]:
@@ -143,6 +144,13 @@ def ensemble(paths: list[str], opts: Options, data_overrides: dict[str, str]) ->
     }
 
 
+def default_out(result: dict) -> Path:
+    """ensemble_<split>.json in the deepest directory holding every member's run dir: the sweep
+    dir for a sweep, not wherever the command happened to be run."""
+    dirs = [str(run_dir_of(Path(m["checkpoint"])).resolve()) for m in result["members"]]
+    return Path(os.path.commonpath(dirs)) / f"ensemble_{result['split']}.json"
+
+
 def table(result: dict) -> str:
     split = result["split"]
     lines = [f"| member | weight | {split}/acc | {split}/loss |", "|---|---|---|---|"]
@@ -160,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
         paths, opts, data_overrides = parse(sys.argv[1:] if argv is None else argv, Options, __doc__,
                                             prefixes=("data.",))
         result = ensemble(paths, opts, data_overrides)
-        out = Path(opts.out) if opts.out else Path(f"ensemble_{opts.split}.json")
+        out = Path(opts.out) if opts.out else default_out(result)
         write_json(out, result)
         print(table(result))
         print(f"written to {out}")
