@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -25,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from seqexp.sweep.resources import cpu_name
 
 ROOT = Path(__file__).resolve().parents[1]  # commands run from, and are shown relative to, the repo root
 SHAKESPEARE, IMDB = "tinyshakespeare.txt", "aclImdb_v1_labeled.tar.gz"
@@ -99,13 +100,6 @@ def data_dir(arg: str | None) -> str:
     if path is None:
         return "../shared/data"  # next to the repo, as tests/conftest.py expects it
     return path if os.path.isabs(path) else os.path.relpath(Path.cwd() / path, ROOT)
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def hardware(device: str) -> str:

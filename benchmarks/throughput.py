@@ -11,7 +11,6 @@ machine spreads over all of them.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import tempfile
 import time
@@ -22,14 +21,8 @@ from hydra import compose, initialize_config_dir
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from seqexp.config import CONFIG_DIR
+from seqexp.sweep.resources import cpu_name
 from seqexp.train import train
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def run(model: str, steps: int, extra: list[str]) -> float:

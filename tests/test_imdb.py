@@ -189,6 +189,19 @@ def test_cache_is_keyed_by_archive_content(archive, tmp_path):
     assert len(list((tmp_path / "imdb").glob("tokens-*.pt"))) == 2
 
 
+
+def test_a_new_cache_format_retokenizes_but_keeps_the_fingerprint(archive, tmp_path, monkeypatch):
+    """Checkpoints compare fingerprints at resume and in ensembles: changing how the cache is laid
+    out must not turn the same reviews into "other data"."""
+    before = data(archive, tmp_path)
+    monkeypatch.setattr(imdb, "CACHE_FORMAT", "seqexp-imdb-tokens/test-next")
+    after = data(archive, tmp_path)
+    assert len(list((tmp_path / "imdb").glob("tokens-*.pt"))) == 2  # a new cache file was written
+    assert after.state()["fingerprint"] == before.state()["fingerprint"]
+    other = write_archive(tmp_path / "other.tar.gz", synthetic_reviews(seed=1))
+    assert data(other, tmp_path).state()["fingerprint"] != before.state()["fingerprint"]
+    assert data(archive, tmp_path, lowercase=False).state()["fingerprint"] != before.state()["fingerprint"]
+
 # ----------------------------------------------------------------------------- splits and vocabulary
 def test_vocabulary_comes_from_training_reviews_only(tmp_path):
     files = synthetic_reviews(10, 5)

@@ -52,7 +52,12 @@ from seqexp.errors import UserError
 
 log = logging.getLogger("seqexp")
 
-CACHE_FORMAT = "seqexp-imdb-tokens/2"  # 2: review numbers
+CACHE_FORMAT = "seqexp-imdb-tokens/2"  # 2: review numbers. A new value re-tokenizes once.
+# Checkpoints name their data by a hash of its content and the tokenizer settings, salted with
+# this constant -- the cache format when fingerprints were first saved -- rather than with
+# CACHE_FORMAT, so that a new cache layout never makes a saved run "other data" at resume or in
+# an ensemble. Never change it.
+FINGERPRINT_SALT = "seqexp-imdb-tokens/2"
 HEAD = {"head": None, "tail": 0, "head+tail": 0.25}  # share of max_len taken from the start
 
 
@@ -122,18 +127,23 @@ def find_source(path: Optional[str], url: str, sha256: Optional[str],
 
 def load_corpus(path: Optional[str], url: str, sha256: Optional[str], cache: Optional[str],
                 lowercase: bool) -> tuple[dict, str, str]:
-    """-> (corpus, where it came from, content key). Tokenizes only when no cached corpus matches.
+    """-> (corpus, where it came from, fingerprint). Tokenizes only when no cached corpus matches.
 
-    The key hashes the archive's (or directory's) content and the tokenizer settings: it names
-    the cache file and is the data's fingerprint in checkpoints (resume checks it)."""
+    Both the cache file's name and the fingerprint hash the archive's (or directory's) content
+    and the tokenizer settings; the file name also hashes CACHE_FORMAT, the fingerprint (which
+    checkpoints keep, and resume and ensembles compare) FINGERPRINT_SALT instead."""
     root = default_cache_dir(cache) / "imdb"
     source, origin, read_reviews = find_source(path, url, sha256, root)
-    settings = {"format": CACHE_FORMAT, "source": source, "lowercase": lowercase, "token": TOKEN.pattern}
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-    cached = root / f"tokens-{key}.pt"
+    settings = {"source": source, "lowercase": lowercase, "token": TOKEN.pattern}
+
+    def key(salt: str) -> str:
+        return hashlib.sha256(json.dumps({"format": salt, **settings}, sort_keys=True).encode()).hexdigest()[:16]
+
+    fingerprint = key(FINGERPRINT_SALT)
+    cached = root / f"tokens-{key(CACHE_FORMAT)}.pt"
     if cached.is_file():
         try:
-            return torch.load(cached, weights_only=True), origin, key
+            return torch.load(cached, weights_only=True), origin, fingerprint
         except Exception as e:  # a corrupt cache file is rebuilt, never trusted
             log.warning("ignoring unreadable cache %s (%s)", cached, e)
 
@@ -148,7 +158,7 @@ def load_corpus(path: Optional[str], url: str, sha256: Optional[str], cache: Opt
         log.warning("%d review(s) have no token and were left out", corpus["empty"])
     log.info("imdb: tokenized %d reviews from %s in %.1f s; cached in %s", len(corpus["labels"]), origin,
              time.perf_counter() - t0, cached)
-    return corpus, origin, key
+    return corpus, origin, fingerprint
 
 
 # ----------------------------------------------------------------------------- splits

@@ -20,6 +20,18 @@ log = logging.getLogger("seqexp")
 _claimed: Optional[tuple[str, Optional[IO]]] = None  # this process's GPU and the lock that holds it
 
 
+def cpu_name() -> str:
+    """The processor's model name, for benchmark tables (e.g. 'AMD EPYC 7B13')."""
+    import platform
+
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
