@@ -136,7 +136,8 @@ def describe(cfg: dict) -> str:
         per = " per direction" if bi else ""
         return f"{bi}{m['cell'].upper()} {m['num_layers']} x {m['hidden_size']}{per}, {m['pooling']} pooling"
     if target == "AttentionModel":
-        return f"attention {m['n_layers']} x {m['d_model']}, {m['n_heads']} heads, {m['pooling']} pooling"
+        conv = f", convolution {m['conv_kernel']} wide" if m.get("conv_kernel") else ""
+        return f"attention {m['n_layers']} x {m['d_model']}, {m['n_heads']} heads{conv}, {m['pooling']} pooling"
     return f"{m['n']}-gram bag (NBSVM)" if target == "NgramModel" else target
 
 

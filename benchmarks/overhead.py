@@ -122,7 +122,8 @@ def describe(cfg) -> tuple[str, str]:
     if "cell" in m:
         model = f"{m.cell} {m.num_layers} x {m.hidden_size}"
     elif "d_model" in m:
-        model = f"attention {m.n_layers} x {m.d_model}, {m.n_heads} heads"
+        conv = f", convolution {m.conv_kernel} wide" if m.get("conv_kernel") else ""
+        model = f"attention {m.n_layers} x {m.d_model}, {m.n_heads} heads{conv}"
     else:
         model = m._target_.rsplit(".", 1)[-1]
     source = Path(d.path).name if d.get("path") else d.get("source", "default")

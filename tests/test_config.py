@@ -72,6 +72,7 @@ def test_bad_override_fails_at_compose_time(override, match):
     (["model=lstm", "model.tie_weights=true"], "embed_dim"),
     (["model.dropout=1.5"], "dropout"),
     (["model=attention", "model.word_dropout=1.0"], "model.word_dropout"),
+    (["model=attention", "model.conv_kernel=-1"], "model.conv_kernel"),
     (["optimizer.lr=0"], "optimizer.lr"),
     (["trainer.max_steps=0"], "max_steps"),
 ])

@@ -6,13 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from seqexp.models.attention import AttentionModel
+from seqexp.models.attention import AttentionModel, LocalConv
 from seqexp.models.heads import embed_words
 from seqexp.models.recurrent import RecurrentModel
 
 V, C = 23, 2
-MODELS = ["rnn", "lstm", "gru", "attention", "alibi"]  # alibi: attention with positional=alibi
-ATTENTION = ("attention", "alibi")
+# alibi: attention with positional=alibi; conv: attention with a convolution opening each block
+MODELS = ["rnn", "lstm", "gru", "attention", "alibi", "conv"]
+ATTENTION = ("attention", "alibi", "conv")
 
 
 def build(name: str, task: str, **kw) -> torch.nn.Module:
@@ -20,6 +21,8 @@ def build(name: str, task: str, **kw) -> torch.nn.Module:
     common = dict(vocab_size=V, num_outputs=V if task == "lm" else C, task=task, max_len=64)
     if name == "alibi":
         name, kw = "attention", {"positional": "alibi", **kw}
+    if name == "conv":
+        name, kw = "attention", {"conv_kernel": 3, **kw}
     if name == "attention":
         return AttentionModel(**common, d_model=32, n_heads=4, n_layers=2, dropout=0.0, **kw)
     return RecurrentModel(**common, cell=name, embed_dim=16, hidden_size=32, num_layers=2, **kw)
@@ -179,6 +182,20 @@ def test_tokens_are_not_drowned_by_positions(positional):
     pos_rms = model.pos_emb.pow(2).mean().sqrt()
     tok_rms = model.tok_emb.weight.pow(2).mean().sqrt()
     assert pos_rms <= 1.5 * tok_rms, (pos_rms, tok_rms)
+
+
+@pytest.mark.parametrize("kernel", [3, 4])
+@pytest.mark.parametrize("causal", [False, True])
+def test_convolution_reads_its_window_only(kernel, causal):
+    """A change at position 5 reaches exactly the positions whose window covers it: 4..6 for a
+    width-3 encoder convolution (4..7 for width 4), 5..5+k-1 for a causal one."""
+    conv = LocalConv(8, kernel, dropout=0.0, causal=causal).eval()
+    x = torch.randn(1, 12, 8)
+    y = x.clone()
+    y[:, 5] = torch.randn(8)  # not a constant shift, which the LayerNorm before the convolution removes
+    changed = (conv(y, None) - conv(x, None)).abs().sum(-1)[0] > 1e-5
+    first = 5 if causal else 5 - (kernel - 1 - (kernel - 1) // 2)
+    assert changed.nonzero().flatten().tolist() == list(range(first, first + kernel))
 
 
 @pytest.mark.parametrize("task", ["lm", "classify"])

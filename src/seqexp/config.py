@@ -98,6 +98,7 @@ class AttentionConfig:
     word_dropout: float = 0.0  # fraction of the vocabulary dropped each step (heads.embed_words)
     positional: Positional = Positional.learned
     pooling: Pooling = Pooling.mean  # classification only
+    conv_kernel: int = 0  # > 0: a depthwise convolution of this width opens each block (Conformer)
     tie_weights: bool = True  # language modelling: share input embedding and output projection
 
 
@@ -370,6 +371,8 @@ def validate(cfg: DictConfig) -> None:
         need(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}.")
     if "word_dropout" in m:
         need(0.0 <= m.word_dropout < 1.0, f"model.word_dropout must be in [0, 1), got {m.word_dropout}.")
+    if "conv_kernel" in m:
+        need(m.conv_kernel >= 0, f"model.conv_kernel must be 0 (none) or a width >= 1, got {m.conv_kernel}.")
     if "batch_size" in d:
         need(d.batch_size > 0, f"data.batch_size must be positive, got {d.batch_size}.")
     if "seq_len" in d:

@@ -8,6 +8,9 @@ device has them).
   valid positions are pooled to (B, C).
 Positions enter as a learned or sinusoidal table added to the token embeddings, or (alibi) as a
 penalty on attention scores linear in the distance between query and key, one slope per head.
+With conv_kernel > 0 each block starts with x + Conv(LN(x)), a depthwise convolution over time
+(Conformer's convolution module, Gulati et al. 2020), so attention compares phrases, not single
+words.
 """
 
 from __future__ import annotations
@@ -56,9 +59,37 @@ class SelfAttention(nn.Module):
         return self.proj(y), weights
 
 
-class Block(nn.Module):
-    def __init__(self, d_model: int, n_heads: int, mlp_ratio: int, dropout: float):
+class LocalConv(nn.Module):
+    """Residual depthwise convolution: each channel mixes `kernel` neighbouring positions (a learned
+    n-gram feature that attention would otherwise have to assemble from positions), then a
+    pointwise projection mixes channels. Causal models pad on the left only, so position t reads
+    t-k+1..t. Padding is zeroed before every convolution: a valid position next to it reads zeros,
+    exactly as at the end of a sequence batched alone."""
+
+    def __init__(self, d_model: int, kernel: int, dropout: float, causal: bool):
         super().__init__()
+        self.ln = nn.LayerNorm(d_model)
+        self.dw = nn.Conv1d(d_model, d_model, kernel, groups=d_model)
+        self.pw = nn.Linear(d_model, d_model)
+        self.drop = nn.Dropout(dropout)
+        self.left = kernel - 1 if causal else (kernel - 1) // 2
+        self.right = kernel - 1 - self.left
+
+    def forward(self, x: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.Tensor:
+        """x (B, T, C), valid (B, T, 1) float, 1 at real tokens, or None -> (B, T, C)."""
+        h = self.ln(x)
+        if valid is not None:
+            h = h * valid
+        h = F.pad(h.transpose(1, 2), (self.left, self.right))  # (B, C, left + T + right)
+        h = F.gelu(self.dw(h)).transpose(1, 2)  # (B, T, C)
+        return x + self.drop(self.pw(h))
+
+
+class Block(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, mlp_ratio: int, dropout: float,
+                 conv_kernel: int = 0, causal: bool = False):
+        super().__init__()
+        self.conv = LocalConv(d_model, conv_kernel, dropout, causal) if conv_kernel else None
         self.ln1 = nn.LayerNorm(d_model)
         self.attn = SelfAttention(d_model, n_heads, dropout)
         self.ln2 = nn.LayerNorm(d_model)
@@ -68,7 +99,9 @@ class Block(nn.Module):
         )
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x, mask, causal, need_weights=False):
+    def forward(self, x, mask, causal, need_weights=False, valid=None):
+        if self.conv is not None:
+            x = self.conv(x, valid)
         a, weights = self.attn(self.ln1(x), mask, causal, need_weights)
         x = x + self.drop(a)
         x = x + self.mlp(self.ln2(x))
@@ -118,6 +151,7 @@ class AttentionModel(nn.Module):
         word_dropout: float = 0.0,
         positional: str = "learned",
         pooling: str = "mean",
+        conv_kernel: int = 0,
         tie_weights: bool = True,
     ):
         super().__init__()
@@ -136,7 +170,8 @@ class AttentionModel(nn.Module):
             # tokens and a classifier starts out seeing positions only
             self.register_buffer("pos_emb", 0.02 * sinusoidal_table(max_len, d_model), persistent=False)
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(Block(d_model, n_heads, mlp_ratio, dropout) for _ in range(n_layers))
+        self.blocks = nn.ModuleList(Block(d_model, n_heads, mlp_ratio, dropout, conv_kernel, task == "lm")
+                                    for _ in range(n_layers))
         self.ln_f = nn.LayerNorm(d_model)
         self.pool = MaskedPooling(pooling, d_model) if task == "classify" else None
         self.head = nn.Linear(d_model, num_outputs, bias=task == "classify")
@@ -145,10 +180,13 @@ class AttentionModel(nn.Module):
             self.head.weight = self.tok_emb.weight
 
     def _init_weights(self, n_layers: int) -> None:
-        # GPT-2 init: N(0, 0.02); residual projections scaled by 1/sqrt(2 * layers)
+        # GPT-2 init: N(0, 0.02); residual projections scaled by 1/sqrt(2 * layers). The depthwise
+        # convolution keeps torch's init (~1/sqrt(kernel)): at 0.02 it and the small projection
+        # after it would each hold back the other's gradient.
         for name, p in self.named_parameters():
-            if p.dim() >= 2:
-                std = 0.02 / math.sqrt(2 * n_layers) if name.endswith(("proj.weight", "mlp.2.weight")) else 0.02
+            if p.dim() >= 2 and not name.endswith("dw.weight"):
+                residual = name.endswith(("proj.weight", "mlp.2.weight", "pw.weight"))
+                std = 0.02 / math.sqrt(2 * n_layers) if residual else 0.02
                 nn.init.normal_(p, 0.0, std)
             elif name.endswith("bias"):
                 nn.init.zeros_(p)
@@ -163,9 +201,12 @@ class AttentionModel(nn.Module):
         causal = self.task == "lm"
         # built once for every block; with ALiBi the mask itself is causal (mask_causal False)
         mask, mask_causal = self.attention_mask(T, None if causal else lengths, causal, tokens.device)
+        valid = None  # (B, T, 1), 1 at real tokens: the convolutions must not read padding
+        if lengths is not None and any(b.conv is not None for b in self.blocks):
+            valid = length_mask(lengths.to(x.device), T)[:, :, None].to(x.dtype)
         maps = []
         for block in self.blocks:
-            x, w = block(x, mask, mask_causal, need_weights)
+            x, w = block(x, mask, mask_causal, need_weights, valid)
             maps.append(w)
         x = self.ln_f(x)
         if causal:
