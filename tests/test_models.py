@@ -188,7 +188,8 @@ def test_tokens_are_not_drowned_by_positions(positional):
 @pytest.mark.parametrize("causal", [False, True])
 def test_convolution_reads_its_window_only(kernel, causal):
     """A change at position 5 reaches exactly the positions whose window covers it: 4..6 for a
-    width-3 encoder convolution (4..7 for width 4), 5..5+k-1 for a causal one."""
+    width-3 encoder convolution (3..6 for width 4: one token left, two right), 5..5+k-1 for a
+    causal one."""
     conv = LocalConv(8, kernel, dropout=0.0, causal=causal).eval()
     x = torch.randn(1, 12, 8)
     y = x.clone()

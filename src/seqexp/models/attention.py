@@ -75,11 +75,11 @@ class LocalConv(nn.Module):
         self.left = kernel - 1 if causal else (kernel - 1) // 2
         self.right = kernel - 1 - self.left
 
-    def forward(self, x: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.Tensor:
-        """x (B, T, C), valid (B, T, 1) float, 1 at real tokens, or None -> (B, T, C)."""
+    def forward(self, x: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
+        """x (B, T, C), keep (B, T) bool, True at real tokens, or None -> (B, T, C)."""
         h = self.ln(x)
-        if valid is not None:
-            h = h * valid
+        if keep is not None:
+            h = h.masked_fill(~keep[:, :, None], 0.0)
         h = F.pad(h.transpose(1, 2), (self.left, self.right))  # (B, C, left + T + right)
         h = F.gelu(self.dw(h)).transpose(1, 2)  # (B, T, C)
         return x + self.drop(self.pw(h))
@@ -99,9 +99,9 @@ class Block(nn.Module):
         )
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x, mask, causal, need_weights=False, valid=None):
+    def forward(self, x, mask, causal, need_weights=False, keep=None):
         if self.conv is not None:
-            x = self.conv(x, valid)
+            x = self.conv(x, keep)
         a, weights = self.attn(self.ln1(x), mask, causal, need_weights)
         x = x + self.drop(a)
         x = x + self.mlp(self.ln2(x))
@@ -199,14 +199,13 @@ class AttentionModel(nn.Module):
         x = embed_words(self.tok_emb, tokens, self.word_dropout)  # (B, T, C)
         x = self.drop(x if self.alibi else x + self.pos_emb[:T])
         causal = self.task == "lm"
+        # (B, T) True at real tokens, or None when all are: padding for attention and convolutions
+        keep = None if causal or lengths is None else length_mask(lengths.to(tokens.device), T)
         # built once for every block; with ALiBi the mask itself is causal (mask_causal False)
-        mask, mask_causal = self.attention_mask(T, None if causal else lengths, causal, tokens.device)
-        valid = None  # (B, T, 1), 1 at real tokens: the convolutions must not read padding
-        if lengths is not None and any(b.conv is not None for b in self.blocks):
-            valid = length_mask(lengths.to(x.device), T)[:, :, None].to(x.dtype)
+        mask, mask_causal = self.attention_mask(T, keep, causal, tokens.device)
         maps = []
         for block in self.blocks:
-            x, w = block(x, mask, mask_causal, need_weights, valid)
+            x, w = block(x, mask, mask_causal, need_weights, keep)
             maps.append(w)
         x = self.ln_f(x)
         if causal:
@@ -215,11 +214,12 @@ class AttentionModel(nn.Module):
             logits = self.head(self.pool(x, lengths_or_full(tokens, lengths)))  # (B, C)
         return logits, (maps if need_weights else None)
 
-    def attention_mask(self, T: int, lengths: Optional[torch.Tensor], causal: bool, device: torch.device):
-        """-> (mask, whether attention must still be made causal) for every block: the key padding mask (B, 1, 1, T), True = attend, or
-        None; with ALiBi one additive float mask (B|1, nh, T, T), the distance bias and -inf where
-        a key is padding or in the future, which then carries causality itself."""
-        mask = None if lengths is None else length_mask(lengths.to(device), T)[:, None, None, :]
+    def attention_mask(self, T: int, keep: Optional[torch.Tensor], causal: bool, device: torch.device):
+        """keep (B, T) bool, True at real tokens, or None -> (mask, whether attention must still be
+        made causal) for every block: the key padding mask (B, 1, 1, T), True = attend, or None;
+        with ALiBi one additive float mask (B|1, nh, T, T), the distance bias and -inf where a key
+        is padding or in the future, which then carries causality itself."""
+        mask = None if keep is None else keep[:, None, None, :]
         if not self.alibi:
             return mask, causal
         allowed = torch.ones(T, T, dtype=torch.bool, device=device)
