@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from seqexp.errors import UserError
+from seqexp.trust import check_file_config
 
 FORMAT = "seqexp-checkpoint/1"
 TMP_MARK = ".tmp-"
@@ -95,6 +96,10 @@ def load_checkpoint(path: Path) -> dict:
         raise damaged(str(e).splitlines()[0].split(". ")[0]) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise UserError(f"{path} is not a seqexp checkpoint (format {FORMAT} expected).")
+    check_file_config(ckpt.get("config"), path)  # before anything in it is imported or built
+    kwargs = ckpt.get("model_kwargs")
+    if not isinstance(kwargs, dict) or not all(isinstance(v, (int, str, type(None))) for v in kwargs.values()):
+        raise UserError(f"{path}: its model_kwargs are not plain values; not loaded.")
     return ckpt
 
 

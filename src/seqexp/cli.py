@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from seqexp.config import CONFIG_DIR
 from seqexp.errors import UserError
-from seqexp.resume import config_for_resume, resume_argv
+from seqexp.resume import config_for_resume, read_early, resume_argv
 
 log = logging.getLogger("seqexp")
 
@@ -86,6 +86,7 @@ def train_main() -> None:
     if os.environ.get("SEQEXP_DEBUG"):
         os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # config errors show their traceback too
     with user_errors():  # resume=: before Hydra, so that it uses the run's directory
+        read_early(sys.argv[1:])
         sys.argv[1:] = resume_argv(sys.argv[1:])
         if torchrun():
             if "-m" in sys.argv or "--multirun" in sys.argv:

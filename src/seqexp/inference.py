@@ -18,14 +18,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from hydra.errors import InstantiationException
-
 from seqexp.checkpoint import load_checkpoint
 from seqexp.data.char import CharVocab
 from seqexp.data.imdb import ReviewEncoder
 from seqexp.errors import UserError
 from seqexp.options import convert
-from seqexp.train import instantiate, pick_device
+from seqexp.build import instantiate, pick_device
 
 CHECKPOINT_NAMES = ("best.pt", "last.pt")  # best by the validation objective, else the latest
 
@@ -84,7 +82,7 @@ def build_model(ckpt: dict) -> torch.nn.Module:
     try:
         model = instantiate(ckpt["config"]["model"], **ckpt["model_kwargs"])
         model.load_state_dict(ckpt["model"])
-    except (InstantiationException, RuntimeError) as e:
+    except (TypeError, ValueError, RuntimeError) as e:
         raise UserError(f"could not rebuild the model ({target}) from the checkpoint: "
                         f"{str(e).splitlines()[0]}") from None
     return model
@@ -120,6 +118,8 @@ def build_data(ckpt: dict, overrides: dict[str, str] | None = None):
     cfg = copy.deepcopy(ckpt["config"]["data"])
     if ckpt["data"].get("kind") == "imdb":
         cfg.setdefault("val_split", "random")  # saved before data.val_split existed: reviews drawn at random
+    if "cache_dir" in cfg:  # a place on the machine that wrote the run: here, ours (trust.py), unless overridden
+        cfg["cache_dir"] = None
     for key, value in (overrides or {}).items():
         leaf = key.removeprefix("data.")
         if leaf not in cfg or leaf.startswith("_"):
@@ -129,10 +129,10 @@ def build_data(ckpt: dict, overrides: dict[str, str] | None = None):
     kind = ckpt["data"].get("kind")
     restore = RESTORE.get(kind, lambda state: {})(ckpt["data"])
     try:
-        data = instantiate(cfg, seed=ckpt["config"]["trainer"]["seed"], **restore, _convert_="all")
+        data = instantiate(cfg, seed=ckpt["config"]["trainer"]["seed"], **restore)
     except UserError as e:
         raise UserError(f"{e} (the run's data source; point data.path=... at a copy)") from None
-    except InstantiationException as e:
+    except (TypeError, ValueError) as e:
         raise UserError(f"could not rebuild the data ({cfg.get('_target_')}): {str(e).splitlines()[0]}") from None
     want, got = ckpt["model_kwargs"]["vocab_size"], data.model_kwargs()["vocab_size"]
     if want != got:  # ids would mean other tokens: every metric would be wrong

@@ -55,8 +55,37 @@ def resolve(spec: str, outputs: Path = OUTPUTS) -> tuple[Path, Path]:
     return ckpt.parent.parent, ckpt
 
 
+_read: dict[Path, dict] = {}  # checkpoint path -> its content: one read per resume
+
+
+def read(path: Path, keep: bool = True) -> dict:
+    """The checkpoint a resume continues from, read (and checked, trust.py) once per process.
+    `keep=False` hands it over: the last reader, train(), leaves no copy behind."""
+    from seqexp.checkpoint import load_checkpoint
+
+    path = Path(path).resolve()
+    ckpt = _read[path] if path in _read else load_checkpoint(path)
+    if keep:
+        _read[path] = ckpt
+    else:
+        _read.pop(path, None)
+    return ckpt
+
+
 def _hydra_quote(value: Path) -> str:
     return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _spec(argv: list[str]) -> Optional[str]:
+    specs = [a.split("=", 1)[1] for a in argv if a.startswith("resume=")]
+    return specs[-1] if specs and specs[-1] not in ("", "null") else None
+
+
+def read_early(argv: list[str]) -> None:
+    """Before Hydra starts (and writes its log into the run): read and check the checkpoint, so
+    that a crafted or damaged one is refused with nothing written."""
+    if (spec := _spec(argv)) is not None:
+        read(resolve(spec)[1])
 
 
 def resume_argv(argv: list[str]) -> list[str]:
@@ -64,12 +93,12 @@ def resume_argv(argv: list[str]) -> list[str]:
 
     `hydra.output_subdir=null` keeps the run's .hydra/config.yaml: the config it was started with.
     """
-    specs = [a.split("=", 1)[1] for a in argv if a.startswith("resume=")]
-    if not specs or specs[-1] in ("", "null"):
+    spec = _spec(argv)
+    if spec is None:
         return argv
     if "-m" in argv or "--multirun" in argv:
         raise UserError("resume= continues one run; it does not combine with -m/--multirun.")
-    run_dir, ckpt = resolve(specs[-1])
+    run_dir, ckpt = resolve(spec)
     keep = [a for a in argv if not a.startswith(("resume=", "hydra.run.dir=", "hydra.output_subdir="))]
     return [*keep, f"resume={_hydra_quote(ckpt)}", f"hydra.run.dir={_hydra_quote(run_dir)}",
             "hydra.output_subdir=null"]
@@ -120,11 +149,10 @@ def config_for_resume(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     `cfg` is what Hydra composed from the command line; only the keys the overrides name are
     taken from it (already type-checked by Hydra), the rest comes from the checkpoint.
     """
-    from seqexp.checkpoint import load_checkpoint
     from seqexp.config import TrainConfig
 
     _, path = resolve(cfg.resume)
-    merged = OmegaConf.create(load_checkpoint(path)["config"])
+    merged = OmegaConf.create(read(path)["config"])
     for o in overrides:
         key = o.lstrip("+~").split("=", 1)[0]
         if key == "resume":
@@ -144,12 +172,10 @@ def config_for_resume(cfg: DictConfig, overrides: list[str]) -> DictConfig:
 # ----------------------------------------------------------------------------- in train()
 def load(cfg: DictConfig, run_dir: Optional[Path]) -> tuple[Path, Path, dict]:
     """-> (run directory, checkpoint path, checkpoint), refusing changes to what is learned."""
-    from seqexp.checkpoint import load_checkpoint
-
     resumed_dir, path = resolve(cfg.resume)
     if run_dir is not None and Path(run_dir).resolve() != resumed_dir:
         raise UserError(f"resume continues in the run's own directory, {resumed_dir}, not in {run_dir}.")
-    ckpt = load_checkpoint(path)
+    ckpt = read(path, keep=False)
     check_config(ckpt, cfg, path)
     return resumed_dir, path, ckpt
 

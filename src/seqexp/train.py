@@ -7,17 +7,14 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate as hydra_instantiate
 from omegaconf import DictConfig
 
-from seqexp import distributed, resume
+from seqexp import distributed, resume, trust
+from seqexp.build import build_optimizer, instantiate, pick_device, seed_everything
 from seqexp.checkpoint import load_checkpoint, remove_stale_tmp
 from seqexp.config import to_container, validate
 from seqexp.data.shard import Sharded
@@ -30,44 +27,6 @@ from seqexp.trainer import Trainer
 from seqexp.visuals import make_visuals
 
 log = logging.getLogger("seqexp")
-
-
-def instantiate(node, **kwargs):
-    """hydra's instantiate, letting our own errors (bad data path, ...) through unwrapped."""
-    try:
-        return hydra_instantiate(node, **kwargs)
-    except InstantiationException as e:
-        if isinstance(e.__cause__, UserError):
-            raise e.__cause__ from None
-        raise
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)  # also seeds every CUDA device
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("trainer.device=cuda, but torch sees no CUDA device. Use trainer.device=cpu or auto.")
-    return torch.device(name)
-
-
-def build_optimizer(cfg: DictConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """Weight decay on matrices (linear and embedding weights) only; never on biases or norms."""
-    params = [p for p in model.parameters() if p.requires_grad]  # shared (tied) weights once
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2]},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    opt = instantiate(cfg, params=groups, _convert_="all")
-    for g in opt.param_groups:  # a list from YAML; torch documents a tuple
-        if "betas" in g:
-            g["betas"] = tuple(g["betas"])
-    return opt
 
 
 def evaluate_test(trainer: Trainer, logger: Logger) -> None:
@@ -88,6 +47,7 @@ def evaluate_test(trainer: Trainer, logger: Logger) -> None:
 def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     """With `cfg.resume` set, continues that run in its directory (run_dir may then be None)."""
     validate(cfg)  # cross-field checks: before any data is read
+    trust.allow(cfg)  # what this run builds, its own checkpoints may build again (test split)
     ckpt = None
     if cfg.get("resume"):  # refuses a changed model/data before anything is written
         run_dir, ckpt_path, ckpt = resume.load(cfg, run_dir)
@@ -102,7 +62,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     if dist is not None:
         device = dist.device
 
-    data = instantiate(cfg.data, seed=t.seed, _convert_="all")
+    data = instantiate(cfg.data, seed=t.seed)
     model_kwargs = data.model_kwargs()
     model = instantiate(cfg.model, **model_kwargs)
     if hasattr(model, "prepare") and ckpt is None:
