@@ -57,7 +57,7 @@ def explain_unknown_keys(argv: list[str], config_name: str = "train") -> None:
             print(f"hint: '{key}' is not a key of '{parent}'. Its keys: {keys}.", file=sys.stderr)
 
 
-@hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")
+@hydra.main(config_path="configs", config_name="train", version_base="1.3")  # seqexp/configs
 def _train(cfg: DictConfig) -> float | None:
     from seqexp.train import train  # torch imports after Hydra has checked the overrides
 

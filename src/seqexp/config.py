@@ -24,7 +24,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from seqexp.data.aclimdb import SHA256 as IMDB_SHA256, URL as IMDB_URL
 from seqexp.errors import UserError
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # package data: installed with seqexp
 
 
 class Cell(StrEnum):
