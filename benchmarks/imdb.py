@@ -34,7 +34,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from seqexp.config import CONFIG_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
-EXPERIMENTS = ["imdb_rnn", "imdb_gru", "imdb_lstm", "imdb_attention", "imdb_ngram"]
+# one row per model family: every model config (configs/model/NAME.yaml) that has an IMDB
+# experiment named after it (configs/experiment/imdb_NAME.yaml); a new family's pair joins the table
+EXPERIMENTS = sorted(f"imdb_{m.stem}" for m in (CONFIG_DIR / "model").glob("*.yaml")
+                     if (CONFIG_DIR / "experiment" / f"imdb_{m.stem}.yaml").is_file())
 # a smoke test: a few steps on short reviews (the test split is still evaluated in full)
 QUICK = ["trainer.max_steps=4", "trainer.eval_every=2", "trainer.checkpoint_every=2", "data.max_len=32"]
 

@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 
-import seqexp.train
+from seqexp.build import build_data, build_model, build_optimizer, instantiate, pick_device, seed_everything
 from seqexp.config import CONFIG_DIR
-from seqexp.tasks import detach_state, to_device
-from seqexp.train import build_optimizer, instantiate, pick_device, seed_everything, train
+from seqexp.tasks import Classification, detach_state, to_device
+from seqexp.train import train
 from seqexp.trainer import Trainer
 
 IGNORE = -100
@@ -61,7 +61,7 @@ def seqexp_loop(cfg) -> float:
         return out
 
     # a dataset with a test split (IMDB) is evaluated after fit on best.pt, which is never written here
-    with patch.object(Trainer, "fit", timed_fit), patch.object(seqexp.train, "evaluate_test", lambda *a: None), \
+    with patch.object(Trainer, "fit", timed_fit), patch.object(Classification, "after_training", lambda *a: None), \
             tempfile.TemporaryDirectory() as tmp:
         train(cfg, tmp)
     return seconds[0]
@@ -72,10 +72,10 @@ def hand_loop(cfg) -> float:
     t = cfg.trainer
     seed_everything(t.seed)
     device = pick_device(str(t.device))
-    data = instantiate(cfg.data, seed=t.seed, _convert_="all")
-    model = instantiate(cfg.model, **data.model_kwargs())
-    if hasattr(model, "prepare"):  # data-dependent initialisation (n-gram), as train() does
-        model.prepare(data.batches("train", epoch=0))
+    data = build_data(cfg.data, seed=t.seed)
+    model = build_model(cfg.model, data.model_kwargs())
+    # data-dependent set-up (the n-gram model's features), as train() does
+    model.prepare(lambda: data.batches("train", stateful=model.stateful, epoch=0))
     model = model.to(device)
     net = torch.compile(model) if t.compile else model
     opt = build_optimizer(cfg.optimizer, model)
@@ -83,6 +83,7 @@ def hand_loop(cfg) -> float:
     dtype = DTYPES.get(str(t.precision))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
     stateful = model.stateful
+    lm = data.model_kwargs()["task"] == "lm"  # the task's name
     batches = []
     epoch = 0
     while len(batches) < t.max_steps:
@@ -99,7 +100,7 @@ def hand_loop(cfg) -> float:
     for b in batches:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             logits, new_state = net(b["tokens"], b.get("lengths"), state if b["carry"] else None)
-        if data.task == "lm":  # (B, T, V) against (B, T), padding marked IGNORE
+        if lm:  # (B, T, V) against (B, T), padding marked IGNORE
             loss = F.cross_entropy(logits.flatten(0, 1).float(), b["targets"].flatten(), ignore_index=IGNORE)
         else:  # classification: (B, C) against (B,)
             loss = F.cross_entropy(logits.float(), b["targets"])

@@ -43,6 +43,12 @@ def tiny_overrides(model: str, text: Path, *extra: str) -> list[str]:
             "scheduler.warmup_steps=2", "logging.sample_chars=20", *extra]
 
 
+@pytest.fixture(autouse=True)
+def fast_download_retries(monkeypatch):
+    """A retried download (data/download.py) waits milliseconds in tests, not seconds."""
+    monkeypatch.setattr("seqexp.data.download.BACKOFF", 0.01)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models gain nothing from a second thread, and lose much when the cores are busy.

@@ -80,7 +80,7 @@ def test_stdlib_corpus_is_deterministic_and_capped():
 @pytest.mark.parametrize("content,expect", [
     (None, "no such file"),
     (b"", "is empty"),
-    (b"   \n", "is empty"),
+    (b"   \n", "has no text"),  # whitespace only: not "empty" (issue 22)
     (b"caf\xe9 latin-1", "not UTF-8"),
 ])
 def test_bad_text_files_name_the_file(tmp_path, content, expect):

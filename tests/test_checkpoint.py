@@ -16,9 +16,10 @@ import pytest
 import torch
 
 import seqexp.checkpoint
-from seqexp.checkpoint import FORMAT, load_checkpoint, load_model_state, save_checkpoint
+from seqexp.build import instantiate
+from seqexp.checkpoint import FORMAT, load_checkpoint, load_model_state, write
 from seqexp.errors import UserError
-from seqexp.train import instantiate, train
+from seqexp.train import train
 from tests.conftest import ROOT, make_cfg, tiny_overrides
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -127,7 +128,7 @@ def good_checkpoint(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 2)
     path = tmp_path_factory.mktemp("ckpt") / "good.pt"
-    save_checkpoint(path, {"format": FORMAT, "model": model.state_dict(), "trainer": {"step": 1}})
+    write(path, {"format": FORMAT, "model": model.state_dict(), "trainer": {"step": 1}})
     return path
 
 
@@ -204,3 +205,129 @@ def test_stale_temporaries_are_removed_at_start(tiny_text, tmp_path):
     keep.write_text("mine")
     train(make_cfg(*tiny_overrides("rnn", tiny_text, "trainer.max_steps=2")), tmp_path)
     assert temporaries(ckpts) == [] and temporaries(tmp_path) == [] and keep.read_text() == "mine"
+
+
+def test_atomic_write_fsyncs_the_file_then_its_directory(tmp_path, monkeypatch):
+    """The rename itself must reach the disk: without the directory's fsync a power cut can leave
+    the old name pointing at the old file (or at nothing)."""
+    import stat
+
+    synced, real = [], os.fsync
+
+    def fsync(fd):
+        synced.append("dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    seqexp.checkpoint.atomic_write(tmp_path / "f.bin", lambda f: f.write(b"x"))
+    assert synced == ["file", "dir"] and (tmp_path / "f.bin").read_bytes() == b"x"
+
+
+def test_write_json_is_strict_json(tmp_path):
+    """Python's json writes bare NaN/Infinity, which strict parsers reject: they become null."""
+    seqexp.checkpoint.write_json(tmp_path / "m.json", {"a": float("nan"), "b": [float("inf"), 1.5], "c": {"d": -float("inf")}})
+    assert json.loads((tmp_path / "m.json").read_text(), parse_constant=refuse) == {"a": None, "b": [None, 1.5],
+                                                                                   "c": {"d": None}}
+
+
+def refuse(name: str):
+    raise AssertionError(f"not strict JSON: {name}")
+
+
+# ----------------------------------------------------------------------------- digest
+def test_digest_is_of_the_content_not_the_bytes(tmp_path):
+    from seqexp.checkpoint import digest
+
+    obj = {"model": {"w": torch.arange(6.0).reshape(2, 3), "b": torch.zeros(0), "h": torch.ones(2, dtype=torch.bfloat16)},
+           "trainer": {"step": 3, "best": None, "rng": (3, (1, 2), None), "opt": {0: {"lr": 0.1}, "x": float("nan")}}}
+    torch.save(obj, tmp_path / "a.pt")
+    assert digest(torch.load(tmp_path / "a.pt", weights_only=True)) == digest(obj)  # what load gives back
+    assert digest(dict(reversed(list(obj.items())))) == digest(obj)  # key order does not matter
+    changed = {**obj, "model": {**obj["model"], "w": obj["model"]["w"].clone()}}
+    changed["model"]["w"][1, 2] = 5.000001
+    assert digest(changed) != digest(obj)
+    assert digest({"w": torch.ones(2, 3)}) != digest({"w": torch.ones(3, 2)})  # the shape counts
+    assert digest({"w": torch.ones(2)}) != digest({"w": torch.ones(2, dtype=torch.float64)})  # and the dtype
+    assert digest({"a": 1}) != digest({"a": 1.0}) != digest({"a": "1"})
+
+
+def flat(x, key: str = "") -> dict[str, torch.Tensor]:
+    if torch.is_tensor(x):
+        return {key: x}
+    items = x.items() if isinstance(x, dict) else enumerate(x) if isinstance(x, (list, tuple)) else []
+    return {k: v for i, y in items for k, v in flat(y, f"{key}.{i}" if key else str(i)).items()}
+
+
+def damage_tensor(path: Path, where: str) -> str:
+    """Flip bytes inside the data of one tensor whose key starts with `where`, as bit rot or a bad
+    copy would: the archive stays valid and torch.load does not notice. -> the key damaged."""
+    import zipfile
+
+    original, data = flat(torch.load(path, weights_only=True)), path.read_bytes()
+    with zipfile.ZipFile(path) as z:
+        records = [i for i in z.infolist() if "/data/" in i.filename and i.file_size >= 4]
+    for info in records:
+        at = info.header_offset  # torch stores members uncompressed: the data follows the local header
+        start = at + 30 + int.from_bytes(data[at + 26:at + 28], "little") + int.from_bytes(data[at + 28:at + 30], "little")
+        damaged = bytearray(data)
+        damaged[start:start + 4] = bytes(b ^ 0x5A for b in data[start:start + 4])
+        trial = path.with_name("trial.bin")
+        trial.write_bytes(damaged)
+        changed = [k for k, v in flat(torch.load(trial, weights_only=True)).items() if not torch.equal(v, original[k])]
+        trial.unlink()
+        if changed and all(k.startswith(where) for k in changed):
+            path.write_bytes(damaged)
+            return changed[0]
+    raise AssertionError(f"no tensor under {where} in {path}")
+
+
+def test_corrupt_bytes_in_a_checkpoint_are_detected(tiny_text, tmp_path, capsys):
+    """Issue 22 items 3 and 4: a damaged tensor is a one-line "corrupt" error (exit 2) naming the
+    file and the run's other checkpoints -- weights and optimizer state alike; before, evaluate
+    printed val/loss nan with exit 0."""
+    from seqexp.commands import evaluate
+
+    run = tmp_path / "run"
+    train(make_cfg(*tiny_overrides("rnn", tiny_text, "trainer.max_steps=4", "trainer.eval_every=2",
+                                   "trainer.checkpoint_every=2", "logging.sample_chars=0")), run)
+    ckpts = run / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("*.pt")) == ["best.pt", "last.pt", "step_000002.pt", "step_000004.pt"]
+    assert damage_tensor(ckpts / "best.pt", "model.")
+    with pytest.raises(SystemExit) as e:
+        evaluate.main([str(run)])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1, err
+    assert "corrupt" in err and str(ckpts / "best.pt") in err
+    assert "last.pt, step_000002.pt, step_000004.pt" in err  # the others, not best.pt itself
+
+    assert damage_tensor(ckpts / "last.pt", "trainer.optimizer.")  # never used by evaluate: caught all the same
+    with pytest.raises(UserError, match=r"last\.pt is not a readable checkpoint \(truncated or corrupt: its content") as e:
+        load_checkpoint(ckpts / "last.pt")
+    assert "best.pt, step_000002.pt, step_000004.pt" in str(e.value)
+    with pytest.raises(UserError, match="corrupt"):  # a resume says so too, not "lower optimizer.lr" later
+        train(make_cfg(*tiny_overrides("rnn", tiny_text, f"resume={run}")))
+
+
+def test_checkpoints_without_a_digest_still_load(tmp_path):
+    """Files written before the digest existed (tests/fixtures/legacy) load as they are; one saved
+    with the weight average says so by trainer["weights"] alone, and is read as "averaged"."""
+    legacy = Path(__file__).parent / "fixtures" / "legacy" / "runs"
+    plain, averaged = (load_checkpoint(legacy / name / "checkpoints" / "last.pt") for name in ("lm_rnn", "lm_lstm"))
+    assert "digest" not in plain and "digest" not in averaged
+    assert plain["averaged"] is False and averaged["averaged"] is True
+    from seqexp.checkpoint import ema_state, trained_weights
+
+    assert trained_weights(averaged) is averaged["trainer"]["weights"] and trained_weights(plain) is plain["model"]
+    assert ema_state(plain) is None and ema_state(averaged)["average"] is averaged["model"]
+
+
+def test_nonfinite_entries_are_found_in_weights_and_optimizer_state():
+    from seqexp.checkpoint import nonfinite
+
+    model = torch.nn.Linear(2, 2)
+    opt_state = {"state": {0: {"step": torch.tensor(1.0), "exp_avg_sq": torch.tensor([1.0, float("inf")])}}}
+    ckpt = {"model": model.state_dict(), "trainer": {"optimizer": opt_state, "carried": (torch.zeros(1), None),
+                                                     "rng": {"numpy": ["MT19937", torch.arange(3)]}}}
+    assert nonfinite(ckpt) == ["trainer.optimizer.state.0.exp_avg_sq"]
+    ckpt["model"]["bias"][0] = float("nan")
+    assert nonfinite(ckpt) == ["model.bias", "trainer.optimizer.state.0.exp_avg_sq"]

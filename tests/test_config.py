@@ -10,9 +10,9 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf import open_dict
 
+from seqexp.build import build_optimizer, instantiate
 from seqexp.config import CONFIG_DIR, validate
 from seqexp.errors import UserError
-from seqexp.train import build_optimizer, instantiate
 from tests.conftest import ROOT, make_cfg
 
 GROUPS = {g: sorted(p.stem for p in (CONFIG_DIR / g).glob("*.yaml"))

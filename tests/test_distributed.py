@@ -72,7 +72,7 @@ def test_two_processes_train_as_one_with_the_same_global_batch(kind, model, requ
     assert len(runs) == 1, runs  # one run directory, not one per rank
     ddp = runs[0]
     assert sorted(f for f in files(ddp) if not f.startswith(".hydra/")) == sorted(
-        ["cli.log", "metrics.json", *(f"checkpoints/{c}" for c in ("best.pt", "last.pt", "step_000006.pt",
+        ["seqexp.log", "metrics.json", *(f"checkpoints/{c}" for c in ("best.pt", "last.pt", "step_000006.pt",
                                                                   "step_000012.pt")),
          next(f for f in files(ddp) if f.startswith("events.out.tfevents."))])  # one event file: rank 0's
 

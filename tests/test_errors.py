@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from seqexp.cli import user_errors
+from seqexp.errors import user_errors
 from seqexp.errors import UserError
 from seqexp.train import train
 from tests.conftest import ROOT, make_cfg, tiny_overrides

@@ -16,13 +16,14 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import seqexp.data.imdb as imdb
+from seqexp.build import instantiate
 from seqexp.checkpoint import load_checkpoint
 from seqexp.config import CONFIG_DIR, validate
 from seqexp.data.imdb import VAL_BLOCK, ImdbData, encode_text, validation_split
 from seqexp.data.text import PAD, PAD_ID, UNK, UNK_ID, tokenize
 from seqexp.errors import UserError
 from seqexp.tasks import Classification
-from seqexp.train import instantiate, train
+from seqexp.train import train
 from tests.conftest import TINY, imdb_overrides, make_cfg, synthetic_reviews, write_archive
 
 @pytest.fixture(scope="session")
@@ -322,7 +323,7 @@ def test_padding_invariance_through_the_pipeline(name, archive, tmp_path):
     cfg = make_cfg("data=imdb", *TINY[name], *extra)
     model = instantiate(cfg.model, **d.model_kwargs()).eval()
     if name == "ngram":
-        model.prepare(d.batches("train"))
+        model.prepare(lambda: d.batches("train"))
     alone = d.collate(s, short)
     mixed = d.collate(s, torch.cat([longest[:1], short, longest[1:]]))
     assert mixed["tokens"].shape[1] > alone["tokens"].shape[1] * 4  # really padded
@@ -348,7 +349,7 @@ def test_end_to_end_run_tests_the_best_checkpoint(name, archive, tmp_path):
     model = instantiate(ckpt["config"]["model"], **ckpt["model_kwargs"])
     model.load_state_dict(ckpt["model"])
     again = data(archive, tmp_path / "cache", seed=ckpt["config"]["trainer"]["seed"], min_freq=1, max_len=64,
-                 batch_size=8, itos=ckpt["data"]["itos"])
+                 batch_size=8, saved=ckpt["data"])
     retest = Classification().evaluate(model, again.batches("test"), torch.device("cpu"),
                                        lambda: torch.autocast("cpu", enabled=False))
     assert retest["loss"] == pytest.approx(test["test/loss"], rel=1e-5)
@@ -369,7 +370,7 @@ def test_the_classifier_fits_its_training_reviews(archive, tmp_path):
     ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
     model = instantiate(ckpt["config"]["model"], **ckpt["model_kwargs"])
     model.load_state_dict(ckpt["model"])
-    d = data(archive, tmp_path / "cache", min_freq=1, max_len=64, itos=ckpt["data"]["itos"],
+    d = data(archive, tmp_path / "cache", min_freq=1, max_len=64, saved=ckpt["data"],
              seed=ckpt["config"]["trainer"]["seed"])  # the run's split: its training reviews
     fit = Classification().evaluate(model, d.batches("train"), torch.device("cpu"), lambda: torch.autocast("cpu", enabled=False))
     assert fit["acc"] == 1.0 and fit["loss"] < 0.05, fit

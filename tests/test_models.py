@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from seqexp.models.attention import AttentionModel, LocalConv
-from seqexp.models.heads import embed_words
+from seqexp.models.layers import embed_words
 from seqexp.models.recurrent import RecurrentModel
 
 V, C = 23, 2

@@ -42,7 +42,7 @@ def test_prepare_picks_frequent_ngrams_and_their_naive_bayes_sign():
     m = model(n=2, min_count=2)
     # "3 4" occurs only in positive reviews, "5" only in negative ones, "6" in both; "8" once
     b = batch([[3, 4, 6], [3, 4, 2], [5, 6], [5, 8]], [1, 1, 0, 0])
-    m.prepare([b])
+    m.prepare(lambda: [b])
     assert m.num_features == 5  # 3, 4, (3,4), 5, 6
     f = m.features(*(batch([[3, 4], [5], [6], [8]], [0, 0, 0, 0])[k] for k in ("tokens", "lengths")))
     assert (f[3] == 0).all()  # "8" was seen once: not a feature
@@ -57,14 +57,14 @@ def test_prepare_picks_frequent_ngrams_and_their_naive_bayes_sign():
 
 def test_prepare_keeps_the_most_frequent_when_capped():
     m = model(n=1, max_features=2)
-    m.prepare([batch([[3, 3, 4], [3, 4, 5], [3, 4, 6]], [0, 1, 1])])
+    m.prepare(lambda: [batch([[3, 3, 4], [3, 4, 5], [3, 4, 6]], [0, 1, 1])])
     assert m.num_features == 2
     assert m.keys[:2].tolist() == [3 + (1 << 58), 4 + (1 << 58)] and (m.keys[2:] == NONE).all()
 
 
 def test_padding_never_changes_the_logits():
     m = model(n=3)
-    m.prepare([batch([[1, 2, 3, 4], [2, 3, 4, 5, 6, 7]], [0, 1])])
+    m.prepare(lambda: [batch([[1, 2, 3, 4], [2, 3, 4, 5, 6, 7]], [0, 1])])
     alone, _ = m(torch.tensor([[2, 3, 4]]), torch.tensor([3]))
     padded = torch.tensor([[2, 3, 4, 9, 9, 9], [1, 2, 3, 4, 5, 6]])
     together, _ = m(padded, torch.tensor([3, 6]))
@@ -73,7 +73,7 @@ def test_padding_never_changes_the_logits():
 
 def test_a_checkpoint_loads_into_a_freshly_built_model():
     m = model(n=2)
-    m.prepare([batch([[1, 2, 3], [4, 5]], [0, 1])])
+    m.prepare(lambda: [batch([[1, 2, 3], [4, 5]], [0, 1])])
     x, lengths = torch.tensor([[1, 2, 5]]), torch.tensor([3])
     fresh = model(n=2)
     fresh.load_state_dict(m.state_dict())
@@ -82,7 +82,7 @@ def test_a_checkpoint_loads_into_a_freshly_built_model():
 
 def test_gradients_reach_the_votes_and_gates():
     m = model(n=2)
-    m.prepare([batch([[1, 2, 3], [4, 5]], [0, 1])])
+    m.prepare(lambda: [batch([[1, 2, 3], [4, 5]], [0, 1])])
     logits, _ = m(*(batch([[1, 2], [4, 5]], [0, 1])[k] for k in ("tokens", "lengths")))
     torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1])).backward()
     for name, p in m.named_parameters():

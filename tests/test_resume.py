@@ -169,7 +169,7 @@ def test_resume_with_weight_averaging_is_exact_and_needs_the_average(request, tm
 
     def restore_without_average(self, ckpt, path):
         original(self, ckpt, path)
-        self.ema = [p.detach().clone() for p in self.params]
+        self.ema.average = [p.detach().clone() for p in self.params]
 
     monkeypatch.setattr(Trainer, "restore", restore_without_average)
     resume_run(overrides, partial)

@@ -1,5 +1,6 @@
 """Sweeps end to end: real multiruns of tiny jobs (basic and joblib launchers, Optuna), failed and
-re-run jobs, the summary, and the HParams entries read back by a real TensorBoard server."""
+re-run jobs, real signals that interrupt a sweep, the summary, and the HParams entries read back by
+a real TensorBoard server."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -35,6 +37,10 @@ trainer: {{max_steps: 8, eval_every: 4, checkpoint_every: 4, log_every: 2, progr
 scheduler: {{warmup_steps: 2}}
 logging: {{sample_chars: 0}}
 """
+# Jobs that are still training when a test signals them: last.pt every 5 steps, and hundreds of
+# steps (about 3 ms each) after it. A re-run finishes them with the same config.
+LONG = TINY.replace("max_steps: 8, eval_every: 4, checkpoint_every: 4, log_every: 2",
+                    "max_steps: 600, eval_every: 300, checkpoint_every: 5, log_every: 100")
 MISSING = "/nonexistent/corpus.txt"
 
 
@@ -43,16 +49,22 @@ def conf_dir(tmp_path_factory, tiny_text) -> Path:
     d = tmp_path_factory.mktemp("conf")
     (d / "experiment").mkdir()
     (d / "experiment" / "tiny.yaml").write_text(TINY.format(text=tiny_text))
+    (d / "experiment" / "long.yaml").write_text(LONG.format(text=tiny_text))
     return d
 
 
-def multirun(conf_dir: Path, sweep_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    # one thread: for jobs this small, more only spin-wait for cores other processes hold
-    return subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "train.py"), "-m", *overrides, "experiment=tiny",
-         f"hydra.searchpath=[file://{conf_dir}]", f"hydra.sweep.dir={sweep_dir}"],
-        capture_output=True, text=True, cwd=sweep_dir.parent, timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"})
+def multirun_command(conf_dir: Path, sweep_dir: Path, *overrides: str, experiment: str = "tiny") -> list[str]:
+    return [sys.executable, str(ROOT / "scripts" / "train.py"), "-m", *overrides, f"experiment={experiment}",
+            f"hydra.searchpath=[file://{conf_dir}]", f"hydra.sweep.dir={sweep_dir}"]
+
+
+# one thread: for jobs this small, more only spin-wait for cores other processes hold
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def multirun(conf_dir: Path, sweep_dir: Path, *overrides: str, experiment: str = "tiny") -> subprocess.CompletedProcess:
+    return subprocess.run(multirun_command(conf_dir, sweep_dir, *overrides, experiment=experiment),
+                          capture_output=True, text=True, cwd=sweep_dir.parent, timeout=300, env=ENV)
 
 
 def job_dirs(sweep_dir: Path) -> list[Path]:
@@ -218,7 +230,8 @@ def joblib_sweep(conf_dir, tiny_text, tmp_path_factory):
     sweep = tmp_path_factory.mktemp("joblib") / "sweep"
     r = multirun(conf_dir, sweep, f"data.path={tiny_text},{MISSING}", "optimizer.lr=1e-3,3e-3",
                  "hydra/launcher=joblib", "hydra.launcher.n_jobs=2")
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 2, r.stderr[-3000:]  # jobs failed: non-zero, after the summary
+    assert "error: 2 of 4 jobs failed: " in r.stderr and (sweep / "summary.csv").is_file()
     return sweep
 
 
@@ -243,7 +256,7 @@ def test_joblib_sweep_records_failed_jobs_and_runs_the_others(joblib_sweep):
 
 def test_rerun_retries_failed_jobs_only(joblib_sweep, conf_dir, tiny_text):
     r = multirun(conf_dir, joblib_sweep, f"data.path={tiny_text},{MISSING}", "optimizer.lr=1e-3,3e-3")
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 2, r.stderr[-3000:]  # they failed again
     out = r.stdout + r.stderr
     assert out.count("finished in an earlier run of this sweep; skipped") == 2
     assert out.count(f"no such file: {MISSING}") >= 2  # tried again, failed again
@@ -256,6 +269,7 @@ def test_fail_fast_stops_the_sweep_at_the_first_failure(conf_dir, tiny_text, tmp
     assert r.returncode == 2
     assert "sweep stopped (sweep.fail_fast=true)" in r.stderr
     assert [j.name for j in job_dirs(sweep)] == ["0_data.path=_nonexistent_corpus.txt,model=rnn"]
+    assert [r["status"] for r in summary_rows(sweep)] == ["failed"]  # the summary is written first
 
 
 def test_a_job_failing_mid_training_keeps_its_last_evaluation(tiny_text, tmp_path, monkeypatch):
@@ -278,6 +292,116 @@ def test_a_job_failing_mid_training_keeps_its_last_evaluation(tiny_text, tmp_pat
         run_sweep_job(bad, hydra_cfg("1_b", ["model.n_heads=3"]))
     assert e.value.code == 2
     assert "divisible" in metrics(tmp_path / "1_b")["error"]
+
+
+# ----------------------------------------------------------------------------- interrupts
+def start_multirun(conf_dir: Path, sweep_dir: Path, *overrides: str, **popen) -> subprocess.Popen:
+    """A sweep in the background; its output goes to files (a full pipe would stall it)."""
+    sweep_dir.parent.mkdir(parents=True, exist_ok=True)
+    out = open(sweep_dir.parent / "sweep.out", "w")
+    err = open(sweep_dir.parent / "sweep.err", "w")
+    with out, err:
+        return subprocess.Popen(multirun_command(conf_dir, sweep_dir, *overrides, experiment="long"),
+                                cwd=sweep_dir.parent, env=ENV, stdout=out, stderr=err, text=True, **popen)
+
+
+def wait_for_checkpoints(proc: subprocess.Popen, jobs: list[Path], timeout: float = 120) -> None:
+    """Until every job in `jobs` has written checkpoints/last.pt: they are training."""
+    deadline = time.monotonic() + timeout
+    while not all((j / "checkpoints" / "last.pt").exists() for j in jobs):
+        assert proc.poll() is None, f"exited with {proc.returncode} first"
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"no checkpoints in {jobs} after {timeout} s")
+        time.sleep(0.02)
+
+
+def finish(proc: subprocess.Popen, sweep_dir: Path) -> str:
+    """Its stderr, once it has exited (its whole process group is killed if it does not)."""
+    try:
+        proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    return (sweep_dir.parent / "sweep.err").read_text()
+
+
+def check_interrupted(sweep_dir: Path, jobs: list[Path], err: str) -> None:
+    """Each job saved last.pt at the step it stopped after, and is `interrupted` in its metrics.json,
+    its HParams entry, the summary and the sweep's last words; no other job directory exists."""
+    from seqexp.checkpoint import load_checkpoint
+
+    assert job_dirs(sweep_dir) == jobs
+    rows = {r["job"]: r for r in summary_rows(sweep_dir)}
+    assert set(rows) == {j.name for j in jobs}
+    for job in jobs:
+        m = metrics(job)
+        assert m["status"] == "interrupted" and rows[job.name]["status"] == "interrupted"
+        assert load_checkpoint(job / "checkpoints" / "last.pt")["trainer"]["step"] == m["steps"] < 100000
+        assert f"after step {m['steps']}" in m["error"]
+        assert hparams_of(job)[1] == api_pb2.STATUS_FAILURE
+        assert job.name in err.splitlines()[-1]
+    assert err.splitlines()[-1].startswith("stopped: ") and f"hydra.sweep.dir={sweep_dir}" in err
+    assert "Traceback" not in err
+    assert f"({len(jobs)} interrupted)" in (sweep_dir / "summary.md").read_text()
+
+
+def test_ctrl_c_stops_a_sweep_after_saving_and_a_rerun_continues_it(conf_dir, tmp_path):
+    sweep = tmp_path / "sweep"
+    # a terminal's Ctrl-C: SIGINT to every process of the foreground process group
+    proc = start_multirun(conf_dir, sweep, "model=rnn,gru", start_new_session=True)
+    first = sweep / "0_model=rnn"
+    wait_for_checkpoints(proc, [first])
+    os.killpg(proc.pid, signal.SIGINT)
+    err = finish(proc, sweep)
+    assert proc.returncode == 75, err[-3000:]
+    check_interrupted(sweep, [first], err)  # and job 1 never started
+    assert "SIGINT, after step" in metrics(first)["error"]
+
+    r = multirun(conf_dir, sweep, "model=rnn,gru", experiment="long")  # the same command again
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"{first.name}: continuing from checkpoints/last.pt" in r.stdout + r.stderr
+    for job in job_dirs(sweep):
+        assert metrics(job)["status"] == "finished" and metrics(job)["steps"] == 600
+    steps = [e.step for e in EventAccumulator(str(first)).Reload().Scalars("val/loss")]
+    assert steps == [300, 600]  # each evaluation once
+    assert [r["status"] for r in summary_rows(sweep)] == ["finished", "finished"]
+
+
+@pytest.mark.parametrize("how", ["sigterm-to-sweep", "ctrl-c"])
+def test_a_signal_stops_a_joblib_sweep_in_its_workers(conf_dir, tmp_path, how):
+    """SIGTERM to the sweep process alone reaches the workers through it (preempt.FORWARD); Ctrl-C
+    reaches them directly as well, and still counts once. The third job never starts."""
+    sweep = tmp_path / "sweep"
+    proc = start_multirun(conf_dir, sweep, "model=rnn,gru,lstm", "trainer.max_steps=100000",
+                          "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", start_new_session=True)
+    jobs = [sweep / "0_model=rnn,trainer.max_steps=100000", sweep / "1_model=gru,trainer.max_steps=100000"]
+    wait_for_checkpoints(proc, jobs)
+    if how == "ctrl-c":
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        os.kill(proc.pid, signal.SIGTERM)
+    err = finish(proc, sweep)
+    assert proc.returncode == 75, err[-3000:]
+    check_interrupted(sweep, jobs, err)  # "after step N": one stop (a second signal: KeyboardInterrupt)
+    for job in jobs:  # the signal the sweep process got, also where it came forwarded
+        assert metrics(job)["error"].startswith("SIGINT, " if how == "ctrl-c" else "SIGTERM, ")
+
+
+def test_a_job_that_starts_after_the_sweep_was_stopped_does_not_run(tiny_text, tmp_path):
+    """As a joblib worker that was still starting when the stop was forwarded: the sweep process's
+    stop file keeps it from running, and the directory Hydra made for it goes."""
+    from seqexp.sweep.callback import STOP_FILE
+    from seqexp.sweep.job import run_sweep_job
+
+    (tmp_path / STOP_FILE).write_text("SIGTERM\n")
+    job = tmp_path / "2_model=lstm"
+    (job / ".hydra").mkdir(parents=True)
+    (job / "seqexp.log").touch()
+    hydra_cfg = OmegaConf.create({"runtime": {"output_dir": str(job)}, "sweep": {"dir": str(tmp_path)},
+                                  "overrides": {"task": ["model=lstm"]}, "job": {"num": 2}, "launcher": {}})
+    assert run_sweep_job(make_cfg(*tiny_overrides("lstm", tiny_text)), hydra_cfg) is None
+    assert not job.exists()
 
 
 # ----------------------------------------------------------------------------- Optuna

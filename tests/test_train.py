@@ -10,10 +10,13 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from seqexp.build import instantiate
 from seqexp.checkpoint import load_checkpoint
+from seqexp.ema import EMA
+from seqexp.errors import UserError
 from seqexp.inference import build_model
-from seqexp.tasks import TASKS
-from seqexp.train import instantiate, train
+from seqexp.tasks import LanguageModeling
+from seqexp.train import train
 from seqexp.trainer import Trainer
 from tests.conftest import ROOT, make_cfg, tiny_overrides
 
@@ -52,8 +55,8 @@ def test_checkpoint_rebuilds_the_model_alone(ema, tiny_text, tmp_path):
     cfg = ckpt["config"]
     model = instantiate(cfg["model"], **ckpt["model_kwargs"])
     model.load_state_dict(ckpt["model"])
-    data = instantiate(cfg["data"], seed=cfg["trainer"]["seed"], itos=ckpt["data"]["itos"])
-    val = TASKS["lm"]().evaluate(model, data.batches("val", stateful=True), torch.device("cpu"),
+    data = instantiate(cfg["data"], seed=cfg["trainer"]["seed"], saved=ckpt["data"])
+    val = LanguageModeling().evaluate(model, data.batches("val", stateful=True), torch.device("cpu"),
                                  lambda: torch.autocast("cpu", enabled=False))
     assert val["loss"] == pytest.approx(metrics["best"]["val/loss"], rel=1e-6)
     assert ckpt["trainer"]["step"] == metrics["best_step"]
@@ -64,17 +67,17 @@ def test_weight_averaging_saves_the_average_and_trains_the_weights(tiny_text, tm
     (decay ramped as (1 + n) / (10 + n) up to trainer.ema); the trained weights go on unaveraged.
     Attention with tied embeddings: the average must reach both names of the shared weight."""
     decay, seen, initial = 0.7, [], []
-    update, fit = Trainer.update_ema, Trainer.fit
+    update, fit = EMA.update, Trainer.fit
 
     def update_ema(self):
         seen.append([p.detach().clone() for p in self.params])  # the weights after this step
         update(self)
 
     def spy_fit(self):
-        initial.extend(e.clone() for e in self.ema)  # the average starts at the initial weights
+        initial.extend(e.clone() for e in self.ema.average)  # the average starts at the initial weights
         return fit(self)
 
-    monkeypatch.setattr(Trainer, "update_ema", update_ema)
+    monkeypatch.setattr(EMA, "update", update_ema)
     monkeypatch.setattr(Trainer, "fit", spy_fit)
     run = tmp_path / "run"
     train(make_cfg(*tiny_overrides("attention", tiny_text, f"trainer.ema={decay}")), run)
@@ -206,3 +209,87 @@ def test_training_time_budget_stops_early_and_evaluates(tiny_text, tmp_path, mon
     assert metrics["final"]["val/loss"] > 0  # evaluated at the step the budget ran out
     events = EventAccumulator(str(tmp_path)).Reload()
     assert [e.step for e in events.Scalars("val/loss")][-1] == metrics["steps"]
+
+
+# ----------------------------------------------------------------------------- nothing non-finite is saved
+def refuse(name: str):
+    raise AssertionError(f"metrics.json is not strict JSON: {name}")
+
+
+def saved_metrics(run) -> dict:
+    return json.loads((run / "metrics.json").read_text(), parse_constant=refuse)
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_an_update_that_makes_the_weights_infinite_is_never_evaluated_or_saved(policy, tiny_text, tmp_path):
+    """Issue 22 item 1, as reported: with lr=1e30 (AdamW) the loss and gradient norm are still finite
+    at the step whose update makes the weights infinite (decoupled weight decay alone multiplies
+    them by lr x wd). Neither policy may evaluate, save or call them good; skip cannot undo it."""
+    from seqexp.checkpoint import nonfinite
+    from seqexp.trainer import NonFiniteError
+
+    overrides = tiny_overrides("rnn", tiny_text, "optimizer.lr=1e30", "trainer.checkpoint_every=2",
+                               "trainer.eval_every=2", f"trainer.nonfinite={policy}")
+    with pytest.raises(NonFiniteError, match=r"the update at step \d+ made the weights non-finite"):
+        train(make_cfg(*overrides), tmp_path)
+    for f in (tmp_path / "checkpoints").glob("*.pt"):
+        assert nonfinite(load_checkpoint(f)) == [], f
+    metrics = saved_metrics(tmp_path)
+    assert metrics["status"] == "stopped: nonfinite" and "made the weights non-finite" in metrics["error"]
+
+
+def test_weights_made_infinite_by_a_later_update_stop_at_the_last_good_checkpoint(tiny_text, tmp_path, monkeypatch):
+    """The update of step 8 leaves an infinite weight (a finite loss and gradient): the next step's
+    finiteness read sees it, even with nonfinite=skip, and last.pt (step 6) is named as good."""
+    from seqexp.trainer import NonFiniteError
+
+    original, calls = torch.amp.GradScaler.step, [0]
+
+    def step(self, optimizer, *args, **kwargs):
+        out = original(self, optimizer, *args, **kwargs)
+        calls[0] += 1
+        if calls[0] == 8:
+            with torch.no_grad():
+                optimizer.param_groups[0]["params"][0][0] = float("inf")
+        return out
+
+    monkeypatch.setattr(torch.amp.GradScaler, "step", step)
+    with pytest.raises(NonFiniteError, match="the update at step 8 made the weights non-finite") as e:
+        train(make_cfg(*tiny_overrides("lstm", tiny_text, "trainer.nonfinite=skip")), tmp_path)
+    assert f"Last good checkpoint: {tmp_path / 'checkpoints' / 'last.pt'}" in str(e.value)
+    ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert ckpt["trainer"]["step"] == 6 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert saved_metrics(tmp_path)["status"] == "stopped: nonfinite"
+
+
+def test_a_nonfinite_validation_result_is_never_best(tiny_text, tmp_path, monkeypatch):
+    original, calls = Trainer.evaluate, [0]
+
+    def evaluate(self, split="val"):
+        metrics = original(self, split)
+        calls[0] += 1
+        return {**metrics, "loss": float("nan")} if calls[0] == 2 else metrics  # the evaluation at step 12
+
+    monkeypatch.setattr(Trainer, "evaluate", evaluate)
+    metrics = train(make_cfg(*tiny_overrides("rnn", tiny_text, "logging.sample_chars=0")), tmp_path)
+    assert metrics["best_step"] == 6 and load_checkpoint(tmp_path / "checkpoints" / "best.pt")["trainer"]["step"] == 6
+    saved = saved_metrics(tmp_path)  # strict JSON: the NaN is written as null
+    assert saved["final"]["val/loss"] is None and saved["objective"]["best"] == metrics["best"]["val/loss"] > 0
+
+
+@pytest.mark.parametrize("failure", [UserError("could not write last.pt (Permission denied)"), RuntimeError("boom")])
+def test_a_run_that_fails_says_so_in_metrics_json(failure, tiny_text, tmp_path, monkeypatch):
+    """Issue 22 item 5: a user error (exit 2) or a crash leaves "failed" and the error, not "running"."""
+    original = Trainer.train_step
+
+    def train_step(self, batch):
+        if self.step == 8:
+            raise failure
+        original(self, batch)
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    with pytest.raises(type(failure)):
+        train(make_cfg(*tiny_overrides("rnn", tiny_text)), tmp_path)
+    saved = saved_metrics(tmp_path)
+    assert saved["status"] == "failed" and saved["steps"] == 6  # the rest as of the last evaluation (last.pt)
+    assert saved["error"] == (str(failure) if isinstance(failure, UserError) else "RuntimeError: boom")

@@ -9,7 +9,9 @@ from typing import Iterator, Optional
 
 import torch
 
+from seqexp.data.base import Dataset
 from seqexp.data.char import CharVocab
+from seqexp.tasks import Classification
 
 POSITIVE = "good great fine nice".split()
 NEGATIVE = "bad awful poor dull".split()
@@ -22,18 +24,18 @@ def sentence(rng: random.Random, label: int) -> str:
     return " ".join(words)
 
 
-class ToySentiment:
-    task = "classify"
+class ToySentiment(Dataset):
+    task = Classification()
     classes = ["neg", "pos"]
 
     def __init__(self, *, seed: int, size: int = 160, batch_size: int = 8, max_len: int = 40,
-                 itos: Optional[list[str]] = None):
+                 saved: Optional[dict] = None):
         rng = random.Random(0)  # the texts are fixed; `seed` would only order batches
         labels = [i % 2 for i in range(size)]
         texts = [sentence(rng, y) for y in labels]
         n_val = size // 4
         self.batch_size, self.max_len = batch_size, max_len
-        self.vocab = CharVocab(itos) if itos is not None else CharVocab.from_text("".join(texts[n_val:]))
+        self.vocab = CharVocab(saved["itos"]) if saved is not None else CharVocab.from_text("".join(texts[n_val:]))
         self.splits = {"train": (texts[n_val:], labels[n_val:]), "val": (texts[:n_val], labels[:n_val])}
 
     @property
@@ -44,10 +46,14 @@ class ToySentiment:
         return self.vocab.decode(ids)
 
     def model_kwargs(self) -> dict:
-        return dict(vocab_size=self.vocab_size, num_outputs=2, task=self.task, pad_id=0, max_len=self.max_len)
+        return dict(vocab_size=self.vocab_size, num_outputs=2, task=self.task.name, pad_id=0, max_len=self.max_len)
 
     def state(self) -> dict:
         return {"kind": "char", "itos": self.vocab.itos, "classes": self.classes}
+
+    @classmethod
+    def text_encoder(cls, saved: dict) -> CharVocab:
+        return CharVocab(saved["itos"])
 
     def num_batches(self, split: str, stateful: bool) -> int:
         return math.ceil(len(self.splits[split][0]) / self.batch_size)

@@ -19,6 +19,28 @@ from omegaconf import DictConfig, OmegaConf
 
 from seqexp.errors import UserError
 
+# Facts seqexp passes when it builds a component of each group (never config keys: schema.py
+# leaves them out): a model's come from the data; a dataset gets the run's seed and, rebuilt from
+# a checkpoint, the data state it saved.
+RUNTIME = {
+    "model": ("vocab_size", "num_outputs", "task", "pad_id", "max_len"),
+    "data": ("seed", "saved"),
+    "optimizer": ("params",),
+    "scheduler": ("optimizer", "total_steps"),
+}
+
+
+def runtime_facts(fn: Callable) -> tuple[str, ...]:
+    """The runtime facts of the group `fn` builds for (by its base class; else optimizer/schedule)."""
+    from seqexp.data.base import Dataset
+    from seqexp.models.base import SequenceModel
+
+    if isinstance(fn, type) and issubclass(fn, SequenceModel):
+        return RUNTIME["model"]
+    if isinstance(fn, type) and issubclass(fn, Dataset):
+        return RUNTIME["data"]
+    return RUNTIME["optimizer"] + RUNTIME["scheduler"]
+
 
 def locate(target: str) -> Callable:
     """'package.module.Name' -> the object, or a one-line error naming the target."""
@@ -58,6 +80,17 @@ def instantiate(node: Any, **runtime) -> Any:
     return fn(**kwargs, **accepted(fn, runtime))
 
 
+def build_data(node: Any, *, seed: int, saved: dict | None = None):
+    """A dataset (data/base.py) from its config. `saved`: a checkpoint's data `state()`, whose
+    vocabulary it reuses so that ids keep their meaning."""
+    return instantiate(node, seed=seed, saved=saved)
+
+
+def build_model(node: Any, model_kwargs: dict) -> torch.nn.Module:
+    """A model (models/base.py) from its config and the data's runtime facts (`model_kwargs()`)."""
+    return instantiate(node, **model_kwargs)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -87,3 +120,16 @@ def build_optimizer(node: Any, model: torch.nn.Module) -> torch.optim.Optimizer:
         if isinstance(g.get("betas"), list):
             g["betas"] = tuple(g["betas"])
     return opt
+
+
+def check_optimization(optimizer: Any, scheduler: Any) -> None:
+    """Build the optimizer and the schedule on one dummy parameter: torch's own argument checks
+    (and the schedule's) run before any data is read, and a learning rate must be positive."""
+    param = torch.nn.Parameter(torch.zeros(1))
+    try:
+        opt = instantiate(optimizer, params=[param])
+        instantiate(scheduler, optimizer=opt, total_steps=1)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"optimizer/scheduler: {e}") from None
+    if not opt.defaults.get("lr", 1.0) > 0:
+        raise UserError(f"optimizer.lr must be positive, got {opt.defaults['lr']}.")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from contextlib import contextmanager
 
 import hydra
 from hydra import compose, initialize_config_dir
@@ -14,26 +13,11 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from seqexp.config import CONFIG_DIR
-from seqexp.errors import UserError
+from seqexp.errors import UserError, user_errors
+from seqexp.locks import claim_output_dir, release_run_dir
 from seqexp.resume import config_for_resume, read_early, resume_argv
 
 log = logging.getLogger("seqexp")
-
-
-@contextmanager
-def user_errors():
-    """A user error is one line on stderr and exit code 2 (3 for non-finite values, 75 for a run
-    stopped by SIGTERM/SIGINT after saving last.pt).
-
-    SEQEXP_DEBUG=1 shows the full traceback instead.
-    """
-    try:
-        yield
-    except UserError as e:
-        if os.environ.get("SEQEXP_DEBUG"):
-            raise
-        print(f"{e.label}: {e}", file=sys.stderr, flush=True)
-        sys.exit(e.exit_code)
 
 
 def explain_unknown_keys(argv: list[str], config_name: str = "train") -> None:
@@ -67,8 +51,10 @@ def _train(cfg: DictConfig) -> float | None:
 
         send_run_dir(hydra_cfg.runtime.output_dir)  # one run directory for every rank
     if hydra_cfg.mode == RunMode.MULTIRUN:  # a failing job is recorded; the sweep goes on
+        from seqexp import preempt
         from seqexp.sweep.job import run_sweep_job
 
+        preempt.listen()  # this job's process, to its end: a stop also between jobs (preempt.py)
         return run_sweep_job(cfg, hydra_cfg)
     with user_errors():
         if cfg.resume is not None:  # the run's saved config, plus this command's overrides
@@ -95,9 +81,13 @@ def train_main() -> None:
             from seqexp.distributed import receive_run_dir
 
             sys.argv[1:] = receive_run_dir(sys.argv[1:])
+        claimed = claim_output_dir(sys.argv[1:])  # writable, and not in use by another run: before Hydra writes
     try:
         _train()
     except SystemExit as e:
         if e.code == 1:  # Hydra's exit for a config it could not compose
             explain_unknown_keys(sys.argv[1:])
         raise
+    finally:
+        if claimed is not None:
+            release_run_dir(claimed)

@@ -12,6 +12,9 @@ process group, wraps no model and pays for no collective.
   gradients, the per-step flags) go through NCCL, Python objects through gloo.
 - Decisions that change control flow (a non-finite step, a stop signal, the time budget) are
   all-reduced, so every rank takes the same branch and no collective is left waiting.
+- The trainer's state in a checkpoint holds the global carried RNN state and each rank's RNG and
+  logging window (`Dist.gather_trainer_state`); a resume under any number of processes splits
+  it again (`Dist.shard_trainer_state`).
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
+
+from seqexp.checkpoint import rng_state, set_rng_state
 
 # torch.nn.RNN/LSTM/GRU states are (layers, batch, hidden), even with batch_first=True
 STATE_BATCH_DIM = 1
@@ -97,6 +102,26 @@ class Dist:
 
     def barrier(self) -> None:
         dist.barrier()
+
+    # ------------------------------------------------------------ the trainer's state in checkpoints
+    def gather_trainer_state(self, carried, window: torch.Tensor) -> dict:
+        """A collective (every rank calls it): the global carried state, and what each rank keeps
+        for itself -- its RNG (dropout masks differ by rank) and its logging window."""
+        ranks = self.gather({"rng": rng_state(), "window": window.cpu()})
+        return {"carried": self.gather_state(carried), "ranks": ranks}
+
+    def shard_trainer_state(self, state: dict, carried, window: torch.Tensor, seed: int, step: int):
+        """-> (this rank's carried state, its logging window), from a checkpoint's trainer `state`
+        whose global `carried` state is given. With as many processes as the checkpoint had, each
+        rank's own RNG and window come back (exact resume); otherwise fresh per-rank RNG streams."""
+        carried = self.shard_state(carried)
+        ranks = state.get("ranks", [])
+        if len(ranks) == self.world_size:
+            set_rng_state(ranks[self.rank]["rng"])
+            window = ranks[self.rank]["window"].to(self.device)
+        elif self.rank > 0:
+            torch.manual_seed(seed + 1_000_003 * self.rank + step)
+        return carried, window
 
     # ------------------------------------------------------------ carried RNN state
     def gather_state(self, state):

@@ -5,9 +5,9 @@ A run directory resolves to `checkpoints/best.pt`, else `checkpoints/last.pt`; a
 tensor there), so one written on CUDA works on a CPU-only machine; the model then moves to
 the device asked for.
 
-Text encoders are looked up by the data kind a checkpoint records (`ckpt["data"]["kind"]`,
-what the data class's `state()` returned): each kind maps the saved state to an object with
-`encode(str) -> (N,) ids` and `decode(ids) -> str`.
+Everything specific to a dataset is asked of its class (the saved config's data `_target_`):
+its text encoder (`text_encoder(saved)`: `encode(str) -> (N,) ids`, `decode(ids) -> str`) and
+how to read a config an older seqexp saved (`upgrade_config`).
 """
 
 from __future__ import annotations
@@ -15,23 +15,17 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
-from seqexp.checkpoint import load_checkpoint
-from seqexp.data.char import CharVocab
-from seqexp.data.imdb import ReviewEncoder
+
+from seqexp import build
+from seqexp.build import locate, pick_device
+from seqexp.checkpoint import Checkpoint, load_checkpoint
 from seqexp.errors import UserError
 from seqexp.options import convert
-from seqexp.build import instantiate, pick_device
 
 CHECKPOINT_NAMES = ("best.pt", "last.pt")  # best by the validation objective, else the latest
-
-# data kind -> the saved state to an encoder. The "imdb" kind is wired where its data module lives.
-ENCODERS: dict[str, Callable[[dict], Any]] = {"char": CharVocab.from_state, "imdb": ReviewEncoder.from_state}
-# data kind -> constructor arguments that give a rebuilt data object the checkpoint's vocabulary
-RESTORE: dict[str, Callable[[dict], dict]] = {"char": lambda state: {"itos": state["itos"]},
-                                              "imdb": lambda state: {"itos": state["itos"]}}
 
 TASK_NAMES = {"lm": "a language model", "classify": "a classifier"}
 
@@ -59,7 +53,7 @@ def run_dir_of(ckpt_path: Path) -> Path:
 @dataclass
 class Run:
     path: Path  # the checkpoint file
-    ckpt: dict
+    ckpt: Checkpoint  # checkpoint.py describes its keys
     model: torch.nn.Module  # in eval mode, on `device`
     device: torch.device
 
@@ -77,10 +71,10 @@ class Run:
                             f"{TASK_NAMES[task]}. {instead}")
 
 
-def build_model(ckpt: dict) -> torch.nn.Module:
+def build_model(ckpt: Checkpoint) -> torch.nn.Module:
     target = ckpt["config"]["model"].get("_target_")
     try:
-        model = instantiate(ckpt["config"]["model"], **ckpt["model_kwargs"])
+        model = build.build_model(ckpt["config"]["model"], ckpt["model_kwargs"])
         model.load_state_dict(ckpt["model"])
     except (TypeError, ValueError, RuntimeError) as e:
         raise UserError(f"could not rebuild the model ({target}) from the checkpoint: "
@@ -96,28 +90,30 @@ def load_run(path: str | Path, device: str = "cpu") -> Run:
     return Run(ckpt_path, ckpt, model, dev)
 
 
-def text_encoder(ckpt: dict):
-    """The checkpoint's own text -> ids mapping: `encode(str) -> (N,) ids`, `decode(ids) -> str`."""
-    kind = ckpt["data"].get("kind")
-    if kind not in ENCODERS:
-        raise UserError(f"this seqexp cannot encode text for data kind '{kind}' (known: "
-                        f"{', '.join(sorted(ENCODERS))}); update seqexp or use a run of a known kind.")
-    return ENCODERS[kind](ckpt["data"])
+def text_encoder(ckpt: Checkpoint):
+    """The checkpoint's own text -> ids mapping: `encode(str) -> (N,) ids`, `decode(ids) -> str`,
+    built by its data class from the saved data state alone."""
+    data_class = locate(ckpt["config"]["data"]["_target_"])
+    try:
+        return data_class.text_encoder(ckpt["data"])
+    except KeyError as e:  # a state this code never wrote: another data kind, or a newer seqexp's
+        raise UserError(f"this seqexp cannot encode text for data kind '{ckpt['data'].get('kind')}' "
+                        f"({data_class.__name__} needs {e} in the saved data state); update seqexp or use "
+                        f"a run it wrote.") from None
 
 
-def label_names(ckpt: dict) -> list[str]:
+def label_names(ckpt: Checkpoint) -> list[str]:
     """Class names saved by the data (`state()["classes"]`), else the class indices."""
     n = ckpt["model_kwargs"]["num_outputs"]
     names = ckpt["data"].get("classes")
     return [str(x) for x in names] if names and len(names) == n else [str(i) for i in range(n)]
 
 
-def build_data(ckpt: dict, overrides: dict[str, str] | None = None):
+def build_data(ckpt: Checkpoint, overrides: dict[str, str] | None = None):
     """The run's data from its saved config (e.g. for its validation split), with the
     checkpoint's vocabulary. `overrides`: `{"data.path": "..."}`, keys of the saved data config."""
     cfg = copy.deepcopy(ckpt["config"]["data"])
-    if ckpt["data"].get("kind") == "imdb":
-        cfg.setdefault("val_split", "random")  # saved before data.val_split existed: reviews drawn at random
+    cfg = locate(cfg["_target_"]).upgrade_config(cfg)  # as today's code reads it (before the overrides)
     if "cache_dir" in cfg:  # a place on the machine that wrote the run: here, ours (trust.py), unless overridden
         cfg["cache_dir"] = None
     for key, value in (overrides or {}).items():
@@ -126,10 +122,8 @@ def build_data(ckpt: dict, overrides: dict[str, str] | None = None):
             keys = ", ".join(f"data.{k}" for k in cfg if not k.startswith("_"))
             raise UserError(f"'{key}' is not a key of this run's data config. Its keys: {keys}.")
         cfg[leaf] = _like(key, value, cfg[leaf])
-    kind = ckpt["data"].get("kind")
-    restore = RESTORE.get(kind, lambda state: {})(ckpt["data"])
     try:
-        data = instantiate(cfg, seed=ckpt["config"]["trainer"]["seed"], **restore)
+        data = build.build_data(cfg, seed=ckpt["config"]["trainer"]["seed"], saved=ckpt["data"])
     except UserError as e:
         raise UserError(f"{e} (the run's data source; point data.path=... at a copy)") from None
     except (TypeError, ValueError) as e:

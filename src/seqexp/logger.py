@@ -18,6 +18,11 @@ class Logger:
             # purge_step: a resumed run drops events logged after its checkpoint, so no step repeats
             self.writer = SummaryWriter(log_dir=str(run_dir), purge_step=purge_step)
 
+    @property
+    def enabled(self) -> bool:
+        """False: every call is a no-op, so work done only to be logged can be skipped."""
+        return self.writer is not None
+
     def scalars(self, metrics: dict, step: int, prefix: str = "") -> None:
         if self.writer is None:
             return

@@ -15,11 +15,14 @@ writes into the resumed directory instead of creating an empty new one.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
 from seqexp.errors import UserError
+
+if TYPE_CHECKING:  # the checkpoint module imports torch; resume= is resolved before torch loads
+    from seqexp.checkpoint import Checkpoint
 
 FROZEN = ("model", "data", "optimizer", "scheduler", "trainer.seed")
 # where the data lives, not what it is: may change when the content is verified (a fingerprint)
@@ -58,13 +61,13 @@ def resolve(spec: str, outputs: Path = OUTPUTS) -> tuple[Path, Path]:
 _read: dict[Path, dict] = {}  # checkpoint path -> its content: one read per resume
 
 
-def read(path: Path, keep: bool = True) -> dict:
-    """The checkpoint a resume continues from, read (and checked, trust.py) once per process.
-    `keep=False` hands it over: the last reader, train(), leaves no copy behind."""
-    from seqexp.checkpoint import load_checkpoint
+def read(path: Path, keep: bool = True) -> "Checkpoint":
+    """The checkpoint a resume continues from, read (checked by trust.py, its digest verified) once
+    per process. `keep=False` hands it over: the last reader, train(), leaves no copy behind."""
+    from seqexp import checkpoint
 
     path = Path(path).resolve()
-    ckpt = _read[path] if path in _read else load_checkpoint(path)
+    ckpt = _read[path] if path in _read else checkpoint.read(path)
     if keep:
         _read[path] = ckpt
     else:
@@ -131,7 +134,7 @@ def frozen_changes(saved: dict, new: dict, ignore: tuple[str, ...] = ()) -> list
     return changes
 
 
-def check_config(ckpt: dict, cfg: DictConfig, path: Path) -> None:
+def check_config(ckpt: "Checkpoint", cfg: DictConfig, path: Path) -> None:
     from seqexp.config import to_container
 
     verifiable = ckpt["data"].get("fingerprint") is not None  # see check_data
@@ -170,7 +173,7 @@ def config_for_resume(cfg: DictConfig, overrides: list[str]) -> DictConfig:
 
 
 # ----------------------------------------------------------------------------- in train()
-def load(cfg: DictConfig, run_dir: Optional[Path]) -> tuple[Path, Path, dict]:
+def load(cfg: DictConfig, run_dir: Optional[Path]) -> tuple[Path, Path, "Checkpoint"]:
     """-> (run directory, checkpoint path, checkpoint), refusing changes to what is learned."""
     resumed_dir, path = resolve(cfg.resume)
     if run_dir is not None and Path(run_dir).resolve() != resumed_dir:
@@ -180,7 +183,7 @@ def load(cfg: DictConfig, run_dir: Optional[Path]) -> tuple[Path, Path, dict]:
     return resumed_dir, path, ckpt
 
 
-def check_data(state: dict, ckpt: dict, path: Path) -> None:
+def check_data(state: dict, ckpt: "Checkpoint", path: Path) -> None:
     """The data must be the data the checkpoint was trained on, not only the same config."""
     saved = ckpt["data"].get("fingerprint")
     if saved is not None and saved != state.get("fingerprint"):

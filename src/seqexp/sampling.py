@@ -6,9 +6,16 @@ one step. Attention models re-read a sliding window of their last `context_size`
 
 from __future__ import annotations
 
+import math
 from typing import Iterator, Optional
 
 import torch
+
+from seqexp.errors import UserError
+
+
+class NonFiniteSample(UserError):
+    """The model's next-token scores hold NaN or infinity: its weights have diverged."""
 
 
 @torch.no_grad()
@@ -16,6 +23,9 @@ def generate(model, prompt: torch.Tensor, steps: int, *, temperature: float = 1.
              top_k: Optional[int] = None, greedy: bool = False,
              generator: Optional[torch.Generator] = None) -> Iterator[torch.Tensor]:
     """prompt (N, P) ids -> yields (N,) ids, `steps` times. N samples are drawn in parallel."""
+    if not greedy and not 0 < temperature < math.inf:  # NaN fails this too
+        raise UserError(f"temperature must be > 0 and finite, got {temperature}; for the likeliest "
+                        f"text use greedy=true.")
     was_training = model.training
     model.eval()
     try:
@@ -27,6 +37,9 @@ def generate(model, prompt: torch.Tensor, steps: int, *, temperature: float = 1.
             else:
                 logits, _ = model(tokens[:, -context:], None, None)
             logits = logits[:, -1, :].float()  # (N, V)
+            if not torch.isfinite(logits).all():  # multinomial would fail with a RuntimeError
+                raise NonFiniteSample("the model's next-token scores are not finite (NaN or infinity): its "
+                                      "weights have diverged. Sample from an earlier checkpoint.")
             if greedy:
                 nxt = logits.argmax(-1)
             else:
@@ -49,5 +62,8 @@ def sample_text(model, data, prompt: str, length: int, *, temperature: float = 0
     """Prompt followed by `length` generated characters (char data: `encode`/`decode`)."""
     ids = data.encode(prompt or "\n")[None, :].to(device)  # (1, P)
     g = torch.Generator().manual_seed(seed)
-    out = [int(t[0]) for t in generate(model, ids, length, temperature=temperature, top_k=top_k, generator=g)]
+    try:
+        out = [int(t[0]) for t in generate(model, ids, length, temperature=temperature, top_k=top_k, generator=g)]
+    except NonFiniteSample as e:  # during training: a sample is no reason to lose the checkpoint
+        return f"{prompt}[no sample: {e}]"
     return prompt + data.decode(out)

@@ -1,13 +1,23 @@
-"""What differs between tasks: the loss on the head's output and the evaluation metrics.
+"""What differs between tasks: the loss, the evaluation metrics, and what is logged and run
+around training. A dataset names its task (`task = LanguageModeling()`); the trainer and
+train() call these methods without asking which task it is.
 
 Both heads output unnormalised logits, so both losses are cross-entropy (log-softmax + NLL).
 Language-model padding is marked with target -100 and skipped by loss and metrics alike.
 Metrics are sums over the whole split divided once at the end, never means of batch means:
 `sums()` over some batches, `metrics()` of their sums -- under DDP the sums of every rank.
+
+Hooks (the trainer's `logging` config says how much of each to do):
+- `after_evaluation(trainer, split, metrics, step)`, with the evaluated weights in the model:
+  language models log a text sample, classifiers a confusion matrix and, on the validation
+  split, their most confidently wrong examples;
+- `after_training(trainer)`: language models print a sample; classifiers evaluate the test
+  split (when the data has one) on best.pt's weights, once.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from contextlib import AbstractContextManager
 from typing import Callable, Iterable
@@ -15,11 +25,14 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-from seqexp.data.char import IGNORE
+from seqexp import checkpoint
+from seqexp.evaluation import outputs, to_device  # noqa: F401  (to_device: the trainer's too)
+from seqexp.sampling import sample_text
+from seqexp.visuals import confidently_wrong
 
+log = logging.getLogger("seqexp")
 
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+IGNORE = -100  # target id that losses and metrics skip (padding of the last eval rows)
 
 
 def detach_state(state):
@@ -38,20 +51,22 @@ class LanguageModeling:
         # logits (B, T, V), targets (B, T); float32 softmax even under autocast
         return F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten(), ignore_index=IGNORE)
 
-    @torch.no_grad()
+    def loss_terms(self, batch: dict) -> int:
+        """How many targets the mean loss averages over: every position but the padding."""
+        return int((batch["targets"] != IGNORE).sum())
+
+    def num_tokens(self, batch: dict) -> int:
+        """Tokens a batch (or a rank's rows of it) trains on: one per target."""
+        return self.loss_terms(batch)
+
     def sums(self, model, batches: Iterable[dict], device: torch.device,
              autocast: Callable[[], AbstractContextManager]) -> dict:
-        model.eval()
         total = torch.zeros((), dtype=torch.float64, device=device)
-        count, state = 0, None
-        for batch in batches:
-            batch = to_device(batch, device)
-            with autocast():
-                logits, new_state = model(batch["tokens"], None, state if batch["carry"] else None)
+        count = 0
+        for batch, logits in outputs(model, batches, device, autocast):
             total += F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten(),
                                      ignore_index=IGNORE, reduction="sum").double()
             count += batch["num_tokens"]
-            state = new_state
         return {"loss": total, "tokens": count}
 
     def metrics(self, sums: dict) -> dict[str, float]:
@@ -61,6 +76,30 @@ class LanguageModeling:
 
     def evaluate(self, model, batches, device, autocast) -> dict[str, float]:
         return self.metrics(self.sums(model, batches, device, autocast))
+
+    # ---------------------------------------------------------------- hooks
+    @staticmethod
+    def sample(trainer, step: int) -> str | None:
+        """`logging.sample_chars` characters from the model's current weights, on the main
+        process; None when sampling is off (sample_chars=0) or on another rank."""
+        cfg = trainer.logging_cfg
+        if not trainer.is_main or cfg.sample_chars <= 0:
+            return None
+        return sample_text(trainer.model, trainer.data, cfg.sample_prompt, cfg.sample_chars,
+                           temperature=cfg.sample_temperature, top_k=cfg.sample_top_k,
+                           seed=trainer.cfg.seed + step, device=trainer.device)
+
+    def after_evaluation(self, trainer, split: str, metrics: dict, step: int) -> None:
+        if trainer.logger.enabled:
+            text = self.sample(trainer, step)
+            if text is not None:
+                trainer.logger.text("samples", text, step)
+
+    def after_training(self, trainer) -> None:
+        with trainer.averaged():  # the weights that were validated
+            text = self.sample(trainer, trainer.step)
+        if text is not None:
+            print(f"\n--- sample at step {trainer.step} ---\n{text}\n---", flush=True)
 
 
 def confusion_counts(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -77,16 +116,20 @@ class Classification:
         # logits (B, C) with C >= 2 and integer labels: softmax cross-entropy matches the head
         return F.cross_entropy(logits.float(), batch["targets"])
 
-    @torch.no_grad()
+    def loss_terms(self, batch: dict) -> int:
+        """How many targets the mean loss averages over: one label per row."""
+        return len(batch["targets"])
+
+    def num_tokens(self, batch: dict) -> int:
+        """Tokens a batch (or a rank's rows of it) reads: the true lengths, padding left out."""
+        lengths = batch.get("lengths")
+        return int(lengths.sum()) if lengths is not None else batch["tokens"].numel()
+
     def sums(self, model, batches: Iterable[dict], device: torch.device,
              autocast: Callable[[], AbstractContextManager]) -> dict:
-        model.eval()
         total = torch.zeros((), dtype=torch.float64, device=device)
         confusion = None  # (C, C): rows true class, columns predicted
-        for batch in batches:
-            batch = to_device(batch, device)
-            with autocast():
-                logits, _ = model(batch["tokens"], batch.get("lengths"), None)
+        for batch, logits in outputs(model, batches, device, autocast):
             y = batch["targets"]
             total += F.cross_entropy(logits.float(), y, reduction="sum").double()
             counts = confusion_counts(logits, y)
@@ -106,5 +149,41 @@ class Classification:
     def evaluate(self, model, batches, device, autocast) -> dict[str, float]:
         return self.metrics(self.sums(model, batches, device, autocast))
 
+    # ---------------------------------------------------------------- hooks
+    def after_evaluation(self, trainer, split: str, metrics: dict, step: int) -> None:
+        logger, data = trainer.logger, trainer.data
+        logger.confusion(f"{split}/confusion", metrics["confusion"], step, getattr(data, "classes", None))
+        if split == "val" and logger.enabled and trainer.logging_cfg.wrong_examples > 0:  # (main process only)
+            logits, labels, texts = self.predictions(trainer.model, data.batches(split, stateful=trainer.stateful),
+                                                     trainer.device, data.decode)  # one more pass over the split
+            logger.text("wrong", confidently_wrong(logits, labels, texts, trainer.logging_cfg.wrong_examples,
+                                                   getattr(data, "classes", None)), step)
 
-TASKS = {"lm": LanguageModeling, "classify": Classification}
+    @staticmethod
+    def predictions(model, batches: Iterable[dict], device, decode: Callable) -> tuple:
+        """(N, C) float32 logits, (N,) labels and the N texts (decoded tokens) of some batches.
+        In float32 (no autocast): the confidences are ranked."""
+        logits, labels, texts = [], [], []
+        for batch, out in outputs(model, batches, device):
+            logits.append(out.float().cpu())
+            labels.append(batch["targets"].cpu())
+            lengths = batch.get("lengths")
+            for i, row in enumerate(batch["tokens"].tolist()):
+                texts.append(decode(row[: int(lengths[i])] if lengths is not None else row))
+        return torch.cat(logits), torch.cat(labels), texts
+
+    def after_training(self, trainer) -> None:
+        """The test split, held out until now: evaluated once, on best.pt's weights; recorded as
+        test/* in metrics.json and TensorBoard at the best step."""
+        if "test" not in trainer.data.splits:
+            return
+        if trainer.dist is not None:
+            trainer.dist.barrier()  # every rank reads best.pt only once the main process has written it
+        trainer.model.load_state_dict(checkpoint.read(trainer.ckpt_dir / "best.pt")["model"])
+        metrics = trainer.evaluate("test")
+        test = {f"test/{k}": v for k, v in metrics.items() if not isinstance(v, list)}
+        trainer.extra_metrics["test"] = test
+        trainer.logger.scalars(test, trainer.best_step)
+        self.after_evaluation(trainer, "test", metrics, trainer.best_step)
+        log.info("test (best checkpoint, step %d): %s", trainer.best_step,
+                 "  ".join(f"{k} {v:.4f}" for k, v in test.items() if isinstance(v, float)))

@@ -13,10 +13,14 @@ Under DDP (`dist`, see distributed.py) every rank runs this loop on its rows of 
 decisions are all-reduced, evaluation sums are added over ranks, and only rank 0 writes.
 Checkpoints hold the global carried state and each rank's RNG and logging window.
 
-With `trainer.ema` > 0 the trainer keeps an exponential moving average of the weights. The
-average is what is evaluated, chosen as best and saved as a checkpoint's "model", so every tool
-that loads a checkpoint (test evaluation, predict, ensemble) uses the weights that were
-validated; the weights the optimizer steps are in the trainer state ("weights"), for resume.
+With `trainer.ema` > 0 the trainer keeps an exponential moving average of the weights (ema.py).
+The average is what is evaluated, chosen as best and saved as a checkpoint's "model", so every
+tool that loads a checkpoint (test evaluation, predict, ensemble) uses the weights that were
+validated; the checkpoint says so ("averaged") and keeps the trained weights for resume.
+
+Nothing non-finite is saved: a non-finite loss or gradient norm stops (or skips) the step before
+the update, the weights after each update are checked on the device (read with the next step's
+check, or before an evaluation or a save), and a checkpoint holding a NaN or inf is never written.
 """
 
 from __future__ import annotations
@@ -24,16 +28,19 @@ from __future__ import annotations
 import logging
 import math
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 from tqdm import tqdm
 
-from seqexp.checkpoint import (FORMAT, load_model_state, prune_step_checkpoints, rng_state, save_checkpoint,
-                               set_rng_state, step_name, write_json)
+from seqexp.checkpoint import (Checkpoint, TrainerState, assemble, ema_state, load_model_state, nonfinite,
+                               prune_step_checkpoints, rng_state, set_rng_state, step_name, trained_weights, write,
+                               write_json)
+from seqexp.data.shard import Sharded
 from seqexp.distributed import Dist
+from seqexp.ema import EMA
 from seqexp.errors import UserError
 from seqexp.preempt import Preempted
 from seqexp.tasks import detach_state, to_device
@@ -46,26 +53,29 @@ class NonFiniteError(UserError):
 
 
 class Trainer:
-    def __init__(self, cfg, *, model, task, data, optimizer, scheduler, logger, run_dir: Path,
-                 device: torch.device, total_steps: int, meta: dict,
-                 sampler: Optional[Callable[[torch.nn.Module, int], str]] = None,
+    def __init__(self, cfg, *, model, data, optimizer, scheduler, logger, logging_cfg, run_dir: Path,
+                 device: torch.device, total_steps: int, recipe: dict,
                  visuals: Optional[Callable[[torch.nn.Module, int, dict], None]] = None,
                  dist: Optional[Dist] = None):
-        self.cfg, self.model, self.task, self.data = cfg, model, task, data
+        # data: the whole dataset; its task decides the loss, the metrics and what is logged (tasks.py)
+        self.cfg, self.model, self.data, self.task = cfg, model, data, data.task
         self.optimizer, self.scheduler, self.logger = optimizer, scheduler, logger
+        self.logging_cfg = logging_cfg  # cfg.logging: how much the task hooks log (samples, wrong examples)
         self.run_dir, self.device, self.total_steps = Path(run_dir), device, total_steps
-        self.meta, self.sampler = meta, sampler  # meta: config, runtime facts, vocabulary
-        self.visuals = visuals  # TensorBoard figures and texts after each evaluation (seqexp.visuals)
+        self.recipe = recipe  # what rebuilds the run from a checkpoint alone: config, runtime facts, data state
+        self.visuals = visuals  # TensorBoard figures after each evaluation (seqexp.visuals)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.dist, self.is_main = dist, dist is None or dist.is_main  # only the main process writes
+        # what this process iterates: under DDP its rows of every batch (data/shard.py)
+        self.shard = data if dist is None else Sharded(data, dist.rank, dist.world_size)
         # compiled (and under DDP wrapped) forward for training; checkpoints and evaluation use the plain module
         net = dist.wrap(model) if dist is not None else model
         self.net = torch.compile(net) if cfg.compile else net
         self.stateful = model.stateful
         self.steps_per_epoch = data.num_batches("train", stateful=self.stateful)
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # tied weights once
-        self.param_names, self.params = [n for n, _ in named], [p for _, p in named]
+        self.params = [p for p in model.parameters() if p.requires_grad]  # tied weights once
         self.num_params = sum(p.numel() for p in self.params)
+        self._checked = [p for p in self.params if p.numel()]  # (the inf-norm of an empty tensor is undefined)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(cfg.precision))
         self.autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
         # fp16 needs loss scaling; its own inf checks skip overflowing steps
@@ -80,37 +90,35 @@ class Trainer:
         self.skipped = 0  # batches dropped by nonfinite=skip
         self.elapsed = 0.0  # seconds in fit() before this process
         self.eval_s = 0.0  # of which evaluating and checkpointing (not training)
-        self.extra_metrics: dict = {}  # e.g. test metrics, added by train()
-        self._window = torch.zeros(3, device=device)  # running sums: loss, grad norm, steps
+        self.extra_metrics: dict = {}  # e.g. test metrics, added by the task after training
+        # loss, grad norm and step count summed on the device since the last log line (log_window)
+        self.log_sums = torch.zeros(3, device=device)
+        # whether the weights after the latest update are finite: a device flag, read with the
+        # next step's finiteness check or before an evaluation or a save (no extra read per step)
+        self._weights_ok = torch.ones((), dtype=torch.bool, device=device)
         self.stop_signal: Optional[str] = None  # set by a signal handler; honoured between steps
         self.resumed_from: Optional[Path] = None  # never pruned by keep_last
-        # the moving average of self.params (trainer.ema > 0), and how many updates it has had
-        self.ema = [p.detach().clone() for p in self.params] if cfg.ema > 0 else None
-        self.ema_updates = 0
+        self.written: Optional[dict] = None  # the summary last written to metrics.json by this process
+        self.ema = EMA(model, cfg.ema) if cfg.ema > 0 else None  # the weight average (trainer.ema > 0)
 
     # ------------------------------------------------------------------ state
-    def state_dict(self) -> dict:
+    def state_dict(self) -> TrainerState:
         return {
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
             "carried": self.carried,
             "best": self.best, "best_step": self.best_step, "best_metrics": self.best_metrics,
             "last_metrics": self.last_metrics, "skipped": self.skipped,
-            "elapsed": self.wall_s(), "eval_s": self.eval_s, "ema_updates": self.ema_updates,
-            "window": self._window.cpu(),
+            "elapsed": self.wall_s(), "eval_s": self.eval_s, "ema_updates": self.ema.updates if self.ema else 0,
+            "window": self.log_sums.cpu(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": rng_state(),
-            **(self.dist_state() if self.dist is not None else {}),
+            # under DDP (a collective): the global carried state, each rank's RNG and window
+            **(self.dist.gather_trainer_state(self.carried, self.log_sums) if self.dist is not None else {}),
         }
 
-    def dist_state(self) -> dict:
-        """Under DDP (a collective: every rank calls it): the global carried state, and what each rank
-        keeps for itself -- its RNG (dropout masks differ by rank) and its logging window."""
-        ranks = self.dist.gather({"rng": rng_state(), "window": self._window.cpu()})
-        return {"carried": self.dist.gather_state(self.carried), "ranks": ranks}
-
-    def load_state_dict(self, sd: dict) -> None:
+    def load_state_dict(self, sd: TrainerState) -> None:
         for key in ("step", "epoch", "batch_in_epoch", "best", "best_step", "best_metrics",
                     "last_metrics", "skipped", "elapsed", "eval_s"):
             setattr(self, key, sd[key])
@@ -118,86 +126,40 @@ class Trainer:
         if isinstance(carried, (tuple, list)):
             carried = tuple(t.to(self.device) for t in carried)
         self.carried = carried.to(self.device) if torch.is_tensor(carried) else carried
-        self.ema_updates = sd.get("ema_updates", 0)
-        self._window = sd["window"].to(self.device)
+        self.log_sums = sd["window"].to(self.device)
         self.optimizer.load_state_dict(sd["optimizer"])
         self.scheduler.load_state_dict(sd["scheduler"])
         self.scaler.load_state_dict(sd["scaler"])
         set_rng_state(sd["rng"])
         if self.dist is not None:
-            self.load_dist_state(sd)
+            self.carried, self.log_sums = self.dist.shard_trainer_state(sd, self.carried, self.log_sums,
+                                                                        seed=self.cfg.seed, step=self.step)
 
-    def load_dist_state(self, sd: dict) -> None:
-        """The saved global carried state, split for this rank's streams; its own RNG and window when
-        the checkpoint had as many processes (exact resume), otherwise fresh per-rank RNG streams."""
-        self.carried = self.dist.shard_state(self.carried)
-        ranks = sd.get("ranks", [])
-        if len(ranks) == self.dist.world_size:
-            set_rng_state(ranks[self.dist.rank]["rng"])
-            self._window = ranks[self.dist.rank]["window"].to(self.device)
-        elif self.dist.rank > 0:
-            torch.manual_seed(self.cfg.seed + 1_000_003 * self.dist.rank + self.step)
-
-    def restore(self, ckpt: dict, path: Path) -> None:
-        """Continue from a checkpoint: weights, then everything in state_dict()."""
-        averaged = "weights" in ckpt["trainer"]  # saved with EMA on: "model" is the average
-        load_model_state(self.model, ckpt["trainer"]["weights"] if averaged else ckpt["model"], path)
+    def restore(self, ckpt: Checkpoint, path: Path) -> None:
+        """Continue from a checkpoint: the trained weights, everything in state_dict(), the average."""
+        load_model_state(self.model, trained_weights(ckpt), path)
         self.load_state_dict(ckpt["trainer"])
         if self.ema is not None:
-            if averaged:
-                with torch.no_grad():
-                    for name, e in zip(self.param_names, self.ema):
-                        e.copy_(ckpt["model"][name])
-            else:  # EMA turned on at this resume: it starts from the current weights
-                self.ema = [p.detach().clone() for p in self.params]
-                self.ema_updates = 0
+            self.ema = EMA(self.model, self.cfg.ema)  # from the weights, if EMA is turned on at this resume
+            if (saved := ema_state(ckpt)) is not None:
+                self.ema.load_state_dict(saved)
         self.resumed_from = Path(path)
 
-    def checkpoint(self) -> dict:
-        trainer = self.state_dict()
-        if self.ema is None:
-            return {"format": FORMAT, **self.meta, "model": self.model.state_dict(), "trainer": trainer}
-        return {"format": FORMAT, **self.meta, "model": self.averaged_state(),
-                "trainer": {**trainer, "weights": self.model.state_dict()}}
+    def checkpoint(self) -> Checkpoint:
+        return assemble(self.recipe, self.model, self.state_dict(), self.ema)
 
-    # ------------------------------------------------------------------ weight averaging
-    def update_ema(self) -> None:
-        """ema += (1 - decay) * (weights - ema). The decay ramps up as (1 + n) / (10 + n) to
-        trainer.ema (TensorFlow's ExponentialMovingAverage with num_updates), so early averages do
-        not cling to the initial weights."""
-        self.ema_updates += 1
-        decay = min(self.cfg.ema, (1 + self.ema_updates) / (10 + self.ema_updates))
-        with torch.no_grad():
-            for e, p in zip(self.ema, self.params):
-                e.lerp_(p, 1.0 - decay)
-
-    def averaged_state(self) -> dict:
-        """model.state_dict() with the averaged weights in place of the trained ones."""
-        # by storage, so that a tied weight's two names both get the average
-        ema = {p.data_ptr(): e for p, e in zip(self.params, self.ema)}
-        return {k: ema.get(v.data_ptr(), v).clone() for k, v in self.model.state_dict().items()}
-
-    @contextmanager
     def averaged(self):
         """Inside the block the model holds the averaged weights (with EMA off: its own)."""
-        if self.ema is None:
-            yield
-            return
-        trained = [p.detach().clone() for p in self.params]
-        with torch.no_grad():
-            for p, e in zip(self.params, self.ema):
-                p.copy_(e)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for p, t in zip(self.params, trained):
-                    p.copy_(t)
+        return self.ema.swapped() if self.ema is not None else nullcontext()
 
     def save(self, *names: str) -> Path:
         ckpt = self.checkpoint()  # under DDP every rank takes part; rank 0 writes
+        # the same answer on every rank (weights and optimizer state agree), so all stop together
+        if bad := nonfinite(ckpt):
+            raise self.nonfinite_error(f"non-finite values in {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} "
+                                       f"at step {self.step}; not saved", "Lower optimizer.lr or set trainer.grad_clip.")
         if self.is_main:
-            save_checkpoint([self.ckpt_dir / n for n in names], ckpt)
+            write([self.ckpt_dir / n for n in names], ckpt)
         return self.ckpt_dir / names[0]
 
     def save_last(self) -> Path:
@@ -216,7 +178,7 @@ class Trainer:
         self.stop_signal = reason
         log.warning("%s received: stopping after this step (send it again to stop at once)", reason)
 
-    def agree(self, flag: bool) -> bool:
+    def any_rank(self, flag: bool) -> bool:
         """Under DDP: true on every rank when true on any, so all take the same branch."""
         return flag if self.dist is None else self.dist.any(flag)
 
@@ -225,6 +187,29 @@ class Trainer:
         self.write_metrics("preempted")
         raise Preempted(f"{self.stop_signal or 'a signal to another rank'} after step {self.step}; saved {path}. "
                         f"Continue with: python scripts/train.py resume={self.run_dir}")
+
+    @contextmanager
+    def recording_end(self):
+        """A run that ends with an exception leaves metrics.json saying how: "stopped: nonfinite",
+        "interrupted" or "failed" (with the error), never "running". The rest stays what the last
+        evaluation wrote, which describes last.pt. stop() wrote "preempted"; a run that finishes
+        writes "finished" itself."""
+        try:
+            yield
+        except Preempted:
+            raise
+        except BaseException as e:
+            status = ("stopped: nonfinite" if isinstance(e, NonFiniteError) else
+                      "interrupted" if isinstance(e, KeyboardInterrupt) else "failed")
+            first = (str(e).strip() or "-").splitlines()[0]
+            error = first if isinstance(e, UserError) else f"{type(e).__name__}: {first}"
+            try:
+                if self.is_main:
+                    write_json(self.run_dir / "metrics.json",
+                               {**(self.written or self.summary(status)), "status": status, "error": error})
+            except Exception as again:  # e.g. the directory that has just refused a checkpoint
+                log.warning("metrics.json not updated (%s)", again)
+            raise
 
     # ------------------------------------------------------------------ loop
     def wall_s(self) -> float:
@@ -242,8 +227,8 @@ class Trainer:
                    dynamic_ncols=True, unit="step", desc="train")
         try:
             while self.step < self.total_steps:
-                batches = self.data.batches("train", stateful=self.stateful, epoch=self.epoch,
-                                            start=self.batch_in_epoch)
+                batches = self.shard.batches("train", stateful=self.stateful, epoch=self.epoch,
+                                             start=self.batch_in_epoch)
                 for batch in batches:
                     tokens_window += batch["num_tokens"] * (self.dist.world_size if self.dist else 1)
                     self.train_step(batch)
@@ -253,14 +238,14 @@ class Trainer:
                         now = time.perf_counter()
                         self.log_window(bar, tokens_window / max(now - t_window, 1e-9))
                         t_window, tokens_window = now, 0
-                    if cfg.max_time_s and self.agree(self.train_s() >= cfg.max_time_s):
+                    if cfg.max_time_s and self.any_rank(self.train_s() >= cfg.max_time_s):
                         log.info("training-time budget of %.0f s reached at step %d", cfg.max_time_s, self.step)
                         self.total_steps = self.step  # this is the last step: evaluate and save below
                     if self.step % cfg.eval_every == 0 or self.step == self.total_steps:
                         self.evaluate_and_save()
                     elif self.step % cfg.checkpoint_every == 0:
                         self.save_last()
-                    if self.agree(self.stop_signal is not None) and self.step < self.total_steps:
+                    if self.any_rank(self.stop_signal is not None) and self.step < self.total_steps:
                         self.stop()  # (at the last step the run simply finishes)
                     if self.step >= self.total_steps:
                         break
@@ -287,8 +272,10 @@ class Trainer:
         self.scaler.unscale_(self.optimizer)
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
-        # caught before the update, so neither weights nor checkpoints ever see a NaN
+        # caught before the update, so neither weights nor checkpoints ever see a NaN; in the same
+        # read, whether the previous update left the weights finite
         ok = torch.isfinite(loss) if self.scaler.is_enabled() else torch.isfinite(loss) & torch.isfinite(grad_norm)
+        ok = ok & self._weights_ok
         if self.dist is not None:
             ok = self.dist.all(ok)  # a NaN loss on one rank stops or skips the step on all
         if not bool(ok):
@@ -296,15 +283,29 @@ class Trainer:
             self.scheduler.step()
             return
         self.scaler.step(self.optimizer)
+        # a finite loss and gradient can still make the weights infinite (a huge lr x weight decay)
+        self._weights_ok = torch.stack(torch._foreach_norm(self._checked, float("inf"))).isfinite().all()
         self.scaler.update()
         self.scheduler.step()
         if self.ema is not None:
-            self.update_ema()
+            self.ema.update()
         self.carried = detach_state(new_state) if self.stateful else None
-        self._window += torch.stack([loss.detach().float(), grad_norm.detach().float(),
+        self.log_sums += torch.stack([loss.detach().float(), grad_norm.detach().float(),
                                      torch.ones((), device=self.device)])
 
+    def check_weights(self) -> None:
+        """Stop when the latest update made the weights non-finite: no policy can undo an update."""
+        if not bool(self._weights_ok):
+            raise self.nonfinite_error(
+                f"the update at step {self.step} made the weights non-finite (its loss and gradient norm were "
+                f"finite); they were neither evaluated nor saved", "Lower optimizer.lr or optimizer.weight_decay.")
+
+    def nonfinite_error(self, what: str, advice: str) -> NonFiniteError:
+        last = self.ckpt_dir / "last.pt"  # never non-finite: save() refuses to write one
+        return NonFiniteError(f"{what}. Last good checkpoint: {last if last.exists() else 'none yet'}. {advice}")
+
     def handle_nonfinite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        self.check_weights()  # the previous update's weights, before blaming this batch
         step = self.step + 1
         what = f"loss={loss.item():.4g}, grad_norm={grad_norm.item():.4g}"
         self.optimizer.zero_grad(set_to_none=True)
@@ -322,9 +323,9 @@ class Trainer:
 
     def log_window(self, bar, tokens_per_s: float) -> None:
         # the one device read per window; under DDP the mean over ranks (the global batch's loss)
-        window = self._window if self.dist is None else self.dist.mean(self._window)
+        window = self.log_sums if self.dist is None else self.dist.mean(self.log_sums)
         loss_sum, gnorm_sum, n = window.tolist()
-        self._window.zero_()
+        self.log_sums.zero_()
         lr = self.optimizer.param_groups[0]["lr"]
         if n > 0:
             self.logger.scalars({"train/loss": loss_sum / n, "train/grad_norm": gnorm_sum / n}, self.step)
@@ -334,25 +335,24 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, split: str = "val") -> dict:
-        batches = self.data.batches(split, stateful=self.stateful)
+        batches = self.shard.batches(split, stateful=self.stateful)
         sums = self.task.sums(self.model, batches, self.device, self.autocast)
         return self.task.metrics(sums if self.dist is None else self.dist.sum(sums))
 
     def evaluate_and_save(self) -> None:
         t0 = time.perf_counter()
+        self.check_weights()
         self.logger.scalars({"time/train_s": self.train_s()}, self.step)
         with self.averaged():  # what is validated is what is saved as the checkpoint's "model"
             metrics = self.evaluate("val")
-            if self.sampler is not None:
-                self.logger.text("samples", self.sampler(self.model, self.step), self.step)
+            self.task.after_evaluation(self, "val", metrics, self.step)  # e.g. a text sample, a confusion matrix
             if self.visuals is not None:
                 self.visuals(self.model, self.step, metrics)
         self.last_metrics = {f"val/{k}": v for k, v in metrics.items() if not isinstance(v, list)}
         self.logger.scalars(self.last_metrics, self.step)
-        if "confusion" in metrics:  # classification
-            self.logger.confusion("val/confusion", metrics["confusion"], self.step, getattr(self.data, "classes", None))
         value = self.last_metrics[self.task.objective]
-        better = self.best is None or (value < self.best if self.task.mode == "min" else value > self.best)
+        better = math.isfinite(value) and (  # a NaN is never best
+            self.best is None or (value < self.best if self.task.mode == "min" else value > self.best))
         if better:
             self.best, self.best_step, self.best_metrics = value, self.step, dict(self.last_metrics)
         log.info("step %d: %s%s", self.step,
@@ -384,4 +384,5 @@ class Trainer:
 
     def write_metrics(self, status: str) -> None:
         if self.is_main:
-            write_json(self.run_dir / "metrics.json", self.summary(status))
+            self.written = self.summary(status)  # what metrics.json says, should the run fail before the next
+            write_json(self.run_dir / "metrics.json", self.written)

@@ -40,11 +40,6 @@ def _targets_in(path: Path) -> set[str]:
     for entry in doc.get("defaults") or []:
         if isinstance(entry, str) and (m := SCHEMA.match(entry.strip())):
             found.add(m.group(1))
-        if isinstance(entry, str) and (m := re.match(r"^/?(schema/\w+/\w+)@", entry.strip())):  # ConfigStore
-            from hydra.core.config_store import ConfigStore
-            import seqexp.config  # noqa: F401  (registers the schemas)
-
-            found.add(ConfigStore.instance().load(m.group(1) + ".yaml").node._target_)
     return found
 
 

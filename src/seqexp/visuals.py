@@ -4,7 +4,6 @@ Pure functions make the figures and texts; `make_visuals` binds them to one run 
 the single hook the trainer calls after each evaluation (or None when there is nothing to draw):
 - attention models: a heat map per layer of the attention weights (heads side by side) for
   one fixed validation example, so the maps of successive evaluations compare directly;
-- classifiers: the most confidently wrong validation examples, as text;
 - `logging.histograms`: weight and gradient histograms (off by default: large event files).
 """
 
@@ -92,31 +91,12 @@ def attention_maps(model, tokens: torch.Tensor, lengths: Optional[torch.Tensor])
     return [m[0] for m in maps]
 
 
-@torch.no_grad()
-def classifier_outputs(model, batches, device, decode: Optional[Callable]) -> tuple:
-    """One pass over a split: (N, C) logits, (N,) labels and the N texts (decoded tokens)."""
-    was_training = model.training
-    model.eval()
-    logits, labels, texts = [], [], []
-    try:
-        for batch in batches:
-            tokens, lengths = batch["tokens"], batch.get("lengths")
-            out, _ = model(tokens.to(device), None if lengths is None else lengths.to(device), None)
-            logits.append(out.float().cpu())
-            labels.append(batch["targets"].cpu())
-            for i, row in enumerate(tokens.tolist()):
-                row = row[: int(lengths[i])] if lengths is not None else row
-                texts.append(decode(row) if decode else " ".join(map(str, row)))
-    finally:
-        model.train(was_training)
-    return torch.cat(logits), torch.cat(labels), texts
-
-
-def make_visuals(lg, *, model, data, logger, device) -> Optional[Callable[[torch.nn.Module, int, dict], None]]:
-    """The hook `(model, step, val metrics) -> None` for this run, or None when it draws nothing."""
+def make_visuals(cfg, *, model, data, logger, device) -> Optional[Callable[[torch.nn.Module, int, dict], None]]:
+    """The hook `(model, step, val metrics) -> None` for this run (`cfg`: the logging config), or
+    None when it draws nothing. A classifier's wrong examples are its task's (tasks.py)."""
     decode = getattr(data, "decode", None)
     example = None
-    if lg.attention_maps and has_attention_maps(model):
+    if cfg.attention_maps and has_attention_maps(model):
         # a fixed example: the first validation row (its first MAX_TOKENS tokens)
         batch = next(iter(data.batches("val", stateful=False)))
         n = MAX_TOKENS if batch.get("lengths") is None else min(MAX_TOKENS, int(batch["lengths"][0]))
@@ -124,10 +104,8 @@ def make_visuals(lg, *, model, data, logger, device) -> Optional[Callable[[torch
         lengths = None if batch.get("lengths") is None else torch.tensor([n])
         labels = [decode([t]) if decode else str(t) for t in tokens[0].tolist()]
         example = (tokens, lengths, labels)
-    wrong = lg.wrong_examples > 0 and data.task == "classify"
-    if example is None and not wrong and not lg.histograms:
+    if example is None and not cfg.histograms:
         return None
-    names = getattr(data, "classes", None)
 
     def visuals(model, step: int, metrics: dict) -> None:
         if example is not None:
@@ -136,10 +114,7 @@ def make_visuals(lg, *, model, data, logger, device) -> Optional[Callable[[torch
             for layer, w in enumerate(maps):
                 fig = attention_figure(w, labels, f"layer {layer}, step {step}")
                 logger.image(f"attention/layer{layer}", figure_to_array(fig), step)
-        if wrong:  # one more forward pass over the validation split
-            logits, y, texts = classifier_outputs(model, data.batches("val", stateful=model.stateful), device, decode)
-            logger.text("wrong", confidently_wrong(logits, y, texts, lg.wrong_examples, names), step)
-        if lg.histograms:
+        if cfg.histograms:
             for name, p in model.named_parameters():
                 logger.histogram(f"weights/{name}", p.detach(), step)
                 if p.grad is not None:  # the last training step's (clipped) gradients

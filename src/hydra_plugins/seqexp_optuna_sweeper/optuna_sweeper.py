@@ -4,7 +4,7 @@ Each round asks Optuna for `n_jobs` trials, turns their values into override str
 (`optimizer.lr=0.0021`), runs them through the configured launcher (basic or joblib) like any
 sweep job -- so each trial gets its own job directory, metrics.json and HParams -- and tells
 Optuna the returned objective. A job that failed returns None (seqexp/sweep/job.py) and is told
-as a failed trial; the search goes on.
+as a failed trial; the search goes on. After a stop signal (seqexp/preempt.py) no trial is asked.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
+
+from seqexp import preempt
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +56,9 @@ def short(v: Any) -> Any:
 
 
 def objective_direction(config: DictConfig) -> str:
-    """minimize or maximize, from the task the data config declares (as seqexp.config.validate)."""
-    from seqexp.tasks import TASKS
-
-    task = getattr(get_class(config.data._target_), "task", "lm")
-    return "minimize" if TASKS[task].mode == "min" else "maximize"
+    """minimize or maximize, from the task the data class declares (its `task`, seqexp/tasks.py)."""
+    task = get_class(config.data._target_).task
+    return "minimize" if task.mode == "min" else "maximize"
 
 
 class OptunaSweeper(Sweeper):
@@ -118,6 +118,9 @@ class OptunaSweeper(Sweeper):
                     study.tell(trial, state=optuna.trial.TrialState.FAIL)
                     log.warning("trial %d failed (%s)", trial.number, " ".join(overrides))
             done += len(trials)
+            if preempt.received():  # stopped (Ctrl-C, SIGTERM): ask no more; a re-run continues
+                log.warning("Optuna: stopped by %s after %d trials", preempt.received(), done)
+                break
 
         return self.report(study, sweep_dir, direction)
 

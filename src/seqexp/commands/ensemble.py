@@ -23,11 +23,11 @@ from typing import Optional
 import torch
 
 from seqexp.checkpoint import write_json
-from seqexp.cli import user_errors
-from seqexp.errors import UserError
+from seqexp.errors import UserError, user_errors
+from seqexp.evaluation import outputs
 from seqexp.inference import build_data, load_run, run_dir_of
 from seqexp.options import parse
-from seqexp.tasks import Classification, confusion_counts, to_device
+from seqexp.tasks import Classification, confusion_counts
 
 GRID = 20  # weights are multiples of 1/GRID
 
@@ -52,14 +52,11 @@ def expand(paths: list[str]) -> list[str]:
     return runs
 
 
-@torch.no_grad()
 def log_probs(model, data, split: str, device) -> tuple[torch.Tensor, torch.Tensor]:
     """-> ((R, C) log-probabilities, (R,) labels) for every review of the split, in split order."""
     s = data.splits[split]
     out = None
-    for batch in data.batches(split):
-        batch = to_device(batch, device)
-        logits, _ = model(batch["tokens"], batch["lengths"], None)
+    for batch, logits in outputs(model, data.batches(split, stateful=model.stateful), device):
         lp = logits.float().log_softmax(-1).cpu()
         if out is None:
             out = torch.full((len(s), lp.shape[1]), float("nan"))

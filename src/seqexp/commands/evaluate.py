@@ -15,11 +15,9 @@ from typing import Optional
 import torch
 
 from seqexp.checkpoint import write_json
-from seqexp.cli import user_errors
-from seqexp.errors import UserError
+from seqexp.errors import UserError, user_errors
 from seqexp.inference import build_data, load_run, run_dir_of
 from seqexp.options import parse
-from seqexp.tasks import TASKS
 
 
 @dataclass
@@ -32,13 +30,11 @@ class Options:
 def evaluate(path: str, opts: Options, data_overrides: dict[str, str]) -> dict:
     run = load_run(path, opts.device)
     data = build_data(run.ckpt, data_overrides)
-    splits = getattr(data, "splits", None)
-    if splits is not None and opts.split not in splits:
-        raise UserError(f"this run's data has no '{opts.split}' split; choose split={' or split='.join(splits)}.")
-    task = TASKS[run.task]()
+    if opts.split not in data.splits:
+        raise UserError(f"this run's data has no '{opts.split}' split; choose split={' or split='.join(data.splits)}.")
     batches = data.batches(opts.split, stateful=run.model.stateful)
     # fp32 on any device: the numbers do not depend on the precision the run trained with
-    metrics = task.evaluate(run.model, batches, run.device, lambda: torch.autocast(run.device.type, enabled=False))
+    metrics = data.task.evaluate(run.model, batches, run.device, lambda: torch.autocast(run.device.type, enabled=False))
     return {
         "checkpoint": str(run.path),
         "step": run.step,

@@ -9,6 +9,7 @@ of it must be in the model's vocabulary.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -16,8 +17,7 @@ from typing import Optional
 
 import torch
 
-from seqexp.cli import user_errors
-from seqexp.errors import UserError
+from seqexp.errors import UserError, user_errors
 from seqexp.inference import load_run, text_encoder
 from seqexp.options import parse
 from seqexp.sampling import generate
@@ -41,8 +41,9 @@ def check(opts: Options) -> None:
                         "(leave prompt out to start from a new line).")
     if opts.length < 1 or opts.num_samples < 1:
         raise UserError("length and num_samples must be at least 1.")
-    if not opts.greedy and opts.temperature <= 0:
-        raise UserError(f"temperature must be > 0, got {opts.temperature}; for the likeliest text use greedy=true.")
+    if not opts.greedy and not 0 < opts.temperature < math.inf:  # NaN fails this too
+        raise UserError(f"temperature must be > 0 and finite, got {opts.temperature}; for the likeliest "
+                        f"text use greedy=true.")
     if opts.top_k is not None and opts.top_k < 0:
         raise UserError(f"top_k must be >= 0 (0: no limit), got {opts.top_k}.")
 

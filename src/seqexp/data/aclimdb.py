@@ -87,7 +87,11 @@ def read_archive(archive: Path) -> list[Review]:
                     raw = tar.extractfile(member).read()
                     reviews.append(Review(match[1], LABELS.index(match[2]), Path(member.name).name, raw))
     except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, OSError) as e:
-        raise UserError(f"could not read {archive} ({e}); is it a complete .tar(.gz) archive?") from None
+        why = str(e)
+        if "could not be opened successfully" in why:  # "r:*" lists each compression it tried, one a line
+            why = "not a tar archive, plain or compressed with gzip, bzip2 or xz"
+        raise UserError(f"could not read {archive} ({' '.join(why.split())}); is it a complete .tar(.gz) "
+                        f"archive?") from None
     check_layout(reviews, str(archive))
     return sort_reviews(reviews)
 

@@ -21,16 +21,16 @@ import math
 import sysconfig
 from pathlib import Path
 from typing import Iterator, Optional
-from urllib.parse import urlparse
 
 import numpy as np
 import torch
 
-from seqexp.data.download import cache_dir as default_cache_dir, download
-from seqexp.errors import UserError
+from seqexp.data.base import Dataset
+from seqexp.data.download import cache_dir as default_cache_dir, cache_name, download
+from seqexp.errors import UserError, require
+from seqexp.tasks import IGNORE, LanguageModeling  # IGNORE: the target id losses and metrics skip
 
 UNK = "\ufffd"  # id 0: characters not in the training text
-IGNORE = -100  # target id that losses and metrics skip (padding of the last eval rows)
 
 
 def stdlib_text(max_chars: int) -> str:
@@ -47,16 +47,27 @@ def stdlib_text(max_chars: int) -> str:
 
 
 def read_text_file(path: Path) -> str:
+    if path.is_dir():
+        raise UserError(f"data.path: {path} is a directory. Point data.path at a UTF-8 text file.")
+    if path.exists() and not path.is_file():
+        raise UserError(f"data.path: {path} is not a regular file (a device, FIFO or socket). "
+                        f"Point data.path at a UTF-8 text file.")
     if not path.is_file():
         raise UserError(f"data.path: no such file: {path}. Point data.path at a UTF-8 text file.")
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"data.path: cannot read {path} ({e.strerror or e}). Point data.path at a readable file.") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise UserError(f"data.path: {path} is not UTF-8 text (invalid byte at offset {e.start}). "
                         f"Convert it, e.g. `iconv -f latin1 -t utf-8`.") from None
-    if not text.strip():
+    if not text:
         raise UserError(f"data.path: {path} is empty. Point data.path at a file with text in it.")
+    if not text.strip():
+        raise UserError(f"data.path: {path} has no text: its {len(text)} characters are all whitespace "
+                        f"(newlines, spaces). Point data.path at a file with text in it.")
     return text
 
 
@@ -69,8 +80,7 @@ def load_text(path: Optional[str], source: str, sha256: Optional[str], max_chars
     if source == "stdlib":
         return stdlib_text(max_chars), f"python {sysconfig.get_python_version()} stdlib"
     if source.startswith(("http://", "https://")):
-        name = Path(urlparse(source).path).name or "corpus.txt"
-        dest = default_cache_dir(cache) / "char" / name
+        dest = default_cache_dir(cache) / "char" / cache_name(source, "corpus.txt")
         return read_text_file(download(source, dest, sha256)), source
     raise UserError(f"data.source must be 'stdlib' or an http(s) URL, got '{source}'.")
 
@@ -78,8 +88,8 @@ def load_text(path: Optional[str], source: str, sha256: Optional[str], max_chars
 class CharVocab:
     """Characters <-> ids; id 0 stands for every character not in the vocabulary.
 
-    Built from a checkpoint's saved `itos` alone (`from_state`), so a trained run encodes new
-    text (prompts, reviews) without reading its corpus.
+    Built from a checkpoint's saved `itos` alone (`CharData.text_encoder`), so a trained run
+    encodes new text (prompts, reviews) without reading its corpus.
     """
 
     def __init__(self, itos: list[str]):
@@ -89,10 +99,6 @@ class CharVocab:
     @classmethod
     def from_text(cls, text: str) -> "CharVocab":
         return cls([UNK] + sorted(set(text) - {UNK}))
-
-    @classmethod
-    def from_state(cls, state: dict) -> "CharVocab":
-        return cls(state["itos"])
 
     def __len__(self) -> int:
         return len(self.itos)
@@ -113,27 +119,30 @@ class CharVocab:
         return list(dict.fromkeys(c for c in text if c not in known))
 
 
-class CharData:
-    task = "lm"
+class CharData(Dataset):
+    task = LanguageModeling()
 
     def __init__(self, *, seed: int, path: Optional[str] = None, source: str = "stdlib",
                  sha256: Optional[str] = None, max_chars: int = 2_000_000, val_fraction: float = 0.1,
                  batch_size: int = 32, seq_len: int = 128, cache_dir: Optional[str] = None,
-                 itos: Optional[list[str]] = None):
+                 saved: Optional[dict] = None):
         self.seed, self.batch_size, self.seq_len = seed, batch_size, seq_len
         text, self.origin = load_text(path, source, sha256, max_chars, cache_dir)
         split = int(len(text) * (1.0 - val_fraction))
         train_text, val_text = text[:split], text[split:]
         # a checkpoint brings its own vocabulary, so ids keep their meaning on other text
-        self.vocab = CharVocab(itos) if itos is not None else CharVocab.from_text(train_text)
+        self.vocab = CharVocab(saved["itos"]) if saved is not None else CharVocab.from_text(train_text)
         self.itos = self.vocab.itos
         self.splits = {"train": self.encode(train_text), "val": self.encode(val_text)}
-        need = batch_size * seq_len + 1
-        if len(self.splits["train"]) < need:
-            raise UserError(f"the training text ({self.origin}) has {len(self.splits['train'])} characters; "
-                            f"data.batch_size x data.seq_len needs at least {need}. Lower them or use more text.")
+        self._check_size(stateful=True)  # the smaller need; the model's layout is checked in num_batches
         if len(self.splits["val"]) < 2:
             raise UserError(f"the validation split of {self.origin} is empty; raise data.val_fraction.")
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        require(cfg.batch_size > 0, f"data.batch_size must be positive, got {cfg.batch_size}.")
+        require(cfg.seq_len > 1, f"data.seq_len must be > 1, got {cfg.seq_len}.")
+        require(0.0 < cfg.val_fraction < 1.0, f"data.val_fraction must be in (0, 1), got {cfg.val_fraction}.")
 
     # ---------------------------------------------------------------- vocabulary
     @property
@@ -148,7 +157,7 @@ class CharData:
 
     def model_kwargs(self) -> dict:
         """Runtime facts every model is built with."""
-        return dict(vocab_size=self.vocab_size, num_outputs=self.vocab_size, task=self.task,
+        return dict(vocab_size=self.vocab_size, num_outputs=self.vocab_size, task=self.task.name,
                     pad_id=0, max_len=self.seq_len)
 
     def state(self) -> dict:
@@ -158,13 +167,28 @@ class CharData:
             h.update(self.splits[split].numpy().tobytes())
         return {"kind": "char", "itos": self.itos, "fingerprint": h.hexdigest()}
 
+    @classmethod
+    def text_encoder(cls, saved: dict) -> CharVocab:
+        return CharVocab(saved["itos"])
+
     # ---------------------------------------------------------------- batches
     def num_batches(self, split: str, stateful: bool) -> int:
         n, B, T = len(self.splits[split]) - 1, self.batch_size, self.seq_len  # n targets
         if split != "train":
             rows, per_row = self._eval_layout(n, stateful)
             return math.ceil(per_row / T) if stateful else math.ceil(rows / B)
+        self._check_size(stateful)
         return (n // B) // T if stateful else self._num_windows() // B
+
+    def _check_size(self, stateful: bool) -> None:
+        """One training batch must fit: B streams of T + 1 characters, or B windows of T + 1 at
+        any offset in [0, T) (one window's worth more)."""
+        B, T, have = self.batch_size, self.seq_len, len(self.splits["train"])
+        need = B * T + 1 if stateful else (B + 1) * T + 1
+        if have < need:
+            layout = f"{B} streams (recurrent models)" if stateful else f"{B} windows at a random offset (attention models)"
+            raise UserError(f"the training text ({self.origin}) has {have} characters; data.batch_size x "
+                            f"data.seq_len = {B} x {T} needs at least {need} for {layout}. Lower them or use more text.")
 
     def _num_windows(self) -> int:
         # one fewer than fits, so that every random offset in [0, T) leaves room for all of them

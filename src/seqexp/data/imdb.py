@@ -16,14 +16,16 @@
 3. Vocabulary, from the training reviews only (validation held out): the `max_vocab` most
    frequent tokens seen at least `min_freq` times, plus pad (0) and unknown (1). It is chosen at
    load time in milliseconds, so vocabulary settings never invalidate the cache; a checkpoint
-   stores it (`state()`), and `itos=` reuses it.
+   stores it (`state()`), and `saved=` reuses it.
 4. Truncation to `max_len` tokens: head, tail, or head+tail -- the first quarter and the last
    three quarters, the split Sun et al. (2019) found best for long IMDB reviews.
 5. Batches. Training: shuffle, cut into chunks of `bucket_chunks` batches, sort each chunk by
    length, cut into batches, shuffle the batches -- a pure function of (seed, epoch), every
    review once per epoch, little padding. Evaluation: all reviews sorted by length.
 Invalid UTF-8: the bytes are replaced by U+FFFD, which the tokenizer drops; the reviews are named
-in a warning. Reviews with no token at all are left out, with a warning.
+in a warning. Reviews with no token at all are left out, with a warning. The cache keeps both, so
+every run warns, not only the one that tokenized. Concurrent runs on one cache tokenize once (a
+file lock, locks.py); the others wait and read the cache.
 """
 
 from __future__ import annotations
@@ -38,17 +40,19 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
-from urllib.parse import urlparse
+from typing import Callable, Iterator, Literal, Optional
 
 import numpy as np
 import torch
 
-from seqexp.checkpoint import save_checkpoint
+from seqexp.checkpoint import save_tensors
 from seqexp.data import aclimdb
-from seqexp.data.download import cache_dir as default_cache_dir, download, sha256sum
+from seqexp.data.base import Dataset
+from seqexp.data.download import cache_dir as default_cache_dir, cache_name, download, sha256sum
 from seqexp.data.text import PAD_ID, TOKEN, UNK_ID, build_vocab, decode, tokenize
-from seqexp.errors import UserError
+from seqexp.errors import UserError, require
+from seqexp.locks import file_lock
+from seqexp.tasks import Classification
 
 log = logging.getLogger("seqexp")
 
@@ -108,7 +112,7 @@ def find_source(path: Optional[str], url: str, sha256: Optional[str],
                 root: Path) -> tuple[str, str, Callable[[], list[aclimdb.Review]]]:
     """-> (what identifies the data, where it is, how to read its reviews). Reads nothing yet."""
     if path is None:
-        archive = root / (Path(urlparse(url).path).name or "aclImdb.tar.gz")
+        archive = root / cache_name(url, "aclImdb.tar.gz")
         if sha256 is None:  # an unpinned URL: download first to learn what it is
             sha256 = sha256sum(download(url, archive, None))
         # the download is verified before it is opened, and only when no cache matches
@@ -121,6 +125,9 @@ def find_source(path: Optional[str], url: str, sha256: Optional[str],
         return f"dir:{aclimdb.fingerprint(found)}", str(found), lambda: aclimdb.read_reviews(found)
     if p.is_file():
         return f"sha256:{sha256sum(p)}", str(p), lambda: aclimdb.read_archive(p)
+    if p.exists():
+        raise UserError(f"data.path: {p} is not a regular file (a device, FIFO or socket). Point it at "
+                        f"aclImdb_v1.tar.gz or an extracted aclImdb directory, or leave it null to download.")
     raise UserError(f"data.path: no such file or directory: {p}. Point it at aclImdb_v1.tar.gz or an "
                     f"extracted aclImdb directory, or leave it null to download.")
 
@@ -141,24 +148,37 @@ def load_corpus(path: Optional[str], url: str, sha256: Optional[str], cache: Opt
 
     fingerprint = key(FINGERPRINT_SALT)
     cached = root / f"tokens-{key(CACHE_FORMAT)}.pt"
-    if cached.is_file():
-        try:
-            return torch.load(cached, weights_only=True), origin, fingerprint
-        except Exception as e:  # a corrupt cache file is rebuilt, never trusted
-            log.warning("ignoring unreadable cache %s (%s)", cached, e)
-
-    t0 = time.perf_counter()
-    corpus = build_corpus(read_reviews(), lowercase)
-    save_checkpoint(cached, corpus)  # atomic: a killed run never leaves half a cache
+    corpus = read_cache(cached)
+    if corpus is None:
+        # one tokenization per cache: concurrent runs (joblib workers, torchrun, two terminals)
+        # wait here for the first, then read what it wrote (written atomically: never half a file)
+        with file_lock(cached.with_name(f".{cached.name}.lock")):
+            corpus = read_cache(cached)
+            if corpus is None:
+                t0 = time.perf_counter()
+                corpus = build_corpus(read_reviews(), lowercase)
+                save_tensors(cached, corpus)  # atomic: a killed run never leaves half a cache
+                log.info("imdb: tokenized %d reviews from %s in %.1f s; cached in %s", len(corpus["labels"]),
+                         origin, time.perf_counter() - t0, cached)
+    # every run, not only the one that built the cache: the cache keeps what was dropped
     if corpus["invalid_utf8"]:
         bad = corpus["invalid_utf8"]
         log.warning("%d review(s) are not valid UTF-8 (first: %s); invalid bytes were replaced by U+FFFD "
                     "and dropped by the tokenizer", len(bad), bad[0])
     if corpus["empty"]:
         log.warning("%d review(s) have no token and were left out", corpus["empty"])
-    log.info("imdb: tokenized %d reviews from %s in %.1f s; cached in %s", len(corpus["labels"]), origin,
-             time.perf_counter() - t0, cached)
     return corpus, origin, fingerprint
+
+
+def read_cache(cached: Path) -> Optional[dict]:
+    """The cached corpus, or None when there is none or it is unreadable (then it is rebuilt)."""
+    if not cached.is_file():
+        return None
+    try:
+        return torch.load(cached, weights_only=True)
+    except Exception as e:  # a corrupt cache file is rebuilt, never trusted
+        log.warning("ignoring unreadable cache %s (%s)", cached, e)
+        return None
 
 
 # ----------------------------------------------------------------------------- splits
@@ -201,16 +221,17 @@ def validation_split(labels: torch.Tensor, numbers: torch.Tensor, fraction: floa
 
 
 # ----------------------------------------------------------------------------- dataset
-class ImdbData:
-    task = "classify"
+class ImdbData(Dataset):
+    task = Classification()
     classes = aclimdb.LABELS
 
     def __init__(self, *, seed: int, path: Optional[str] = None, url: str = aclimdb.URL,
                  sha256: Optional[str] = aclimdb.SHA256, cache_dir: Optional[str] = None,
                  lowercase: bool = True, max_vocab: int = 25_000, min_freq: int = 2, max_len: int = 400,
-                 truncation: str = "head+tail", val_fraction: float = 0.1, val_split: str = "contiguous",
+                 truncation: Literal["head", "tail", "head+tail"] = "head+tail", val_fraction: float = 0.1,
+                 val_split: Literal["contiguous", "random"] = "contiguous",
                  batch_size: int = 32,
-                 bucket_chunks: int = 100, itos: Optional[list[str]] = None):
+                 bucket_chunks: int = 100, saved: Optional[dict] = None):
         t0 = time.perf_counter()
         self.seed, self.batch_size, self.bucket_chunks = seed, batch_size, bucket_chunks
         self.lowercase, self.max_len, self.truncation = lowercase, max_len, str(truncation)
@@ -225,9 +246,11 @@ class ImdbData:
                                            contiguous=str(val_split) == "contiguous")]] = True
         is_train = ~is_test & ~is_val
 
-        if itos is None:  # from the training reviews only
-            itos = build_vocab(words, self._train_counts(is_train, offsets, lengths, len(words)), max_vocab, min_freq)
-        self.itos = list(itos)
+        if saved is not None:  # a checkpoint's vocabulary: ids keep their meaning
+            self.itos = list(saved["itos"])
+        else:  # from the training reviews only
+            self.itos = build_vocab(words, self._train_counts(is_train, offsets, lengths, len(words)), max_vocab,
+                                    min_freq)
         stoi = {w: i for i, w in enumerate(self.itos)}
         self.to_vocab = torch.tensor([stoi.get(w, UNK_ID) for w in words])  # corpus id -> vocab id
         share = HEAD[self.truncation]
@@ -243,6 +266,12 @@ class ImdbData:
         log.info("imdb: %s train / %s val / %s test reviews, vocabulary %d, max_len %d (%s); ready in %.2f s",
                  *(f"{len(s):,}" for s in self.splits.values()), self.vocab_size, max_len, self.truncation,
                  time.perf_counter() - t0)
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        for key in ("max_len", "max_vocab", "min_freq", "bucket_chunks", "batch_size"):
+            require(cfg[key] > 0, f"data.{key} must be positive, got {cfg[key]}.")
+        require(0.0 < cfg.val_fraction < 1.0, f"data.val_fraction must be in (0, 1), got {cfg.val_fraction}.")
 
     def _train_counts(self, is_train, offsets, lengths, num_words) -> np.ndarray:
         """(num_words,) occurrences in the training reviews. Reviews are in split order: the
@@ -260,7 +289,7 @@ class ImdbData:
 
     def model_kwargs(self) -> dict:
         """Runtime facts every model is built with."""
-        return dict(vocab_size=self.vocab_size, num_outputs=len(self.classes), task=self.task,
+        return dict(vocab_size=self.vocab_size, num_outputs=len(self.classes), task=self.task.name,
                     pad_id=PAD_ID, max_len=self.max_len)
 
     def state(self) -> dict:
@@ -270,6 +299,15 @@ class ImdbData:
 
     def decode(self, ids) -> str:
         return " ".join(self.itos[i] for i in ids)
+
+    @classmethod
+    def text_encoder(cls, saved: dict) -> "ReviewEncoder":
+        return ReviewEncoder(saved)
+
+    @classmethod
+    def upgrade_config(cls, cfg: dict) -> dict:
+        # saved before data.val_split existed: those runs drew their validation reviews at random
+        return {"val_split": "random", **cfg}
 
     # ---------------------------------------------------------------- batches
     def num_batches(self, split: str, stateful: bool = False) -> int:
@@ -314,15 +352,11 @@ class ReviewEncoder:
         self.head = self.max_len if share is None else int(self.max_len * share)
         self.stoi = {w: i for i, w in enumerate(self.itos)}
 
-    @classmethod
-    def from_state(cls, state: dict) -> "ReviewEncoder":
-        return cls(state)
-
     def encode(self, text: str) -> torch.Tensor:
-        ids = [self.stoi.get(t, UNK_ID) for t in tokenize(text, self.lowercase)] or [UNK_ID]
+        ids = [self.stoi.get(t, UNK_ID) for t in tokenize(text, self.lowercase)]  # [] when it has no token
         if len(ids) > self.max_len:  # the same policy as training's collate
             ids = ids[: self.head] + ids[len(ids) - (self.max_len - self.head):]
-        return torch.tensor(ids)
+        return torch.tensor(ids, dtype=torch.long)
 
     def decode(self, ids) -> str:
         return " ".join(self.itos[i] for i in ids)

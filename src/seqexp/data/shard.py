@@ -18,22 +18,8 @@ from typing import Iterator
 
 import torch
 
-from seqexp.data.char import IGNORE
 from seqexp.distributed import rows
 from seqexp.errors import UserError
-
-
-def loss_terms(batch: dict) -> int:
-    """How many targets the task's mean loss averages over (padding is IGNORE)."""
-    return int((batch["targets"] != IGNORE).sum())
-
-
-def count_tokens(part: dict) -> int:
-    if part["targets"].shape == part["tokens"].shape:  # language modelling: one target per token
-        return loss_terms(part)
-    if part.get("lengths") is not None:  # padded sequences: their true lengths
-        return int(part["lengths"].sum())
-    return part["tokens"].numel()
 
 
 class Sharded:
@@ -56,8 +42,9 @@ class Sharded:
                 continue
             part = {k: v[s] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == n else v
                     for k, v in batch.items()}
-            part["num_tokens"] = count_tokens(part)
+            task = self.data.task  # it knows what a token and a loss term are in its batches
+            part["num_tokens"] = task.num_tokens(part)
             if split == "train":
-                total = loss_terms(batch)
-                part["loss_scale"] = self.world_size * loss_terms(part) / total if total else 1.0
+                total = task.loss_terms(batch)
+                part["loss_scale"] = self.world_size * task.loss_terms(part) / total if total else 1.0
             yield part

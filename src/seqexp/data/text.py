@@ -42,7 +42,3 @@ def build_vocab(words: list[str], counts: np.ndarray, max_vocab: int, min_freq: 
     order = np.argsort(-counts, kind="stable")  # stable: ties broken by position in `words`
     order = order[counts[order] >= min_freq][:max_vocab]
     return [PAD, UNK] + [words[i] for i in order]
-
-
-def encode(tokens: list[str], stoi: dict[str, int]) -> list[int]:
-    return [stoi.get(t, UNK_ID) for t in tokens]

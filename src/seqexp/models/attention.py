@@ -16,13 +16,15 @@ words.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from seqexp.models.heads import MaskedPooling, embed_words, length_mask, lengths_or_full
+from seqexp.errors import require
+from seqexp.models.base import Pooling, SequenceModel, check_fraction, check_positive
+from seqexp.models.layers import MaskedPooling, embed_words, length_mask, lengths_or_full
 
 
 class SelfAttention(nn.Module):
@@ -87,7 +89,8 @@ class LocalConv(nn.Module):
 
 class Block(nn.Module):
     def __init__(self, d_model: int, n_heads: int, mlp_ratio: int, dropout: float,
-                 conv_kernel: int = 0, causal: bool = False):
+                 conv_kernel: int = 0,  # > 0: a depthwise convolution of this width opens each block (Conformer)
+                 causal: bool = False):
         super().__init__()
         self.conv = LocalConv(d_model, conv_kernel, dropout, causal) if conv_kernel else None
         self.ln1 = nn.LayerNorm(d_model)
@@ -131,7 +134,7 @@ def alibi_bias(slopes: torch.Tensor, T: int) -> torch.Tensor:
     return -slopes[:, None, None] * (pos[None, :] - pos[:, None]).abs()
 
 
-class AttentionModel(nn.Module):
+class AttentionModel(SequenceModel):
     # Windows are independent: no state is carried between batches.
     stateful = False
 
@@ -147,12 +150,12 @@ class AttentionModel(nn.Module):
         n_heads: int = 4,
         n_layers: int = 4,
         mlp_ratio: int = 4,
-        dropout: float = 0.1,
+        dropout: float = 0.0,  # nanoGPT's CPU recipe: none for short runs on small data
         word_dropout: float = 0.0,
-        positional: str = "learned",
-        pooling: str = "mean",
+        positional: Literal["learned", "sinusoidal", "alibi"] = "learned",  # alibi: scores fall off with distance
+        pooling: Pooling = "mean",  # classification only
         conv_kernel: int = 0,
-        tie_weights: bool = True,
+        tie_weights: bool = True,  # language modelling: one matrix maps ids to vectors and back
     ):
         super().__init__()
         assert task in ("lm", "classify"), task
@@ -178,6 +181,14 @@ class AttentionModel(nn.Module):
         self._init_weights(n_layers)
         if task == "lm" and tie_weights:  # the same matrix maps ids to vectors and back
             self.head.weight = self.tok_emb.weight
+
+    @classmethod
+    def check_config(cls, cfg, task: str) -> None:
+        check_positive(cfg, "d_model", "n_heads", "n_layers", "mlp_ratio")
+        check_fraction(cfg, "dropout", "word_dropout")
+        require(cfg.d_model % cfg.n_heads == 0,
+                f"model.d_model={cfg.d_model} must be divisible by model.n_heads={cfg.n_heads}.")
+        require(cfg.conv_kernel >= 0, f"model.conv_kernel must be 0 (none) or a width >= 1, got {cfg.conv_kernel}.")
 
     def _init_weights(self, n_layers: int) -> None:
         # GPT-2 init: N(0, 0.02); residual projections scaled by 1/sqrt(2 * layers). The depthwise

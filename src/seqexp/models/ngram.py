@@ -12,7 +12,7 @@ Two things make this work far better than a plain linear model on n-gram counts:
 The features are exact (no hashing): every n-gram of the training reviews seen at least
 `min_count` times, at most `max_features` of them (the most frequent). Which those are, and
 their ratios, depend on the training data: `prepare(batches)` computes them once before
-training (train.py calls it). They are buffers and weights of fixed size, so a checkpoint
+training (train.py calls it on a fresh run). They are buffers and weights of fixed size, so a checkpoint
 holds everything and loads into a freshly built model.
 
 Order matters inside an n-gram but not between them: this is the sequence-free reference the
@@ -21,18 +21,24 @@ sequence models are measured against, and a strong member of an ensemble with th
 
 from __future__ import annotations
 
+import logging
 import math
-from typing import Iterable, Optional
+import time
+from typing import Callable, Iterable, Optional
 
 import torch
 import torch.nn as nn
 
-from seqexp.models.heads import length_mask, lengths_or_full
+from seqexp.errors import require
+from seqexp.models.base import SequenceModel
+from seqexp.models.layers import length_mask, lengths_or_full
+
+log = logging.getLogger("seqexp")
 
 NONE = torch.iinfo(torch.int64).max  # key of an empty feature slot: sorts after every real key
 
 
-class NgramModel(nn.Module):
+class NgramModel(SequenceModel):
     stateful = False  # reviews are independent
 
     def __init__(
@@ -43,11 +49,11 @@ class NgramModel(nn.Module):
         task: str,
         pad_id: int = 0,
         max_len: Optional[int] = None,
-        n: int = 3,
-        max_features: int = 1_000_000,
-        min_count: int = 2,
-        smoothing: float = 1.0,
-        w_adj: float = 0.4,
+        n: int = 3,  # uni-, bi- and trigrams
+        max_features: int = 1_000_000,  # the most frequent n-grams of the training reviews
+        min_count: int = 2,  # seen at least this often in training (rarer ones only memorise)
+        smoothing: float = 1.0,  # added to each class's count in the naive Bayes ratio
+        w_adj: float = 0.4,  # vote = (w + w_adj) * r / r_adj, fast.ai's NBSVM++ parametrisation
         r_adj: float = 10.0,
     ):
         super().__init__()
@@ -59,7 +65,6 @@ class NgramModel(nn.Module):
             raise ValueError(f"{n}-grams over a vocabulary of {vocab_size} do not fit 64-bit keys; lower model.n")
         self.max_features, self.min_count, self.smoothing = max_features, min_count, smoothing
         self.w_adj, self.r_adj = w_adj, r_adj
-        self.context_size = None
         self.register_buffer("keys", torch.full((max_features,), NONE, dtype=torch.int64))  # sorted
         # row 0 of each table is "no feature" (padding, unseen n-grams) and stays zero
         self.w = nn.Embedding(max_features + 1, 1, padding_idx=0)
@@ -69,6 +74,13 @@ class NgramModel(nn.Module):
         nn.init.zeros_(self.r.weight)
         with torch.no_grad():
             self.w.weight[0] = 0.0
+
+    @classmethod
+    def check_config(cls, cfg, task: str) -> None:
+        require(task == "classify", "model=ngram is a bag of n-grams: it classifies (data=imdb) and cannot "
+                "model language.")
+        require(1 <= cfg.n <= 5, f"model.n must be in 1..5, got {cfg.n}.")
+        require(cfg.max_features > 0 and cfg.min_count > 0, "model.max_features and model.min_count must be positive.")
 
     def ngram_keys(self, tokens: torch.Tensor, lengths: Optional[torch.Tensor]) -> torch.Tensor:
         """(B, T) ids -> (B, M) keys of the distinct n-grams of each row, sorted; NONE fills the rest."""
@@ -101,11 +113,13 @@ class NgramModel(nn.Module):
         return votes.sum(1) / self.r_adj + self.bias, None
 
     @torch.no_grad()
-    def prepare(self, batches: Iterable[dict]) -> None:
+    def prepare(self, batches: Callable[[], Iterable[dict]]) -> None:
         """Choose the features and set their naive Bayes ratios from the training batches
-        (dicts with tokens, lengths, targets). Deterministic: a function of the reviews only."""
+        (`batches()`: dicts with tokens, lengths, targets). Deterministic: a function of the
+        reviews only, so every DDP rank computes the same."""
+        t0 = time.perf_counter()
         keys, labels = [], []
-        for b in batches:
+        for b in batches():
             k = self.ngram_keys(b["tokens"], b["lengths"])  # (B, M)
             keep = k != NONE
             keys.append(k[keep])
@@ -132,3 +146,4 @@ class NgramModel(nn.Module):
         self.r.weight.zero_()
         self.r.weight[1 : F + 1] = (r * self.r_adj).float()
         self.num_features = F
+        log.info("model prepared from the training split in %.1f s (%d n-gram features)", time.perf_counter() - t0, F)

@@ -19,13 +19,15 @@ One class serves both tasks:
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 import torch.nn as nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from seqexp.models.heads import MaskedPooling, embed_words, lengths_or_full
+from seqexp.errors import require
+from seqexp.models.base import Pooling, SequenceModel, check_fraction, check_positive
+from seqexp.models.layers import MaskedPooling, embed_words, lengths_or_full
 
 CELLS = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
 State = Optional[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]
@@ -44,7 +46,7 @@ def flip(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.gather(1, index[..., None].expand_as(x))
 
 
-class RecurrentModel(nn.Module):
+class RecurrentModel(SequenceModel):
     # The trainer carries state across chunks for models that say so.
     stateful = True
 
@@ -56,22 +58,21 @@ class RecurrentModel(nn.Module):
         task: str,
         pad_id: int = 0,
         max_len: Optional[int] = None,  # unused: recurrence has no context limit
-        cell: str = "lstm",
+        cell: Literal["rnn", "lstm", "gru"] = "lstm",  # rnn: Elman, tanh
         embed_dim: int = 64,
         hidden_size: int = 256,
         num_layers: int = 2,
-        dropout: float = 0.0,
+        dropout: float = 0.0,  # char-rnn uses 0.5 on larger nets; small nets on a few MB rarely over-fit
         word_dropout: float = 0.0,
-        bidirectional: bool = False,
-        pooling: str = "last",
-        tie_weights: bool = False,
+        bidirectional: bool = False,  # classification only: a language model must not see the future
+        pooling: Pooling = "last",  # classification only
+        tie_weights: bool = False,  # language modelling; needs embed_dim == hidden_size
     ):
         super().__init__()
         assert task in ("lm", "classify"), task
         self.task, self.cell, self.pooling = task, str(cell), str(pooling)
         self.word_dropout = float(word_dropout)
         self.bidirectional = bool(bidirectional) and task == "classify"
-        self.context_size = None
         self.pack: Optional[bool] = None  # classification: None packs on CUDA only (see above)
         self.embed = nn.Embedding(vocab_size, embed_dim)
         self.drop = nn.Dropout(dropout)
@@ -103,6 +104,16 @@ class RecurrentModel(nn.Module):
         out_dim = hidden_size * dirs
         self.pool = MaskedPooling(self.pooling, out_dim) if self.pooling != "last" else None
         self.head = nn.Linear(out_dim, num_outputs)
+
+    @classmethod
+    def check_config(cls, cfg, task: str) -> None:
+        check_positive(cfg, "embed_dim", "hidden_size", "num_layers")
+        check_fraction(cfg, "dropout", "word_dropout")
+        require(not (cfg.bidirectional and task == "lm"), "model.bidirectional=true lets a language model see "
+                "the next character; use it only with a classification dataset (data=imdb).")
+        require(not (cfg.tie_weights and task == "lm") or cfg.embed_dim == cfg.hidden_size,
+                f"model.tie_weights=true needs model.embed_dim ({cfg.embed_dim}) == model.hidden_size "
+                f"({cfg.hidden_size}).")
 
     def forward(self, tokens: torch.Tensor, lengths: Optional[torch.Tensor] = None, state: State = None):
         """tokens (B, T) -> (logits, state). logits: (B, T, V) for lm, (B, C) for classify."""

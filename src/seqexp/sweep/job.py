@@ -7,6 +7,12 @@
 - Re-running a sweep into the same `hydra.sweep.dir` skips jobs that finished with the same
   config (their objective is returned again, so Optuna sees it) and continues unfinished ones
   from checkpoints/last.pt (`continue_or_restart`, the seam with `resume=RUN_DIR`).
+- A stop signal (Ctrl-C, SIGTERM, submitit's time-limit signal; preempt.py) stops the running
+  job as it stops a single run, after saving checkpoints/last.pt; the job is recorded as
+  `interrupted`, no further job starts, and re-running the sweep continues it. In the sweep's own
+  process (basic launcher) the sweep ends at once (callback.end_sweep: summary, exit 75); a job
+  process (joblib worker) returns, and so does every job it is given after. Under submitit the
+  job is then handed back to submitit, which requeues it.
 - Parallel jobs get their share of threads and a GPU each (resources.py); every job ends by
   writing its TensorBoard HParams (hparams.py).
 - A job of several processes (submitit's tasks_per_node > 1: DDP) decides together and only its
@@ -27,10 +33,12 @@ from typing import Optional
 
 from omegaconf import DictConfig
 
-from seqexp import distributed
+from seqexp import distributed, preempt
 from seqexp.checkpoint import write_json
 from seqexp.config import to_container
 from seqexp.errors import UserError
+from seqexp.preempt import Preempted
+from seqexp.sweep.callback import end_sweep, stopped
 from seqexp.sweep.hparams import hparam_values, write_hparams
 from seqexp.sweep.resources import configure_job, parallel_jobs
 
@@ -63,22 +71,17 @@ def clear_results(run_dir: Path) -> None:
 
 
 def continue_or_restart(cfg: DictConfig, run_dir: Path, may_continue: bool) -> dict:
-    """Run the job; an unfinished one continues from checkpoints/last.pt.
-
-    This is the one place that knows about resuming. It uses the `resume` config key when the
-    build has it (`resume=RUN_DIR`: continue the run in RUN_DIR from its last checkpoint);
-    without it the job starts over from step 0.
-    """
+    """Run the job; an unfinished one continues from checkpoints/last.pt (`resume=RUN_DIR`:
+    continue the run in RUN_DIR from its last checkpoint). This is the one place that knows
+    about resuming."""
     from seqexp.train import train  # torch
 
     unfinished = may_continue and (run_dir / "checkpoints" / "last.pt").is_file()
     distributed.barrier()  # DDP: every rank has looked before rank 0 clears anything
     if unfinished:
-        if "resume" in cfg:
-            log.info("%s: continuing from checkpoints/last.pt", run_dir.name)
-            cfg.resume = str(run_dir)
-            return train(cfg, run_dir)
-        log.warning("%s: unfinished; this build cannot resume, so it starts over", run_dir.name)
+        log.info("%s: continuing from checkpoints/last.pt", run_dir.name)
+        cfg.resume = str(run_dir)
+        return train(cfg, run_dir)
     if distributed.is_main():
         clear_results(run_dir)
     return train(cfg, run_dir)
@@ -100,6 +103,23 @@ def record(run_dir: Path, status: str, error: str) -> dict:
     return metrics
 
 
+def drop_if_unused(run_dir: Path) -> None:
+    """A job that never started: remove the directory Hydra just made for it, unless it holds
+    anything besides Hydra's own files (results of an earlier run of the sweep stay)."""
+    try:
+        if distributed.is_main() and all(p.name in (".hydra", "seqexp.log") for p in run_dir.iterdir()):
+            shutil.rmtree(run_dir)
+    except OSError:
+        pass
+
+
+def end_sweep_here(sweep_dir: Path) -> None:
+    """In the sweep's own process (basic launcher), end the sweep now: summary and exit code
+    (callback.end_sweep). In a job process, nothing: the job returns, the sweep process ends it."""
+    if preempt.is_sweep_process():
+        end_sweep(sweep_dir)
+
+
 def safe_write_hparams(cfg: DictConfig, run_dir: Path, name: str, overrides: list[str], metrics: dict) -> None:
     if not cfg.logging.tensorboard or not distributed.is_main():
         return
@@ -116,6 +136,12 @@ def run_sweep_job(cfg: DictConfig, hydra_cfg: DictConfig) -> Optional[float]:
     name = run_dir.relative_to(sweep_dir).as_posix() if run_dir.is_relative_to(sweep_dir) else run_dir.name
     overrides = list(hydra_cfg.overrides.task)
     digest = config_hash(cfg)
+    why = stopped(sweep_dir)
+    if why:  # the sweep was stopped: no further job starts
+        log.info("%s: not started (%s)", name, why)
+        drop_if_unused(run_dir)
+        end_sweep_here(sweep_dir)
+        return None
 
     previous, metrics = read_json(run_dir / JOB_FILE), read_json(run_dir / "metrics.json")
     has_results = metrics is not None or (run_dir / "checkpoints").exists()
@@ -126,6 +152,7 @@ def run_sweep_job(cfg: DictConfig, hydra_cfg: DictConfig) -> Optional[float]:
         log.error(message)
         if cfg.sweep.fail_fast:
             print(f"error: {message}", file=sys.stderr, flush=True)
+            end_sweep_here(sweep_dir)
             sys.exit(2)
         return None
     if has_results and cfg.sweep.skip_finished and metrics and metrics.get("status") == "finished":
@@ -138,6 +165,15 @@ def run_sweep_job(cfg: DictConfig, hydra_cfg: DictConfig) -> Optional[float]:
         write_json(run_dir / JOB_FILE, {"config_hash": digest, "overrides": overrides, "resources": resources})
     try:
         metrics = continue_or_restart(cfg, run_dir, may_continue=cfg.sweep.skip_finished)
+    except Preempted:  # saved checkpoints/last.pt; a re-run of the sweep continues from it
+        steps = (read_json(run_dir / "metrics.json") or {}).get("steps")
+        reason = stopped(sweep_dir) or "a stop signal to another rank"
+        metrics = record(run_dir, "interrupted", f"{reason}, after step {steps}")
+        log.warning("%s interrupted: %s; re-run the sweep to continue it", name, metrics["error"])
+        safe_write_hparams(cfg, run_dir, name, overrides, metrics)
+        preempt.hand_over()  # under submitit, after its signal: it requeues the job (and exits)
+        end_sweep_here(sweep_dir)
+        return None
     except KeyboardInterrupt:
         safe_write_hparams(cfg, run_dir, name, overrides, record(run_dir, "interrupted", "KeyboardInterrupt"))
         raise
@@ -148,6 +184,8 @@ def run_sweep_job(cfg: DictConfig, hydra_cfg: DictConfig) -> Optional[float]:
         log.error("%s failed: %s", name, message, exc_info=not isinstance(e, UserError))
     else:
         safe_write_hparams(cfg, run_dir, name, overrides, metrics)
+        if preempt.received():  # came after training (test split, sample): the job is done, the sweep is not
+            end_sweep_here(sweep_dir)
         return metrics["objective"]["best"]
 
     # out of the except block, so the traceback no longer holds the failed job's tensors
@@ -157,7 +195,10 @@ def run_sweep_job(cfg: DictConfig, hydra_cfg: DictConfig) -> Optional[float]:
     safe_write_hparams(cfg, run_dir, name, overrides, metrics)
     if cfg.sweep.fail_fast:
         print(f"error: {name}: {message}\nsweep stopped (sweep.fail_fast=true)", file=sys.stderr, flush=True)
+        end_sweep_here(sweep_dir)  # the summary first
         sys.exit(2)
+    if preempt.received():  # failed while stopping: the sweep still stops
+        end_sweep_here(sweep_dir)
     return None
 
 

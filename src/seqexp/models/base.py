@@ -1,0 +1,48 @@
+"""What every model family provides to the shared code (train.py, the trainer, the commands).
+
+A model is built with its config's plain values plus the runtime facts it asks for by name
+(`vocab_size`, `num_outputs`, `task`, `pad_id`, `max_len`: see build.RUNTIME), and maps
+`tokens (B, T)`, `lengths (B,)` or None, and a carried state to `(logits, state)`: logits
+(B, T, V) for language modelling, (B, C) for classification. The defaults below suit a model
+that needs none of the optional parts; a family overrides what it uses.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Literal, Optional
+
+import torch.nn as nn
+from omegaconf import DictConfig
+
+from seqexp.errors import require
+
+
+# how a classifier reduces its (B, T, H) states to (B, H): the final valid state (both directions'
+# when bidirectional), a mean or max over valid positions, or a learned softmax over them
+Pooling = Literal["last", "mean", "max", "attention"]
+
+
+def check_fraction(cfg: DictConfig, *keys: str) -> None:
+    """Dropout-like keys of a model config must be in [0, 1)."""
+    for key in keys:
+        require(0.0 <= cfg[key] < 1.0, f"model.{key} must be in [0, 1), got {cfg[key]}.")
+
+
+def check_positive(cfg: DictConfig, *keys: str) -> None:
+    for key in keys:
+        require(cfg[key] > 0, f"model.{key} must be positive, got {cfg[key]}.")
+
+
+class SequenceModel(nn.Module):
+    # True: the trainer carries `state` from one chunk of a stream to the next (truncated BPTT)
+    stateful: bool = False
+    # longest input the model reads at once (attention: its window); None: no limit
+    context_size: Optional[int] = None
+
+    def prepare(self, batches: Callable[[], Iterable[dict]]) -> None:
+        """Data-dependent set-up before the optimizer is built (the n-gram model's features).
+        Called once on a fresh run, never on a resume: the checkpoint holds the result."""
+
+    @classmethod
+    def check_config(cls, cfg: DictConfig, task: str) -> None:
+        """Cross-field checks of this model's config, before any data is read (UserError)."""

@@ -1,0 +1,83 @@
+"""A component's constructor is its config's schema.
+
+`schema_for("seqexp.models.recurrent.RecurrentModel")` is a dataclass with one field per
+parameter that has a default -- its type from the annotation, its default the constructor's --
+plus `_target_`. Hydra merges a group's YAML file onto it (through the config source in
+src/hydra_plugins/seqexp_schema), so each default is written once, in the code, and a YAML
+file holds only what differs, with its reason:
+
+    defaults:
+      - /schema/seqexp.models.recurrent.RecurrentModel@_here_
+      - _self_
+    cell: rnn
+
+A mistyped key, a wrong type or a value outside a `Literal[...]` then fails while the config is
+composed, naming the key. Parameters without a default, and the runtime facts seqexp passes
+when it builds the object (build.RUNTIME, by the component's base class), are not config keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import inspect
+import types
+import typing
+from functools import lru_cache
+from typing import Any, List, Optional
+
+from seqexp.build import locate, runtime_facts
+
+
+def _enum(name: str, values: tuple) -> type[enum.Enum]:
+    # StrEnum: members compare equal to their strings, so constructors need no conversion
+    return enum.StrEnum(name, [(str(v), str(v)) for v in values])
+
+
+def config_type(hint: Any, name: str) -> Any:
+    """An annotation as a type OmegaConf can check: Literal -> an enum, Union with Tensor ->
+    the plain part, tuple/list -> List; anything it cannot check -> Any."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Annotated:
+        return config_type(args[0], name)
+    if origin is typing.Literal:
+        return _enum(name, args)
+    if origin in (typing.Union, types.UnionType):
+        rest = [a for a in args if a is not type(None) and getattr(a, "__name__", "") != "Tensor"]
+        inner = config_type(rest[0], name) if len(rest) == 1 else Any
+        return Optional[inner] if type(None) in args and inner is not Any else inner
+    if origin in (list, tuple, typing.List, typing.Tuple) or hint in (list, tuple):
+        items = {config_type(a, name) for a in args if a is not Ellipsis}
+        return List[items.pop()] if len(items) == 1 and None not in items else List[Any]
+    if hint in (bool, int, float, str) or (isinstance(hint, type) and issubclass(hint, enum.Enum)):
+        return hint
+    return Any
+
+
+def _hints(fn) -> dict:
+    try:
+        return typing.get_type_hints(fn.__init__ if isinstance(fn, type) else fn, include_extras=True)
+    except Exception:  # an annotation that does not resolve: those parameters are untyped (Any)
+        return {}
+
+
+@lru_cache(maxsize=None)
+def schema_for(target: str) -> type:
+    fn = locate(target)
+    hints = _hints(fn)
+    runtime = runtime_facts(fn)
+    fields = [("_target_", str, dataclasses.field(default=target))]
+    for name, p in inspect.signature(fn).parameters.items():
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or name in runtime or p.default is p.empty:
+            continue
+        kind = config_type(hints.get(name, Any), f"{target}.{name}")
+        default = p.default
+        if kind is Any and isinstance(default, (bool, int, float, str)):
+            kind = type(default)  # unannotated: the default's type
+        if isinstance(kind, type) and issubclass(kind, enum.Enum) and default is not None:
+            default = kind(str(default))
+        if isinstance(default, (list, tuple)):
+            fields.append((name, kind, dataclasses.field(default_factory=lambda d=list(default): list(d))))
+        else:
+            fields.append((name, kind, dataclasses.field(default=default)))
+    return dataclasses.make_dataclass(target.rsplit(".", 1)[-1] + "Config", fields)

@@ -1,0 +1,112 @@
+"""The package as users install it: the wheel carries the configs, and an installed (not
+editable) seqexp trains and runs its commands from a directory that is not the repository.
+
+The wheel is built from a copy of the sources (a stale `build/` in the tree must not leak
+into it), installed with `pip install --target` and put first on PYTHONPATH; the subprocesses
+check that `seqexp` is imported from there, not from the editable install's `src/`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+CONFIGS = ROOT / "src" / "seqexp" / "configs"
+TINY_RUN = ["trainer.max_steps=2", "trainer.eval_every=2", "trainer.device=cpu", "trainer.progress=false",
+            "data.max_chars=20000", "data.batch_size=4", "data.seq_len=16",
+            "model.hidden_size=16", "model.embed_dim=8", "logging.sample_chars=10"]
+
+
+# In one process (torch is imported once): where seqexp and its configs are imported from, and
+# each console script of the installed distribution, loaded from its entry point, run with --help.
+CONSOLE_SCRIPTS = """
+import contextlib, importlib.resources, io, json, sys
+from importlib.metadata import PathDistribution
+from pathlib import Path
+import seqexp
+
+(info,) = Path(sys.argv[1]).glob("seqexp-*.dist-info")
+usage = {}
+for ep in PathDistribution(info).entry_points.select(group="console_scripts"):
+    sys.argv = [ep.name, "--help"]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        try:
+            ep.load()()
+        except SystemExit as e:
+            assert not e.code, (ep.name, e.code)
+    usage[ep.name] = out.getvalue()
+print(json.dumps({"module": seqexp.__file__, "configs": str(importlib.resources.files("seqexp.configs")),
+                  "usage": usage}))
+"""
+
+
+def pip(*args: str, cwd: Path) -> None:
+    subprocess.run([sys.executable, "-m", "pip", "--disable-pip-version-check", *args, "--quiet"],
+                   cwd=cwd, check=True)
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory) -> tuple[Path, Path]:
+    """(the wheel, the directory it is installed in)."""
+    tmp = tmp_path_factory.mktemp("package")
+    source = tmp / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    shutil.copytree(ROOT / "src", source / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    # offline: the build backend (setuptools, in the dev extra) is the one installed here
+    pip("wheel", ".", "--no-deps", "--no-build-isolation", "-w", str(tmp / "dist"), cwd=source)
+    (wheel,) = (tmp / "dist").glob("seqexp-*.whl")
+    pip("install", "--no-deps", "--no-compile", "--target", str(tmp / "site"), str(wheel), cwd=tmp)
+    return wheel, tmp / "site"
+
+
+def run(site: Path, cwd: Path, *argv: str) -> subprocess.CompletedProcess:
+    """A command with only the installed package on PYTHONPATH, started in `cwd`."""
+    env = {**os.environ, "PYTHONPATH": str(site), "OMP_NUM_THREADS": "1"}
+    env.pop("SEQEXP_DEBUG", None)
+    return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_wheel_holds_every_config_file(installed):
+    wheel, _ = installed
+    shipped = {p.relative_to(ROOT / "src").as_posix() for p in CONFIGS.rglob("*")
+               if p.is_file() and "__pycache__" not in p.parts}
+    assert "seqexp/configs/train.yaml" in shipped and "seqexp/configs/model/lstm.yaml" in shipped
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert shipped <= names, f"not in the wheel: {sorted(shipped - names)}"
+
+
+def test_installed_seqexp_trains_and_runs_its_commands_anywhere(installed, tmp_path):
+    _, site = installed
+    console = run(site, tmp_path, sys.executable, "-c", CONSOLE_SCRIPTS, str(site))
+    assert console.returncode == 0, console.stderr[-3000:]
+    found = json.loads(console.stdout.splitlines()[-1])
+    assert Path(found["module"]).is_relative_to(site), found["module"]  # not the editable src/
+    assert Path(found["configs"]).is_relative_to(site), found["configs"]
+    usage = found["usage"]
+    assert set(usage) == {"seqexp-train", "seqexp-evaluate", "seqexp-sample", "seqexp-predict", "seqexp-ensemble"}
+    for name, text in usage.items():
+        assert text.startswith(name if name != "seqexp-train" else "seqexp is powered by Hydra"), (name, text)
+    groups = usage["seqexp-train"].split("== Configuration groups ==")[1].split("== Config ==")[0]
+    assert "model: " in groups and "schema" not in groups, groups  # read from the installed package
+
+    train = run(site, tmp_path, str(site / "bin" / "seqexp-train"), *TINY_RUN)
+    assert train.returncode == 0, train.stderr[-3000:]
+    (metrics,) = tmp_path.glob("outputs/*/*/metrics.json")  # the run dir is under the cwd
+    run_dir = metrics.parent
+    assert json.loads(metrics.read_text())["steps"] == 2
+    assert (run_dir / "seqexp.log").is_file() and (run_dir / "checkpoints" / "best.pt").is_file()
+
+    evaluate = run(site, tmp_path, str(site / "bin" / "seqexp-evaluate"), str(run_dir))
+    assert evaluate.returncode == 0, evaluate.stderr[-3000:]
+    assert (run_dir / "eval_val_best.json").is_file()
