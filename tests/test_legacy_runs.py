@@ -213,3 +213,20 @@ def test_resume_checks_a_legacy_run_against_its_saved_config_and_data(name, tmp_
             cli(f"resume={run}", f"data.path={changed}", "trainer.max_steps=6")
         assert e.value.code == 2 and "not the data" in capsys.readouterr().err
     assert saved_metrics(run) == saved_metrics(FIXTURES / "runs" / name)
+
+
+def test_a_config_saved_before_a_key_existed_is_read_as_that_version_ran(tmp_path):
+    """IMDB runs saved before data.val_split existed drew their validation reviews at random:
+    every reader of the checkpoint (resume, evaluate, ensemble) sees val_split=random."""
+    import torch
+
+    from seqexp.checkpoint import read
+
+    path = copy_run("classify_lstm", tmp_path) / "checkpoints" / "last.pt"
+    ckpt = torch.load(path, weights_only=True)
+    assert "digest" not in ckpt  # written by 293efe6
+    del ckpt["config"]["data"]["val_split"]
+    torch.save(ckpt, path)
+    assert read(path)["config"]["data"]["val_split"] == "random"
+    assert read(FIXTURES / "runs" / "classify_lstm" / "checkpoints" / "last.pt")["config"]["data"]["val_split"] \
+        == "contiguous"

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Callable, NotRequired, Optional, TypedDic
 import numpy as np
 import torch
 
+from seqexp.build import locate
 from seqexp.errors import UserError
 from seqexp.trust import check_file_config
 
@@ -286,6 +287,9 @@ def read(path: Path) -> Checkpoint:
     if not isinstance(kwargs, dict) or not all(isinstance(v, (int, str, type(None))) for v in kwargs.values()):
         raise UserError(f"{path}: its model_kwargs are not plain values; not loaded.")
     ckpt.setdefault("averaged", "weights" in ckpt.get("trainer", {}))  # older files: said by trainer["weights"]
+    # a data config an older seqexp saved, as today's code reads it (resume and the commands alike)
+    data_cfg = ckpt["config"]["data"]
+    ckpt["config"]["data"] = locate(data_cfg["_target_"]).upgrade_config(data_cfg)
     return ckpt
 
 

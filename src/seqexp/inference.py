@@ -112,8 +112,7 @@ def label_names(ckpt: Checkpoint) -> list[str]:
 def build_data(ckpt: Checkpoint, overrides: dict[str, str] | None = None):
     """The run's data from its saved config (e.g. for its validation split), with the
     checkpoint's vocabulary. `overrides`: `{"data.path": "..."}`, keys of the saved data config."""
-    cfg = copy.deepcopy(ckpt["config"]["data"])
-    cfg = locate(cfg["_target_"]).upgrade_config(cfg)  # as today's code reads it (before the overrides)
+    cfg = copy.deepcopy(ckpt["config"]["data"])  # upgraded to today's keys by checkpoint.read
     if "cache_dir" in cfg:  # a place on the machine that wrote the run: here, ours (trust.py), unless overridden
         cfg["cache_dir"] = None
     for key, value in (overrides or {}).items():
