@@ -537,3 +537,31 @@ def test_summary_handles_test_metrics_running_jobs_and_maximised_objectives(tmp_
     header = next(line for line in md.splitlines() if line.startswith("| #"))
     assert "| model |" in header and "overrides" not in header  # what varies, not the shared values
     assert math.isclose(float(rows[1]["best val/acc"]), 0.70)
+
+
+def test_summary_groups_jobs_that_differ_only_in_the_seed(tmp_path):
+    """-m model=lstm,gru trainer.seed=1,2,3: mean, standard deviation and count per model."""
+    accs = {("lstm", 1): 0.80, ("lstm", 2): 0.84, ("lstm", 3): 0.82, ("gru", 1): 0.70, ("gru", 2): 0.74}
+    for i, ((model, seed), acc) in enumerate(accs.items()):
+        d = tmp_path / f"{i}_model={model},trainer.seed={seed}"
+        (d / ".hydra").mkdir(parents=True)
+        OmegaConf.save(OmegaConf.create([f"model={model}", f"trainer.seed={seed}"]), d / ".hydra" / "overrides.yaml")
+        (d / "metrics.json").write_text(json.dumps({
+            "status": "finished", "objective": {"metric": "val/acc", "mode": "max", "best": acc},
+            "test": {"test/acc": acc - 0.01}, "timing": {"wall_time_s": 1.0}}))
+    failed = tmp_path / "5_model=gru,trainer.seed=3"  # a failed seed is not averaged in
+    (failed / ".hydra").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create(["model=gru", "trainer.seed=3"]), failed / ".hydra" / "overrides.yaml")
+    (failed / "metrics.json").write_text(json.dumps({"status": "failed", "error": "x"}))
+    written = write_summary(tmp_path)
+    assert {"seeds", "seeds_plot"} <= set(written) and (tmp_path / "seeds.png").stat().st_size > 0
+    with open(written["seeds"]) as f:
+        groups = list(csv.DictReader(f))
+    assert [g["group"] for g in groups] == ["model=lstm", "model=gru"]  # best mean first
+    lstm, gru = groups
+    assert lstm["seeds"] == "3" and gru["seeds"] == "2"
+    assert math.isclose(float(lstm["best val/acc mean"]), 0.82) and math.isclose(float(lstm["best val/acc std"]), 0.02)
+    assert math.isclose(float(gru["test/acc mean"]), 0.71) and math.isclose(float(gru["best val/acc std"]),
+                                                                             0.04 / math.sqrt(2))
+    md = (tmp_path / "summary.md").read_text()
+    assert "## Across seeds" in md and "| model=lstm | 3 | 0.82 ± 0.02 |" in md

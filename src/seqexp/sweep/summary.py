@@ -135,6 +135,68 @@ def write_markdown(rows: list[dict], path: Path, sweep_dir: Path, metric: str, m
     path.write_text("\n".join(lines) + "\n")
 
 
+# ----------------------------------------------------------------------------- seeds
+SEED = "trainer.seed"
+
+
+def seed_groups(rows: list[dict], metric: str, mode: str) -> list[dict]:
+    """Finished jobs that differ only in trainer.seed, as one row per group: for the best
+    objective and each test metric, the mean, the sample standard deviation and the count.
+    Empty when no seed was swept (a one-seed comparison has no error bar to give)."""
+    if not any(f"{SEED}=" in r["overrides"] for r in rows):
+        return []
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["status"] == "finished":
+            rest = " ".join(sorted(o for o in r["overrides"].split() if not o.startswith(f"{SEED}=")))
+            groups.setdefault(rest, []).append(r)
+    out = []
+    for rest, members in groups.items():
+        row = {"group": rest or "(no other override)", "seeds": len(members)}
+        for col in [f"best {metric}", *(k for k in members[0] if k.startswith("test/"))]:
+            values = [m[col] for m in members if isinstance(m.get(col), (int, float)) and math.isfinite(m[col])]
+            if values:
+                mean = sum(values) / len(values)
+                var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
+                row[f"{col} mean"], row[f"{col} std"] = mean, math.sqrt(var)
+        out.append(row)
+    key, sign = f"best {metric} mean", 1 if mode == "min" else -1
+    return sorted(out, key=lambda r: sign * r[key] if key in r else math.inf)  # best first
+
+
+def seeds_markdown(groups: list[dict], metric: str) -> list[str]:
+    if not groups:
+        return []
+    cols = [c for c in groups[0] if c.endswith(" mean")]
+    lines = ["", f"## Across seeds ({SEED}): mean ± standard deviation over the finished seeds", "",
+             "| group | seeds | " + " | ".join(c.removesuffix(" mean") for c in cols) + " |",
+             "|" + "---|" * (len(cols) + 2)]
+    for g in groups:
+        cells = [f"{fmt(g[c])} ± {fmt(g[c.removesuffix(' mean') + ' std'])}" if c in g else "" for c in cols]
+        lines.append(f"| {g['group'][:120]} | {g['seeds']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def plot_seeds(groups: list[dict], metric: str, path: Path) -> bool:
+    """The best objective of each group: mean with a ±1 standard deviation error bar."""
+    from matplotlib.figure import Figure
+
+    col = f"best {metric}"
+    groups = [g for g in groups if f"{col} mean" in g]
+    if not groups:
+        return False
+    fig = Figure(figsize=(max(4.0, 1.2 * len(groups) + 1), 3.8), layout="constrained")
+    ax = fig.subplots()
+    ax.errorbar(range(len(groups)), [g[f"{col} mean"] for g in groups], yerr=[g[f"{col} std"] for g in groups],
+                fmt="o", capsize=4)
+    ax.set_xticks(range(len(groups)), [f"{g['group'][:40]}\n(n={g['seeds']})" for g in groups], rotation=30,
+                  ha="right", fontsize="small")
+    ax.set(ylabel=col, title=f"{col} across seeds (mean ± std)")
+    ax.grid(alpha=0.3)
+    fig.savefig(path, dpi=110)
+    return True
+
+
 # ----------------------------------------------------------------------------- plots
 def read_curve(job_dir: Path, tag: str) -> Optional[tuple[list[int], list[float]]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -206,11 +268,19 @@ def write_summary(sweep_dir: Path) -> dict[str, Path]:
     out = {"csv": sweep_dir / "summary.csv", "md": sweep_dir / "summary.md"}
     write_csv(rows, out["csv"])
     write_markdown(rows, out["md"], sweep_dir, metric, mode, params)
+    groups = seed_groups(rows, metric, mode)
+    if groups:
+        out["seeds"] = sweep_dir / "summary_seeds.csv"
+        write_csv(groups, out["seeds"])
+        with open(out["md"], "a") as f:
+            f.write("\n".join(seeds_markdown(groups, metric)) + "\n")
     try:
         if plot_curves(jobs, metric, sweep_dir / "val_curves.png"):
             out["curves"] = sweep_dir / "val_curves.png"
         if plot_params(rows, params, metric, sweep_dir / "objective_vs_params.png"):
             out["params"] = sweep_dir / "objective_vs_params.png"
+        if groups and plot_seeds(groups, metric, sweep_dir / "seeds.png"):
+            out["seeds_plot"] = sweep_dir / "seeds.png"
     except ImportError as e:
         log.warning("plots skipped: %s (pip install matplotlib)", e)
     return out
