@@ -21,7 +21,7 @@ LM_MODELS = [m for m in GROUPS["model"] if m != "ngram"]  # ngram classifies onl
 
 
 def test_groups_are_complete():
-    assert GROUPS["model"] == ["attention", "gru", "lstm", "ngram", "rnn"]
+    assert GROUPS["model"] == ["attention", "gru", "lstm", "mingru", "minlstm", "ngram", "rnn"]
     assert GROUPS["optimizer"] == ["adagrad", "adam", "adamw", "rmsprop", "sgd"]
     assert GROUPS["scheduler"] == ["constant", "cosine", "step"]
 

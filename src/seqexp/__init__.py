@@ -1,3 +1,8 @@
 """seqexp: train and compare sequence models (RNN, LSTM/GRU, attention) from Hydra configs."""
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:  # one version, pyproject.toml's, as installed
+    __version__ = version("seqexp")
+except PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "unknown"

@@ -36,7 +36,7 @@ import torch
 
 from seqexp.build import locate
 from seqexp.errors import UserError
-from seqexp.trust import check_file_config
+from seqexp.trust import GROUPS, check_file_config
 
 if TYPE_CHECKING:
     from seqexp.ema import EMA
@@ -51,9 +51,9 @@ class TrainerState(TypedDict):
 
     step: int  # optimizer steps taken (skipped batches included)
     epoch: int
-    batch_in_epoch: int  # batches of `epoch` already consumed
+    batch_in_epoch: int  # batches of `epoch` already consumed (micro-batches: trainer.accumulate per step)
     carried: Any  # the RNN state carried into the next chunk (B global rows), or None
-    best: Optional[float]  # best value of the task's objective so far (finite, or None)
+    best: Optional[float]  # best value of the monitored metric so far (trainer.monitor; finite, or None)
     best_step: Optional[int]
     best_metrics: dict  # "val/..." metrics at best_step
     last_metrics: dict  # "val/..." metrics of the latest evaluation
@@ -66,6 +66,8 @@ class TrainerState(TypedDict):
     scheduler: dict
     scaler: dict  # fp16 loss scaling ({} when off)
     rng: dict  # rng_state(): python, numpy, torch, cuda
+    monitor: NotRequired[dict]  # early stopping: {"reference", "wait"} (seqexp/monitor.py)
+    stopped_early: NotRequired[Optional[int]]  # the step at which patience ran out, or None
     ranks: NotRequired[list]  # DDP: each rank's {"rng", "window"}, in rank order (distributed.py)
     weights: NotRequired[dict]  # averaged checkpoints: the trained weights (model.state_dict())
 
@@ -287,10 +289,22 @@ def read(path: Path) -> Checkpoint:
     if not isinstance(kwargs, dict) or not all(isinstance(v, (int, str, type(None))) for v in kwargs.values()):
         raise UserError(f"{path}: its model_kwargs are not plain values; not loaded.")
     ckpt.setdefault("averaged", "weights" in ckpt.get("trainer", {}))  # older files: said by trainer["weights"]
-    # a data config an older seqexp saved, as today's code reads it (resume and the commands alike)
-    data_cfg = ckpt["config"]["data"]
-    ckpt["config"]["data"] = locate(data_cfg["_target_"]).upgrade_config(data_cfg)
+    ckpt["config"] = upgraded_config(ckpt["config"])  # resume and the commands alike
     return ckpt
+
+
+def upgraded_config(config: dict) -> dict:
+    """A config an older seqexp saved, as today's code reads it: the data class upgrades what
+    changed meaning (`Dataset.upgrade_config`), then a key added to a component since gets its
+    constructor default (the behaviour of the version that saved it, where the new key only
+    adds an option). Idempotent. Only for configs that passed trust.py."""
+    from seqexp.schema import defaults
+
+    config = dict(config)
+    config["data"] = locate(config["data"]["_target_"]).upgrade_config(config["data"])  # first: it sees what is missing
+    for group in GROUPS:
+        config[group] = {**defaults(config[group]["_target_"]), **config[group]}
+    return config
 
 
 load_checkpoint = read  # the name scripts and the README use

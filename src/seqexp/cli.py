@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import difflib
+import itertools
 import logging
 import os
+import re
 import sys
+from pathlib import Path
 
 import hydra
 from hydra import compose, initialize_config_dir
@@ -12,7 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from seqexp.config import CONFIG_DIR
+from seqexp.config import CONFIG_DIR, check_keys, did_you_mean, schema_keys
 from seqexp.errors import UserError, user_errors
 from seqexp.locks import claim_output_dir, release_run_dir
 from seqexp.resume import config_for_resume, read_early, resume_argv
@@ -41,11 +45,59 @@ def explain_unknown_keys(argv: list[str], config_name: str = "train") -> None:
             print(f"hint: '{key}' is not a key of '{parent}'. Its keys: {keys}.", file=sys.stderr)
 
 
+def check_top_level_keys(argv: list[str]) -> None:
+    """`seed=3` or `+seed=3`: a top-level key that is neither a config group nor in the schema is
+    refused in one line, with the key it probably is (trainer.seed), before Hydra writes anything.
+    (With `hydra.searchpath` a `+group=option` may name a group of another folder: then the
+    composed config is checked instead, check_keys.)"""
+    searchpath = any(a.lstrip("+").startswith("hydra.searchpath") for a in argv)
+    top = set(schema_keys())
+    for a in argv:
+        key, eq, _ = a.partition("=")
+        plus = key.startswith("+")
+        key = key.lstrip("+")
+        if not eq or a.startswith(("-", "~")) or "." in key or "/" in key or key == "hydra" or key in top \
+                or (CONFIG_DIR / key).is_dir() or (plus and searchpath):
+            continue
+        raise UserError(f"'{key}' is not a top-level config key.{did_you_mean(key)}")
+
+
+def header(path: Path) -> str:
+    """A config file's opening comment: what the option is."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return " ".join(line for line in itertools.takewhile(lambda line: line.startswith("#"), lines))
+
+
+def check_group_choices(argv: list[str]) -> None:
+    """`model=transformer`: one line naming the group's choices and the closest, before Hydra
+    (which would print a dozen lines). The closest is the nearest spelling, else the option whose
+    description mentions the word (attention.yaml: "Transformer encoder ..."). Left to Hydra when
+    `hydra.searchpath` adds config folders, or for sweep syntax such as `choice(...)`."""
+    if any(a.lstrip("+").startswith("hydra.searchpath") for a in argv):
+        return
+    for a in argv:
+        key, eq, value = a.lstrip("+").partition("=")
+        folder = CONFIG_DIR / key
+        if not eq or a.startswith(("-", "~")) or key == "hydra" or "." in key or "/" in key or not folder.is_dir() \
+                or "(" in value:
+            continue
+        options = sorted(p.stem for p in folder.glob("*.yaml"))
+        for choice in value.split(","):  # -m model=lstm,gru
+            if choice in options or choice == "null":
+                continue
+            near = difflib.get_close_matches(choice, options, n=1, cutoff=0.6) or [
+                o for o in options if re.search(rf"\b{re.escape(choice)}\b", header(folder / f"{o}.yaml"), re.I)]
+            hint = f"; did you mean {' or '.join(f'{key}={o}' for o in near)}?" if near else "."
+            raise UserError(f"{key}={choice}: no such {key}. Choices: {', '.join(options)}{hint}")
+
+
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")  # seqexp/configs
 def _train(cfg: DictConfig) -> float | None:
     from seqexp.train import train  # torch imports after Hydra has checked the overrides
 
     hydra_cfg = HydraConfig.get()
+    with user_errors():
+        check_keys(cfg)  # `+seed=3`: refused once, not in every job of a sweep
     if torchrun():
         from seqexp.distributed import send_run_dir
 
@@ -69,9 +121,16 @@ def torchrun() -> bool:
 
 
 def train_main() -> None:
+    if "--version" in sys.argv[1:]:  # seqexp's, not Hydra's (which would print its own)
+        from seqexp.options import version_line
+
+        print(version_line())
+        return
     if os.environ.get("SEQEXP_DEBUG"):
         os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # config errors show their traceback too
     with user_errors():  # resume=: before Hydra, so that it uses the run's directory
+        check_top_level_keys(sys.argv[1:])
+        check_group_choices(sys.argv[1:])
         read_early(sys.argv[1:])
         sys.argv[1:] = resume_argv(sys.argv[1:])
         if torchrun():

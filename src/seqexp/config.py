@@ -9,6 +9,8 @@ outside an enum fails while the config is composed -- before any data is read --
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import hashlib
 import inspect
 from dataclasses import dataclass, field
@@ -23,6 +25,7 @@ from seqexp.build import RUNTIME, check_optimization, locate
 from seqexp.data.base import Dataset
 from seqexp.errors import UserError
 from seqexp.models.base import SequenceModel
+from seqexp.monitor import metric_and_mode
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # package data: installed with seqexp
 
@@ -39,6 +42,11 @@ class Precision(StrEnum):
     fp16 = "fp16"
 
 
+class Mode(StrEnum):
+    min = "min"
+    max = "max"
+
+
 class NonFinite(StrEnum):
     stop = "stop"  # raise, naming the step and the last good checkpoint
     skip = "skip"  # drop the batch, count it, keep going
@@ -52,12 +60,21 @@ class TrainerConfig:
     max_steps: int = -1  # -1: run max_epochs; otherwise stop after this many optimizer steps
     max_time_s: float = 0.0  # training-time budget in seconds (0: none); evaluation time not counted
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    # micro-batches (data.batch_size rows each) per optimizer step: the update of one batch of
+    # accumulate x batch_size rows; every count and interval here counts optimizer steps
+    accumulate: int = 1
     # decay of an exponential moving average of the weights (0: off). When on, the average is what
     # is evaluated, chosen as best and saved as a checkpoint's "model". Ramped: update n uses
     # min(ema, (1 + n) / (10 + n)), so e.g. 0.999 averages ~the last 1000 steps only after ~9000
     ema: float = 0.0
     eval_every: int = 500  # steps between validations on the full validation split
     checkpoint_every: int = 500  # steps between writes of checkpoints/last.pt and step_XXXXXX.pt
+    # the validation metric that chooses best.pt and that sweeps and Optuna compare, e.g. val/acc
+    # (null: the task's objective); mode: which way is better (null: inferred, seqexp/monitor.py)
+    monitor: Optional[str] = None
+    mode: Optional[Mode] = None
+    patience: int = 0  # stop after this many evaluations without improvement (0: never)
+    min_delta: float = 0.0  # what counts as an improvement for patience: better by more than this
     keep_last: int = 3  # step checkpoints kept (never best.pt, nor the one resumed from); 0: none written
     log_every: int = 25  # steps between reads of loss/grad norm (each read syncs the device)
     precision: Precision = Precision.fp32  # bf16/fp16 run the forward pass under autocast
@@ -134,8 +151,49 @@ def check_trainer(t: DictConfig) -> None:
         need(t[key] > 0, f"trainer.{key} must be positive, got {t[key]}.")
     need(t.max_time_s >= 0, f"trainer.max_time_s must be >= 0 (0: no budget), got {t.max_time_s}.")
     need(t.keep_last >= 0, f"trainer.keep_last must be >= 0 (0: no step checkpoints), got {t.keep_last}.")
+    need(t.accumulate >= 1, f"trainer.accumulate must be >= 1 (1: no accumulation), got {t.accumulate}.")
+    need(t.patience >= 0, f"trainer.patience must be >= 0 (0: no early stopping), got {t.patience}.")
+    need(t.min_delta >= 0, f"trainer.min_delta must be >= 0, got {t.min_delta}.")
     need(t.grad_clip >= 0, f"trainer.grad_clip must be >= 0 (0 disables), got {t.grad_clip}.")
     need(0.0 <= t.ema < 1.0, f"trainer.ema must be in [0, 1) (0: off; e.g. 0.999), got {t.ema}.")
+
+
+def schema_keys() -> list[str]:
+    """Every key the root schema defines: the top-level names and trainer.*, logging.*, sweep.*
+    (the groups' keys come from their constructors and are checked by check_targets)."""
+    keys = []
+    for f in dataclasses.fields(TrainConfig):
+        keys.append(f.name)
+        if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory):
+            keys += [f"{f.name}.{g.name}" for g in dataclasses.fields(f.default_factory)]
+    return keys
+
+
+def did_you_mean(key: str) -> str:
+    """' Did you mean trainer.seed?' for 'seed': keys with the same last part, else the closest spelling."""
+    keys = schema_keys()
+    parent, _, leaf = key.rpartition(".")
+    near = [k for k in keys if k.rpartition(".")[2] == leaf and k != key]
+    if not near:  # a misspelling: the closest key beside it
+        siblings = {k.rpartition(".")[2]: k for k in keys if k.rpartition(".")[0] == parent}
+        near = [siblings[m] for m in difflib.get_close_matches(leaf, list(siblings), n=1)]
+    return f" Did you mean {' or '.join(near)}?" if near else ""
+
+
+def check_keys(cfg: DictConfig) -> None:
+    """No key outside the schema: `+seed=3` (Hydra's advice for an unknown key) would otherwise add
+    a top-level key that nothing reads, and the run would train with the default seed."""
+    known = schema_keys()
+    top = [k for k in known if "." not in k]
+    for key in cfg.keys():
+        if key not in known:
+            raise UserError(f"'{key}' is not a top-level config key (those are {', '.join(top)}).{did_you_mean(key)}")
+    for section in ("trainer", "logging", "sweep"):
+        for key in cfg[section].keys():
+            if f"{section}.{key}" not in known:
+                own = ", ".join(k.partition(".")[2] for k in known if k.startswith(f"{section}."))
+                raise UserError(f"'{section}.{key}' is not a key of '{section}'.{did_you_mean(f'{section}.{key}')} "
+                                f"Its keys: {own}.")
 
 
 def check_targets(cfg: DictConfig, groups=("model", "data", "optimizer", "scheduler")) -> None:
@@ -164,6 +222,7 @@ def validate(cfg: DictConfig) -> None:
     its constructor, then each component's own cross-field checks (the model's and the data's
     `check_config`; the optimizer and schedule are built on a dummy parameter, which runs torch's
     own argument checks), then the trainer's."""
+    check_keys(cfg)
     check_targets(cfg)
     data_cls, model_cls = locate(cfg.data._target_), locate(cfg.model._target_)
     if not (isinstance(data_cls, type) and issubclass(data_cls, Dataset)):
@@ -171,9 +230,10 @@ def validate(cfg: DictConfig) -> None:
     if not (isinstance(model_cls, type) and issubclass(model_cls, SequenceModel)):
         raise UserError(f"model._target_ {cfg.model._target_} is not a seqexp.models.base.SequenceModel.")
     data_cls.check_config(cfg.data)
-    model_cls.check_config(cfg.model, data_cls.task.name)
+    model_cls.check_config(cfg.model, data_cls.task.head)  # the head the task asks of models
     check_optimization(cfg.optimizer, cfg.scheduler)
     check_trainer(cfg.trainer)
+    metric_and_mode(cfg.trainer, data_cls.task)  # a metric the task does not log is refused now
 
 
 def to_container(cfg: DictConfig) -> dict:

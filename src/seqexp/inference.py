@@ -21,7 +21,7 @@ import torch
 
 from seqexp import build
 from seqexp.build import locate, pick_device
-from seqexp.checkpoint import Checkpoint, load_checkpoint
+from seqexp.checkpoint import Checkpoint, load_checkpoint, upgraded_config
 from seqexp.errors import UserError
 from seqexp.options import convert
 
@@ -35,7 +35,9 @@ def find_checkpoint(path: str | Path) -> Path:
     if p.is_file():
         return p
     if not p.is_dir():
-        raise UserError(f"no such run directory or checkpoint: {p}.")
+        from seqexp.resume import suggest_runs
+
+        raise UserError(f"no such run directory or checkpoint: {p}.{suggest_runs(p)}")
     for name in CHECKPOINT_NAMES:
         if (p / "checkpoints" / name).is_file():
             return p / "checkpoints" / name
@@ -112,7 +114,7 @@ def label_names(ckpt: Checkpoint) -> list[str]:
 def build_data(ckpt: Checkpoint, overrides: dict[str, str] | None = None):
     """The run's data from its saved config (e.g. for its validation split), with the
     checkpoint's vocabulary. `overrides`: `{"data.path": "..."}`, keys of the saved data config."""
-    cfg = copy.deepcopy(ckpt["config"]["data"])  # upgraded to today's keys by checkpoint.read
+    cfg = copy.deepcopy(upgraded_config(ckpt["config"])["data"])  # today's keys (checkpoint.read does it too)
     if "cache_dir" in cfg:  # a place on the machine that wrote the run: here, ours (trust.py), unless overridden
         cfg["cache_dir"] = None
     for key, value in (overrides or {}).items():

@@ -51,6 +51,13 @@ def usage(doc: str, options_cls: type) -> str:
     return "\n".join(lines)
 
 
+def version_line() -> str:
+    """What `--version` prints, for every seqexp command (the installed package's version)."""
+    import seqexp
+
+    return f"seqexp {seqexp.__version__}"
+
+
 def parse(argv: list[str], options_cls: type, doc: str, *,
           prefixes: tuple[str, ...] = ()) -> tuple[list[str], Any, dict[str, str]]:
     """argv -> (positional arguments, options, {key: raw value} for keys under `prefixes`).
@@ -69,6 +76,9 @@ def parse(argv: list[str], options_cls: type, doc: str, *,
             rest = True
         elif arg in ("-h", "--help"):
             print(usage(doc, options_cls))
+            sys.exit(0)
+        elif arg == "--version":
+            print(version_line())
             sys.exit(0)
         elif arg.startswith("--"):
             raise UserError(f"unknown flag {arg}; options are key=value (see --help).")

@@ -14,6 +14,8 @@ writes into the resumed directory instead of creating an empty new one.
 
 from __future__ import annotations
 
+import difflib
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -24,11 +26,42 @@ from seqexp.errors import UserError
 if TYPE_CHECKING:  # the checkpoint module imports torch; resume= is resolved before torch loads
     from seqexp.checkpoint import Checkpoint
 
-FROZEN = ("model", "data", "optimizer", "scheduler", "trainer.seed")
+# trainer.accumulate: what one optimizer step is (and so the schedule's steps); monitor and
+# mode: what the best value so far (and best.pt) was chosen by
+FROZEN = ("model", "data", "optimizer", "scheduler", "trainer.seed", "trainer.accumulate", "trainer.monitor",
+          "trainer.mode")
+NEWER = {"accumulate": 1, "monitor": None, "mode": None}  # trainer keys older runs saved without
 # where the data lives, not what it is: may change when the content is verified (a fingerprint)
 LOCATION = ("data.path", "data.cache_dir")
-ALLOWED = "trainer.* (except trainer.seed) and logging.*"
+ALLOWED = "trainer.* (except trainer.seed, accumulate, monitor and mode) and logging.*"
 OUTPUTS = Path("outputs")  # Hydra's run directories, relative to where the command runs
+
+
+def is_run_dir(path: Path) -> bool:
+    return any((path / name).exists() for name in ("metrics.json", "checkpoints", ".hydra"))
+
+
+def nearest_runs(path: Path, outputs: Path = OUTPUTS, n: int = 3) -> list[Path]:
+    """The run directories whose path is most like `path` (a mistyped or half-remembered one),
+    looked for under its deepest existing parent, else under outputs/; at most n."""
+    path = Path(path).expanduser()
+    base = next((p for p in path.parents if p != Path(".") and p.is_dir()), None)
+    base = base if base is not None and base.resolve() != Path.cwd().resolve() else Path(outputs)
+    found, root_depth = [], len(base.parts)
+    for dirpath, dirs, _ in os.walk(base):
+        d = Path(dirpath)
+        if is_run_dir(d):
+            found.append(d)
+            dirs[:] = []  # nothing below a run is another run
+        elif len(d.parts) - root_depth >= 4:  # outputs/multirun/<date>/<time>/<job> is the deepest
+            dirs[:] = []
+    return sorted(found, key=lambda r: -difflib.SequenceMatcher(None, str(path), str(r)).ratio())[:n]
+
+
+def suggest_runs(path: Path, outputs: Path = OUTPUTS) -> str:
+    """' Nearest runs: a, b.' (or '') for a message about a run path that does not exist."""
+    near = nearest_runs(path, outputs)
+    return f" Nearest runs: {', '.join(map(str, near))}." if near else ""
 
 
 def resolve(spec: str, outputs: Path = OUTPUTS) -> tuple[Path, Path]:
@@ -50,7 +83,8 @@ def resolve(spec: str, outputs: Path = OUTPUTS) -> tuple[Path, Path]:
             ckpt = path
         else:
             raise UserError(f"resume={spec}: no such run directory or checkpoint. Give a run directory "
-                            f"(outputs/<date>/<time>), a checkpoint in its checkpoints/, or resume=latest.")
+                            f"(outputs/<date>/<time>), a checkpoint in its checkpoints/, or resume=latest."
+                            f"{suggest_runs(path, outputs)}")
     ckpt = ckpt.resolve()
     if ckpt.parent.name != "checkpoints":
         raise UserError(f"resume={spec}: {ckpt} is not in a run's checkpoints/ folder, so there is no run to "
@@ -138,10 +172,13 @@ def check_config(ckpt: "Checkpoint", cfg: DictConfig, path: Path) -> None:
     from seqexp.config import to_container
 
     verifiable = ckpt["data"].get("fingerprint") is not None  # see check_data
-    changes = frozen_changes(ckpt["config"], to_container(cfg), LOCATION if verifiable else ())
+    saved = ckpt["config"]  # an older run's config, with the defaults of keys added since
+    saved = {**saved, "trainer": {**NEWER, **saved.get("trainer", {})}}
+    changes = frozen_changes(saved, to_container(cfg), LOCATION if verifiable else ())
     if changes:
         more = f" (and {len(changes) - 5} more)" if len(changes) > 5 else ""
-        raise UserError(f"cannot resume {path} with a different model, data, optimizer, scheduler or seed: "
+        raise UserError(f"cannot resume {path} with a different model, data, optimizer, scheduler, seed, "
+                        f"accumulation or monitored metric: "
                         f"{'; '.join(changes[:5])}{more}. Drop those overrides, or start a new run; "
                         f"on resume you may change {ALLOWED}.")
 

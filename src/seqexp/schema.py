@@ -61,6 +61,14 @@ def _hints(fn) -> dict:
         return {}
 
 
+def defaults(target: str) -> dict:
+    """The schema's values as plain data (enums as strings): what a config of `target` holds
+    when its YAML file changes nothing."""
+    values = {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+              for f in dataclasses.fields(schema_for(target))}
+    return {k: str(v) if isinstance(v, enum.Enum) else v for k, v in values.items()}
+
+
 @lru_cache(maxsize=None)
 def schema_for(target: str) -> type:
     fn = locate(target)

@@ -45,7 +45,10 @@ def detach_state(state):
 
 class LanguageModeling:
     name = "lm"
+    head = "lm"  # what models are built for (their `task` runtime fact): (B, T, V) logits, causal
     objective, mode = "val/loss", "min"  # nats per character
+    # every validation metric it logs (as val/<name>), and which way is better (None: a count)
+    metric_modes = {"loss": "min", "bpc": "min", "ppl": "min", "tokens": None}
 
     def loss(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
         # logits (B, T, V), targets (B, T); float32 softmax even under autocast
@@ -110,7 +113,10 @@ def confusion_counts(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 class Classification:
     name = "classify"
+    head = "classify"  # (B, C) logits, one row per sequence
     objective, mode = "val/acc", "max"
+    # every validation metric it logs (as val/<name>; tn/fp/fn/tp too when binary: counts, not monitored)
+    metric_modes = {"loss": "min", "acc": "max", "count": None}
 
     def loss(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
         # logits (B, C) with C >= 2 and integer labels: softmax cross-entropy matches the head

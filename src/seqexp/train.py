@@ -25,6 +25,37 @@ from seqexp.visuals import make_visuals
 log = logging.getLogger("seqexp")
 
 
+def model_summary(model: torch.nn.Module) -> str:
+    """Parameters per top-level module, then total and trainable; a weight shared by two modules
+    (tied embeddings) counts once, with the first that holds it."""
+    seen, rows = set(), []
+    children = [("(own)", model, False), *((n, m, True) for n, m in model.named_children())]
+    for name, module, recurse in children:
+        params = list(module.parameters(recurse=recurse)) if recurse else list(model.parameters(recurse=False))
+        new = [p for p in params if id(p) not in seen]
+        seen.update(id(p) for p in params)
+        if params:
+            count = f"{sum(p.numel() for p in new):>12,}" if new else f"{'shared':>12}"
+            rows.append(f"  {name:<16} {type(module).__name__ if recurse else '':<22} {count}")
+    unique = {id(p): p for p in model.parameters()}.values()
+    total, trainable = sum(p.numel() for p in unique), sum(p.numel() for p in unique if p.requires_grad)
+    return "\n".join([f"model {type(model).__name__}: {total:,} parameters, {trainable:,} trainable", *rows])
+
+
+def closing_line(summary: dict, run_dir: Path) -> str:
+    """The run's last line: the best monitored metric, its test counterpart if any, where it all is."""
+    objective, step = summary["objective"], summary["best_step"]
+    metric, best = objective["metric"], objective["best"]
+    line = f"finished: best {metric} {best:.4f} at step {step}" if best is not None else f"finished: no finite {metric}"
+    test = summary.get("test")
+    key = "test/" + metric.partition("/")[2]
+    if isinstance(test, dict) and isinstance(test.get(key), float):
+        line += f"; {key} {test[key]:.4f} (best checkpoint)"
+    if summary.get("stopped_early"):
+        line += f"; stopped early at step {summary['stopped_early']['step']}"
+    return f"{line}; run directory {run_dir}"
+
+
 def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     """With `cfg.resume` set, continues that run in its directory (run_dir may then be None)."""
     validate(cfg)  # cross-field checks: before any data is read
@@ -62,7 +93,11 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
                             f"the {dist.world_size} processes.")
         seed_everything(t.seed + 1_000_003 * dist.rank)  # same weights (built above); own dropout masks
     optimizer = build_optimizer(cfg.optimizer, model)
-    steps_per_epoch = data.num_batches("train", stateful=model.stateful)
+    batches_per_epoch = data.num_batches("train", stateful=model.stateful)
+    if batches_per_epoch < t.accumulate:
+        raise UserError(f"trainer.accumulate={t.accumulate} needs that many training batches per epoch; the data "
+                        f"has {batches_per_epoch}. Lower trainer.accumulate or data.batch_size.")
+    steps_per_epoch = batches_per_epoch // t.accumulate  # optimizer steps
     total_steps = t.max_epochs * steps_per_epoch
     if t.max_steps != -1:
         total_steps = min(total_steps, t.max_steps)
@@ -91,6 +126,8 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
         del ckpt  # the trainer holds its own copies now
         log.info("resumed from %s at step %d (epoch %d, batch %d)", ckpt_path, trainer.step, trainer.epoch,
                  trainer.batch_in_epoch)
+    if main:
+        log.info("%s", model_summary(model))
     log.info("%s: %s, %d parameters, %d steps (%d per epoch) on %s%s; run dir %s", data.task.name,
              type(model).__name__, trainer.num_params, total_steps, steps_per_epoch, device,
              f" (rank {dist.rank} of {dist.world_size})" if dist else "", run_dir)
@@ -100,6 +137,8 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
                 trainer.fit()
             data.task.after_training(trainer)  # e.g. the held-out test split, once, on the best weights
             trainer.write_metrics("finished")
+        if main:
+            log.info(closing_line(trainer.summary(), run_dir))
         if dist is not None:
             # leave together: a rank tearing down its process group while rank 0 still writes
             # was seen to abort ("terminate called without an active exception")

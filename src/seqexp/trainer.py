@@ -13,6 +13,17 @@ Under DDP (`dist`, see distributed.py) every rank runs this loop on its rows of 
 decisions are all-reduced, evaluation sums are added over ranks, and only rank 0 writes.
 Checkpoints hold the global carried state and each rank's RNG and logging window.
 
+Gradient accumulation (`trainer.accumulate` = K): one optimizer step takes K consecutive
+batches of the data ("micro-batches"); each micro-batch's mean loss is weighted by its share of
+the K micro-batches' loss terms (task.loss_terms: targets for language models, examples for
+classifiers), so the step's loss is the mean over all K together and K micro-batches of B rows
+update the weights as one batch of K x B rows would. Stateful BPTT: micro-batch k of step s is
+chunk s x K + k of every stream, its state carried (detached) from micro-batch k - 1. Everything
+periodic counts optimizer steps; `batch_in_epoch` counts micro-batches, and a checkpoint is only
+ever written between optimizer steps (no gradient half-accumulated), so resume is exact. Under
+DDP the gradients are all-reduced once per step: the first K - 1 backward passes run under
+`no_sync`.
+
 With `trainer.ema` > 0 the trainer keeps an exponential moving average of the weights (ema.py).
 The average is what is evaluated, chosen as best and saved as a checkpoint's "model", so every
 tool that loads a checkpoint (test evaluation, predict, ensemble) uses the weights that were
@@ -25,6 +36,7 @@ check, or before an evaluation or a save), and a checkpoint holding a NaN or inf
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -42,6 +54,7 @@ from seqexp.data.shard import Sharded
 from seqexp.distributed import Dist
 from seqexp.ema import EMA
 from seqexp.errors import UserError
+from seqexp.monitor import Monitor, metric_and_mode
 from seqexp.preempt import Preempted
 from seqexp.tasks import detach_state, to_device
 
@@ -70,9 +83,12 @@ class Trainer:
         self.shard = data if dist is None else Sharded(data, dist.rank, dist.world_size)
         # compiled (and under DDP wrapped) forward for training; checkpoints and evaluation use the plain module
         net = dist.wrap(model) if dist is not None else model
+        self.ddp = net if dist is not None else None  # its no_sync() skips the all-reduce of micro-batches
         self.net = torch.compile(net) if cfg.compile else net
         self.stateful = model.stateful
-        self.steps_per_epoch = data.num_batches("train", stateful=self.stateful)
+        self.accumulate = cfg.accumulate  # micro-batches per optimizer step
+        # optimizer steps; an epoch's last batches that do not fill a step are left out
+        self.steps_per_epoch = data.num_batches("train", stateful=self.stateful) // self.accumulate
         self.params = [p for p in model.parameters() if p.requires_grad]  # tied weights once
         self.num_params = sum(p.numel() for p in self.params)
         self._checked = [p for p in self.params if p.numel()]  # (the inf-norm of an empty tensor is undefined)
@@ -83,6 +99,9 @@ class Trainer:
 
         self.step = self.epoch = self.batch_in_epoch = 0
         self.carried = None  # RNN state at the end of the last chunk
+        # the monitored validation metric (trainer.monitor, mode) and early stopping (patience)
+        self.monitor = Monitor(*metric_and_mode(cfg, self.task), cfg.patience, cfg.min_delta)
+        self.stopped_early: Optional[int] = None  # the step at which patience ran out
         self.best: Optional[float] = None
         self.best_step: Optional[int] = None
         self.best_metrics: dict = {}
@@ -114,6 +133,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": rng_state(),
+            "monitor": self.monitor.state_dict(), "stopped_early": self.stopped_early,
             # under DDP (a collective): the global carried state, each rank's RNG and window
             **(self.dist.gather_trainer_state(self.carried, self.log_sums) if self.dist is not None else {}),
         }
@@ -131,6 +151,9 @@ class Trainer:
         self.scheduler.load_state_dict(sd["scheduler"])
         self.scaler.load_state_dict(sd["scaler"])
         set_rng_state(sd["rng"])
+        if "monitor" in sd:  # (checkpoints from before early stopping: no countdown yet)
+            self.monitor.load_state_dict(sd["monitor"])
+        self.stopped_early = sd.get("stopped_early")
         if self.dist is not None:
             self.carried, self.log_sums = self.dist.shard_trainer_state(sd, self.carried, self.log_sums,
                                                                         seed=self.cfg.seed, step=self.step)
@@ -226,13 +249,13 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (cfg.progress and self.is_main),
                    dynamic_ncols=True, unit="step", desc="train")
         try:
-            while self.step < self.total_steps:
+            while not self.done:
                 batches = self.shard.batches("train", stateful=self.stateful, epoch=self.epoch,
                                              start=self.batch_in_epoch)
-                for batch in batches:
-                    tokens_window += batch["num_tokens"] * (self.dist.world_size if self.dist else 1)
-                    self.train_step(batch)
-                    self.batch_in_epoch += 1
+                for micro in groups(batches, self.accumulate):
+                    tokens_window += sum(b["num_tokens"] for b in micro) * (self.dist.world_size if self.dist else 1)
+                    self.train_step(micro)
+                    self.batch_in_epoch += len(micro)
                     self.step += 1
                     if self.step % cfg.log_every == 0:
                         now = time.perf_counter()
@@ -245,9 +268,9 @@ class Trainer:
                         self.evaluate_and_save()
                     elif self.step % cfg.checkpoint_every == 0:
                         self.save_last()
-                    if self.any_rank(self.stop_signal is not None) and self.step < self.total_steps:
+                    if self.any_rank(self.stop_signal is not None) and not self.done:
                         self.stop()  # (at the last step the run simply finishes)
-                    if self.step >= self.total_steps:
+                    if self.done:
                         break
                 else:  # epoch exhausted: next epoch starts with a fresh state
                     self.epoch, self.batch_in_epoch, self.carried = self.epoch + 1, 0, None
@@ -258,17 +281,35 @@ class Trainer:
             self.logger.flush()
         return self.summary()
 
-    def train_step(self, batch: dict) -> None:
+    @property
+    def done(self) -> bool:
+        """The last step is taken, or patience ran out (a decision saved with the checkpoint)."""
+        return self.step >= self.total_steps or self.stopped_early is not None
+
+    def train_step(self, micro: list[dict]) -> None:
+        """One optimizer step on K micro-batches (K = trainer.accumulate; usually one batch)."""
         self.net.train()
-        batch = to_device(batch, self.device)
-        state = detach_state(self.carried) if batch["carry"] else None  # truncate BPTT here
-        with self.autocast():
-            logits, new_state = self.net(batch["tokens"], batch.get("lengths"), state)
-        loss = self.task.loss(logits, batch)
-        if "loss_scale" in batch:  # DDP: this rank's share of the global batch (data/shard.py)
-            loss = loss * batch["loss_scale"]
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        # the step's loss is the mean over the loss terms of all K micro-batches: each micro-batch's
+        # mean loss weighs its share of them (under DDP the global batch's terms: data/shard.py)
+        terms = [b["batch_terms"] if "batch_terms" in b else self.task.loss_terms(b) for b in micro] \
+            if len(micro) > 1 else [1]
+        total = sum(terms)
+        carried, loss = self.carried, torch.zeros((), device=self.device)
+        for k, batch in enumerate(micro):
+            batch = to_device(batch, self.device)
+            state = detach_state(carried) if batch["carry"] else None  # truncate BPTT here
+            last = k == len(micro) - 1  # DDP: all-reduce the summed gradients once, in the last backward
+            with self.ddp.no_sync() if self.ddp is not None and not last else nullcontext():
+                with self.autocast():
+                    logits, carried = self.net(batch["tokens"], batch.get("lengths"), state)
+                part = self.task.loss(logits, batch)
+                if "loss_scale" in batch:  # DDP: this rank's share of the global batch (data/shard.py)
+                    part = part * batch["loss_scale"]
+                if len(micro) > 1:
+                    part = part * (terms[k] / total if total else 1.0 / len(micro))
+                self.scaler.scale(part).backward()
+            loss = loss + part.detach()
         self.scaler.unscale_(self.optimizer)
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
@@ -289,7 +330,7 @@ class Trainer:
         self.scheduler.step()
         if self.ema is not None:
             self.ema.update()
-        self.carried = detach_state(new_state) if self.stateful else None
+        self.carried = detach_state(carried) if self.stateful else None
         self.log_sums += torch.stack([loss.detach().float(), grad_norm.detach().float(),
                                      torch.ones((), device=self.device)])
 
@@ -350,11 +391,16 @@ class Trainer:
                 self.visuals(self.model, self.step, metrics)
         self.last_metrics = {f"val/{k}": v for k, v in metrics.items() if not isinstance(v, list)}
         self.logger.scalars(self.last_metrics, self.step)
-        value = self.last_metrics[self.task.objective]
-        better = math.isfinite(value) and (  # a NaN is never best
-            self.best is None or (value < self.best if self.task.mode == "min" else value > self.best))
+        value = self.last_metrics[self.monitor.metric]
+        better = self.monitor.better(value, self.best)  # strictly better (a NaN never is)
         if better:
             self.best, self.best_step, self.best_metrics = value, self.step, dict(self.last_metrics)
+        self.monitor.update(value)
+        if self.monitor.exhausted and self.step < self.total_steps and self.stopped_early is None:
+            self.stopped_early = self.step  # decided before saving: a resume from here stops too
+            log.info("early stop at step %d: %s has not improved by more than %g for %d evaluations (best %.4f "
+                     "at step %s)", self.step, self.monitor.metric, self.monitor.min_delta, self.monitor.wait,
+                     self.best if self.best is not None else math.nan, self.best_step)
         log.info("step %d: %s%s", self.step,
                  "  ".join(f"{k} {v:.4f}" for k, v in self.last_metrics.items() if isinstance(v, float)),
                  "  (best)" if better else "")
@@ -369,7 +415,11 @@ class Trainer:
         return {
             "status": status,
             "task": self.task.name,
-            "objective": {"metric": self.task.objective, "mode": self.task.mode, "best": self.best},
+            "objective": {"metric": self.monitor.metric, "mode": self.monitor.mode, "best": self.best},
+            # patience ran out: the step it stopped at (else null)
+            "stopped_early": (None if self.stopped_early is None else
+                              {"step": self.stopped_early, "patience": self.monitor.patience,
+                               "min_delta": self.monitor.min_delta}),
             "final": self.last_metrics,
             "best": self.best_metrics,
             "best_step": self.best_step,
@@ -386,3 +436,10 @@ class Trainer:
         if self.is_main:
             self.written = self.summary(status)  # what metrics.json says, should the run fail before the next
             write_json(self.run_dir / "metrics.json", self.written)
+
+
+def groups(batches, k: int):
+    """Consecutive lists of k batches; a last list shorter than k is dropped (not a full step)."""
+    it = iter(batches)
+    while len(group := list(itertools.islice(it, k))) == k:
+        yield group

@@ -9,7 +9,7 @@ from hydra.core.config_store import ConfigStore
 @dataclass
 class OptunaSweeperConf:
     _target_: str = "hydra_plugins.seqexp_optuna_sweeper.optuna_sweeper.OptunaSweeper"
-    # minimize | maximize | auto: from the task's objective (val/loss: minimize, val/acc: maximize)
+    # minimize | maximize | auto: the mode of trainer.monitor (by default the task objective: val/loss minimize, val/acc maximize)
     direction: str = "auto"
     n_trials: int = 20  # in total: a re-run against a stored study only runs the missing ones
     # trials launched together, one launcher batch; > 1 pairs with hydra/launcher=joblib

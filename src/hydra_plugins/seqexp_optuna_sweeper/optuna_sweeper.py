@@ -56,9 +56,12 @@ def short(v: Any) -> Any:
 
 
 def objective_direction(config: DictConfig) -> str:
-    """minimize or maximize, from the task the data class declares (its `task`, seqexp/tasks.py)."""
-    task = get_class(config.data._target_).task
-    return "minimize" if task.mode == "min" else "maximize"
+    """minimize or maximize: the mode of the monitored metric (trainer.monitor, trainer.mode; by
+    default the objective of the task the data class declares, seqexp/monitor.py)."""
+    from seqexp.monitor import metric_and_mode
+
+    _, mode = metric_and_mode(config.trainer, get_class(config.data._target_).task)
+    return "minimize" if mode == "min" else "maximize"
 
 
 class OptunaSweeper(Sweeper):

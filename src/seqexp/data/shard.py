@@ -6,7 +6,8 @@ data kind shards the same way without knowing about processes:
   every stream, so a rank owns the same streams in every batch; window and classification
   batches are split by rows. `loss_scale` (world_size x this rank's share of the batch's loss
   terms) makes DDP's average of per-rank mean losses the mean over the global batch, even
-  when the shares differ (a short last batch).
+  when the shares differ (a short last batch). `batch_terms` (the global batch's loss terms)
+  weighs a micro-batch within an accumulated step the same on every rank.
 - evaluation: each rank takes its rows too; metrics are sums, added over ranks once
   (Trainer.evaluate), so they cover the split exactly once. A rank left with no rows skips
   the batch (evaluation runs the plain module: no collective in it).
@@ -47,4 +48,5 @@ class Sharded:
             if split == "train":
                 total = task.loss_terms(batch)
                 part["loss_scale"] = self.world_size * task.loss_terms(part) / total if total else 1.0
+                part["batch_terms"] = total  # weighs this batch among a step's micro-batches (trainer.accumulate)
             yield part

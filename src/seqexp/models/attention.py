@@ -11,6 +11,10 @@ penalty on attention scores linear in the distance between query and key, one sl
 With conv_kernel > 0 each block starts with x + Conv(LN(x)), a depthwise convolution over time
 (Conformer's convolution module, Gulati et al. 2020), so attention compares phrases, not single
 words.
+With window > 0 attention is local (sliding window, as in Longformer or Mistral): a query sees
+the keys at most `window` positions away (before it only, when causal). A stack of n_layers
+then reads at most n_layers x window positions back (plus the convolutions' reach): beyond that
+no input changes a logit, which the memory lab (data/memory.py) makes visible.
 """
 
 from __future__ import annotations
@@ -156,6 +160,7 @@ class AttentionModel(SequenceModel):
         pooling: Pooling = "mean",  # classification only
         conv_kernel: int = 0,
         tie_weights: bool = True,  # language modelling: one matrix maps ids to vectors and back
+        window: int = 0,  # > 0: each query sees keys at most this many positions away (local attention)
     ):
         super().__init__()
         assert task in ("lm", "classify"), task
@@ -163,6 +168,7 @@ class AttentionModel(SequenceModel):
         self.word_dropout = float(word_dropout)
         self.tok_emb = nn.Embedding(vocab_size, d_model)
         self.alibi = str(positional) == "alibi"
+        self.window = int(window)
         if self.alibi:  # positions act inside attention, as a bias on the scores
             self.pos_emb = None
             self.register_buffer("slopes", alibi_slopes(n_heads), persistent=False)
@@ -189,6 +195,7 @@ class AttentionModel(SequenceModel):
         require(cfg.d_model % cfg.n_heads == 0,
                 f"model.d_model={cfg.d_model} must be divisible by model.n_heads={cfg.n_heads}.")
         require(cfg.conv_kernel >= 0, f"model.conv_kernel must be 0 (none) or a width >= 1, got {cfg.conv_kernel}.")
+        require(cfg.window >= 0, f"model.window must be 0 (global attention) or a distance >= 1, got {cfg.window}.")
 
     def _init_weights(self, n_layers: int) -> None:
         # GPT-2 init: N(0, 0.02); residual projections scaled by 1/sqrt(2 * layers). The depthwise
@@ -212,7 +219,7 @@ class AttentionModel(SequenceModel):
         causal = self.task == "lm"
         # (B, T) True at real tokens, or None when all are: padding for attention and convolutions
         keep = None if causal or lengths is None else length_mask(lengths.to(tokens.device), T)
-        # built once for every block; with ALiBi the mask itself is causal (mask_causal False)
+        # built once for every block; with ALiBi or a window the mask itself is causal (mask_causal False)
         mask, mask_causal = self.attention_mask(T, keep, causal, tokens.device)
         maps = []
         for block in self.blocks:
@@ -228,12 +235,24 @@ class AttentionModel(SequenceModel):
     def attention_mask(self, T: int, keep: Optional[torch.Tensor], causal: bool, device: torch.device):
         """keep (B, T) bool, True at real tokens, or None -> (mask, whether attention must still be
         made causal) for every block: the key padding mask (B, 1, 1, T), True = attend, or None;
-        with ALiBi one additive float mask (B|1, nh, T, T), the distance bias and -inf where a key
-        is padding or in the future, which then carries causality itself."""
+        with a window the bool mask (B|1, 1, T, T) of the keys each query may see; with ALiBi one
+        additive float mask (B|1, nh, T, T), the distance bias and -inf where a key may not be seen.
+        Those two carry causality themselves."""
         mask = None if keep is None else keep[:, None, None, :]
-        if not self.alibi:
+        if not self.alibi and not self.window:
             return mask, causal
         allowed = torch.ones(T, T, dtype=torch.bool, device=device)
         allowed = allowed.tril() if causal else allowed
-        allowed = allowed if mask is None else allowed & mask  # (B, 1, T, T) or (T, T)
+        if self.window:
+            pos = torch.arange(T, device=device)
+            allowed = allowed & ((pos[:, None] - pos[None, :]).abs() <= self.window)
+        if mask is not None:  # (B, 1, T, T)
+            allowed = allowed & mask
+            # a padded query far from every real token would have no key left (a NaN row, and
+            # 0 x NaN is NaN where it is read as a value); only such a row sees itself. Nothing
+            # real reads it.
+            empty = ~allowed.any(-1, keepdim=True)  # (B, 1, T, 1)
+            allowed = allowed | (empty & torch.eye(T, dtype=torch.bool, device=device))
+        if not self.alibi:
+            return allowed, False
         return alibi_bias(self.slopes, T).masked_fill(~allowed, float("-inf")), False

@@ -59,6 +59,9 @@ class NgramModel(SequenceModel):
         super().__init__()
         if task != "classify":
             raise ValueError("the n-gram model is a classifier; it has no language-model head")
+        # its naive Bayes ratios count each class's sequences: no real-valued target (data=adding)
+        require(num_outputs >= 2, f"model=ngram classifies into classes; this data asks for {num_outputs} output "
+                "(a regression). Use another model family.")
         # a k-gram's key is its ids as digits in base vocab_size, plus k in the top bits
         self.base, self.n = vocab_size, n
         if n * math.log2(max(vocab_size, 2)) > 58:

@@ -1,0 +1,68 @@
+"""The monitored validation metric: which one (`trainer.monitor`), which way is better
+(`trainer.mode`), and early stopping (`trainer.patience`, `trainer.min_delta`).
+
+The monitored metric chooses best.pt, is what metrics.json's "objective" reports (and so what
+sweeps summarise and the Optuna sweeper optimises). Its name is checked against what the task
+logs (`task.metric_modes`) before any data is read.
+
+Mode, when `trainer.mode` is null: the task's own direction for that metric (`metric_modes`),
+else "min" for a name containing "loss" and "max" for any other.
+
+Patience counts evaluations whose value did not beat the reference by more than `min_delta`;
+the reference is the value of the last evaluation that did (so many tiny gains do not reset the
+count forever). best.pt still follows every strict improvement. The counter and the reference
+are in the trainer's state, so a resume mid-countdown stops where the straight run stops.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+from seqexp.errors import UserError
+
+
+def metric_and_mode(t, task) -> tuple[str, str]:
+    """(metric, "min"|"max") from the trainer config and the data's task; refuses an unknown name."""
+    metric = t.get("monitor") or task.objective
+    # a task that does not list its metrics can be monitored on its objective alone
+    modes = getattr(task, "metric_modes", None) or {task.objective.removeprefix("val/"): task.mode}
+    names = [f"val/{k}" for k in modes]
+    if metric not in names:
+        raise UserError(f"trainer.monitor={metric} is not a metric this task ({task.name}) logs; "
+                        f"choose one of {', '.join(names)}.")
+    mode = t.get("mode")
+    if mode is None:
+        mode = modes[metric.removeprefix("val/")] or ("min" if "loss" in metric else "max")
+    return metric, str(mode)
+
+
+class Monitor:
+    def __init__(self, metric: str, mode: str, patience: int = 0, min_delta: float = 0.0):
+        self.metric, self.mode, self.patience, self.min_delta = metric, mode, patience, min_delta
+        self.reference: Optional[float] = None  # the last value that improved by more than min_delta
+        self.wait = 0  # evaluations since then
+
+    def better(self, value: float, than: Optional[float], by: float = 0.0) -> bool:
+        if not math.isfinite(value):  # a NaN is never best
+            return False
+        if than is None:
+            return True
+        return value < than - by if self.mode == "min" else value > than + by
+
+    def update(self, value: float) -> None:
+        """Count one evaluation towards patience."""
+        if self.better(value, self.reference, self.min_delta):
+            self.reference, self.wait = value, 0
+        else:
+            self.wait += 1
+
+    @property
+    def exhausted(self) -> bool:
+        return self.patience > 0 and self.wait >= self.patience
+
+    def state_dict(self) -> dict:
+        return {"reference": self.reference, "wait": self.wait}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.reference, self.wait = sd["reference"], sd["wait"]
