@@ -16,14 +16,18 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from overhead import config, seqexp_loop
 from seqexp.build import build_data, pick_device, seed_everything
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling script, however this one is loaded
+from overhead import config, seqexp_loop  # noqa: E402
 
 # (name, overrides): nanoGPT's CPU shape ("baby GPT" on a laptop), a wider one, a longer context
 SHAPES = [

@@ -54,6 +54,10 @@ SECTIONS = [
     Section("overhead_attention_imdb", "benchmarks/overhead.py",  # ~1 s per step on 2 cores
             full=f"--steps 40 --rounds 5 {OVERHEAD_IMDB}",
             quick=f"--steps 3 --rounds 1 {OVERHEAD_IMDB}", needs=(IMDB,)),
+    Section("gpt_step", "benchmarks/gpt_step.py",  # seqexp's attention LM step against a minimal GPT
+            full=f"--data-path {{data}}/{SHAKESPEARE} --steps 100 --rounds 5 trainer.device={{device}}",
+            quick=f"--data-path {{data}}/{SHAKESPEARE} --steps 3 --rounds 1 trainer.device={{device}}",
+            needs=(SHAKESPEARE,)),
     Section("char_lm", "benchmarks/char_lm.py",
             full=f"--data-path {{data}}/{SHAKESPEARE} --budget 300 --device {{device}} --preset {{preset}}",
             # own --out: a quick run must not overwrite the full run's curves
