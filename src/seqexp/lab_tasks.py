@@ -21,19 +21,14 @@ Both evaluate, beside a split, its variants at other lengths (the data's splits 
 
 from __future__ import annotations
 
-import logging
 from contextlib import AbstractContextManager
 from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 
-from seqexp import checkpoint
 from seqexp.evaluation import outputs
-
-log = logging.getLogger("seqexp")
-
-IGNORE = -100  # the target of every position that is not an answer
+from seqexp.tasks import IGNORE, Classification, LanguageModeling, test_on_best
 
 
 class LengthVariants:
@@ -48,20 +43,7 @@ class LengthVariants:
                 metrics.update({f"{k}{suffix}": v for k, v in more.items() if not isinstance(v, list)})
 
     def after_training(self, trainer) -> None:
-        """The test split (and its length variants), held out until now: evaluated once, on
-        best.pt's weights; recorded as test/* in metrics.json and TensorBoard at the best step."""
-        if "test" not in trainer.data.splits:
-            return
-        if trainer.dist is not None:
-            trainer.dist.barrier()  # every rank reads best.pt only once the main process has written it
-        trainer.model.load_state_dict(checkpoint.read(trainer.ckpt_dir / "best.pt")["model"])
-        metrics = trainer.evaluate("test")
-        self.after_evaluation(trainer, "test", metrics, trainer.best_step)
-        test = {f"test/{k}": v for k, v in metrics.items() if not isinstance(v, list)}
-        trainer.extra_metrics["test"] = test
-        trainer.logger.scalars(test, trainer.best_step)
-        log.info("test (best checkpoint, step %d): %s", trainer.best_step,
-                 "  ".join(f"{k} {v:.4f}" for k, v in test.items() if isinstance(v, float)))
+        test_on_best(self, trainer)  # with its length variants (after_evaluation adds them)
 
 
 class AnswerPositions(LengthVariants):
@@ -70,18 +52,9 @@ class AnswerPositions(LengthVariants):
     # every validation metric it logs (as val/<name>), and which way is better (None: a count)
     metric_modes = {"loss": "min", "acc": "max", "exact": "max", "count": None}
 
-    def loss(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
-        # logits (B, T, V), targets (B, T): IGNORE except at the answers; float32 softmax
-        return F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten(), ignore_index=IGNORE)
-
-    def loss_terms(self, batch: dict) -> int:
-        """How many targets the mean loss averages over: the answer positions."""
-        return int((batch["targets"] != IGNORE).sum())
-
-    def num_tokens(self, batch: dict) -> int:
-        """Tokens a batch (or a rank's rows of it) reads: every position of every row."""
-        lengths = batch.get("lengths")
-        return int(lengths.sum()) if lengths is not None else batch["tokens"].numel()
+    # cross-entropy where the target is not IGNORE (here: the answers), as in language modelling
+    loss, loss_terms = LanguageModeling.loss, LanguageModeling.loss_terms
+    num_tokens = Classification.num_tokens  # every position of every row is read
 
     def sums(self, model, batches: Iterable[dict], device: torch.device,
              autocast: Callable[[], AbstractContextManager]) -> dict:
@@ -117,12 +90,7 @@ class Regression(LengthVariants):
         # logits (B, 1), targets (B,) float
         return F.mse_loss(logits.float().squeeze(-1), batch["targets"].float())
 
-    def loss_terms(self, batch: dict) -> int:
-        return len(batch["targets"])
-
-    def num_tokens(self, batch: dict) -> int:
-        lengths = batch.get("lengths")
-        return int(lengths.sum()) if lengths is not None else batch["tokens"].numel()
+    loss_terms, num_tokens = Classification.loss_terms, Classification.num_tokens  # one target per row
 
     def sums(self, model, batches: Iterable[dict], device: torch.device,
              autocast: Callable[[], AbstractContextManager]) -> dict:

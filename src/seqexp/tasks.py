@@ -179,17 +179,22 @@ class Classification:
         return torch.cat(logits), torch.cat(labels), texts
 
     def after_training(self, trainer) -> None:
-        """The test split, held out until now: evaluated once, on best.pt's weights; recorded as
-        test/* in metrics.json and TensorBoard at the best step."""
-        if "test" not in trainer.data.splits:
-            return
-        if trainer.dist is not None:
-            trainer.dist.barrier()  # every rank reads best.pt only once the main process has written it
-        trainer.model.load_state_dict(checkpoint.read(trainer.ckpt_dir / "best.pt")["model"])
-        metrics = trainer.evaluate("test")
-        test = {f"test/{k}": v for k, v in metrics.items() if not isinstance(v, list)}
-        trainer.extra_metrics["test"] = test
-        trainer.logger.scalars(test, trainer.best_step)
-        self.after_evaluation(trainer, "test", metrics, trainer.best_step)
-        log.info("test (best checkpoint, step %d): %s", trainer.best_step,
-                 "  ".join(f"{k} {v:.4f}" for k, v in test.items() if isinstance(v, float)))
+        test_on_best(self, trainer)
+
+
+def test_on_best(task, trainer) -> None:
+    """The test split, held out until now (when the data has one): evaluated once, on best.pt's
+    weights, the task's after_evaluation run on it; recorded as test/* in metrics.json and
+    TensorBoard at the best step."""
+    if "test" not in trainer.data.splits:
+        return
+    if trainer.dist is not None:
+        trainer.dist.barrier()  # every rank reads best.pt only once the main process has written it
+    trainer.model.load_state_dict(checkpoint.read(trainer.ckpt_dir / "best.pt")["model"])
+    metrics = trainer.evaluate("test")
+    task.after_evaluation(trainer, "test", metrics, trainer.best_step)
+    test = {f"test/{k}": v for k, v in metrics.items() if not isinstance(v, list)}
+    trainer.extra_metrics["test"] = test
+    trainer.logger.scalars(test, trainer.best_step)
+    log.info("test (best checkpoint, step %d): %s", trainer.best_step,
+             "  ".join(f"{k} {v:.4f}" for k, v in test.items() if isinstance(v, float)))

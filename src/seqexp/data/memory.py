@@ -190,7 +190,8 @@ class CopyData(MemoryData):
         return {"tokens": tokens, "targets": targets}
 
 
-class SelectiveCopyData(MemoryData):
+class SelectiveCopyData(CopyData):
+    """Copy's vocabulary, checks and length; the symbols scattered among the blanks instead."""
     kind = "selective_copy"
 
     def __init__(self, *, seed: int, saved: Optional[dict] = None,
@@ -199,18 +200,10 @@ class SelectiveCopyData(MemoryData):
                  alphabet: int = 8,  # distinct symbols (Mamba: 16)
                  batch_size: int = 32, size: int = 10_000, fresh: bool = False, eval_size: int = 1_000,
                  eval_lengths: tuple[int, ...] = ()):
-        self.num_symbols, self.alphabet = num_symbols, alphabet
-        self.names = ["_", ":"] + letters(alphabet)
-        self.setup(seed=seed, length=length, batch_size=batch_size, size=size, fresh=fresh, eval_size=eval_size,
-                   eval_lengths=eval_lengths)
-
-    @classmethod
-    def check_config(cls, cfg) -> None:
-        cls.check_common(cfg)
-        require(cfg.num_symbols >= 1 and cfg.alphabet >= 2, "data.num_symbols must be >= 1 and data.alphabet >= 2.")
-
-    def total_length(self, length: int) -> int:
-        return length + 2 * self.num_symbols
+        # its own signature: the defaults (the config schema) differ from copy's
+        super().__init__(seed=seed, saved=saved, length=length, num_symbols=num_symbols, alphabet=alphabet,
+                         batch_size=batch_size, size=size, fresh=fresh, eval_size=eval_size,
+                         eval_lengths=eval_lengths)
 
     def generate(self, n: int, length: int, g: torch.Generator) -> dict:
         M = self.num_symbols
