@@ -31,8 +31,8 @@ PRESETS = {
         "rnn": ["model=rnn", "model.hidden_size=512", "optimizer.lr=2e-3"],
         "lstm": ["model=lstm", "model.hidden_size=256", "model.num_layers=2"],
         "gru": ["model=gru", "model.hidden_size=256", "model.num_layers=2"],
-        "attention": ["model=attention", "model.d_model=128", "model.n_layers=4", "model.n_heads=4",
-                      "optimizer.lr=1e-3"],
+        # the model's defaults (4 x 128, 4 heads) and recipe/shakespeare_attention.yaml
+        "attention": ["model=attention", "model.d_model=128", "model.n_layers=4", "model.n_heads=4"],
     },
     "gpu": {  # nanoGPT's "baby GPT" shape, and an LSTM of similar cost
         "attention": ["model=attention", "model.d_model=384", "model.n_heads=6", "model.n_layers=6",

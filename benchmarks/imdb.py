@@ -52,10 +52,11 @@ def comparable(cfg) -> dict:
     """A config as a dict, its data path made absolute (`../shared/...` and `/abs/shared/...` are one
     file) and trainer.device=auto made what it picks here. Without what only watches a run -- the
     progress bar and `logging.*`, which a resume may change too: they change neither the weights nor
-    the train time, only the time spent evaluating (part of the wall time)."""
+    the train time, only the time spent evaluating (part of the wall time) -- nor trainer.keep_last."""
     d = OmegaConf.to_container(cfg, resolve=True)
     d.pop("logging", None)
     d["trainer"].pop("progress", None)
+    d["trainer"].pop("keep_last", None)  # how many step checkpoints stay on disk: not how the run trains
     if d["trainer"]["device"] == "auto":
         d["trainer"]["device"] = "cuda" if torch.cuda.is_available() else "cpu"
     if d["data"].get("path"):

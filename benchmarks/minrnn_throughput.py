@@ -15,8 +15,8 @@ same round.
     OMP_NUM_THREADS=2 python benchmarks/minrnn_throughput.py [--lengths 128,512,2048] [--tokens 4096]
         [--models gru,mingru,mingru_bare,attention,lstm,minlstm] [--rounds 7]
 
-A model name is a config name, or `NAME_bare` / `NAME_seq` for model.blocks=false /
-model.scan=sequential of a minRNN config.
+A model name is a config name, or `NAME_bare` / `NAME_seq` / `NAME_log` for model.blocks=false /
+model.scan=sequential / model.scan=log of a minRNN config; suffixes combine (`mingru_bare_log`).
 """
 
 from __future__ import annotations
@@ -35,12 +35,12 @@ from seqexp.config import CONFIG_DIR
 from seqexp.sweep.resources import cpu_name
 
 VOCAB = 100
-VARIANTS = {"bare": "model.blocks=false", "seq": "model.scan=sequential"}
+VARIANTS = {"bare": "model.blocks=false", "seq": "model.scan=sequential", "log": "model.scan=log"}
 
 
 def build(name: str, T: int) -> torch.nn.Module:
-    base, _, variant = name.partition("_")
-    overrides = [f"model={base}"] + ([VARIANTS[variant]] if variant else [])
+    base, *variants = name.split("_")
+    overrides = [f"model={base}"] + [VARIANTS[v] for v in variants]
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         node = compose("train", overrides=overrides).model
     torch.manual_seed(0)

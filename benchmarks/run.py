@@ -6,7 +6,7 @@ printed last. Everything outside the markers is prose and is never touched. A se
 markers is appended at the end under `## NAME`. A benchmark that fails keeps its old block;
 the others still run, and the exit status is non-zero.
 
-    python benchmarks/run.py                     # every section, full settings (2.5 hours on 2 cores)
+    python benchmarks/run.py                     # every section, full settings (about 3 hours on 2 cores)
     python benchmarks/run.py --quick             # tiny settings: checks every benchmark still runs
     python benchmarks/run.py --only throughput,char_lm --data-dir ../shared/data --device cuda
 """
@@ -75,6 +75,11 @@ SECTIONS = [
     Section("data_prep", "benchmarks/data_prep.py",  # CPU only: no --device
             full=f"--imdb {{data}}/{IMDB} --text {{data}}/{SHAKESPEARE} --repeats 3",
             quick=f"--imdb {{data}}/{IMDB} --text {{data}}/{SHAKESPEARE} --repeats 1", needs=(IMDB, SHAKESPEARE)),
+    # every model family on the memory tasks over a grid of lengths ({preset}: the cpu grid, about
+    # 20-25 minutes on 2 cores, or the gpu one); cells already in its results JSON are reused
+    Section("long_range", "benchmarks/long_range.py",
+            full="--grid {preset} --device {device}",
+            quick="--quick --device {device}"),
     # trains every family's IMDB config (about 1.5 h on 2 cores); finished runs of the same config are reused
     Section("imdb", "benchmarks/imdb.py",
             full=f"--data-path {{data}}/{IMDB} --device {{device}}",

@@ -5,6 +5,9 @@ Each configuration runs in a fresh subprocess so that its peak resident memory (
 peak allocated memory (CUDA) is its own; memory is reported above the process's baseline
 just before the first step. Recurrent cost should grow linearly with length; attention's
 T^2 term shows up as length grows (the fused kernel keeps its memory linear, not its time).
+minGRU/minLSTM are recurrences too, but train as a parallel scan over time: linear work that a
+GPU can spread over the positions, where rnn/lstm/gru must take their steps one after another.
+benchmarks/long_range.py reads this section as its "parallelism" comparison.
 
     python benchmarks/scaling.py [--lengths 64,128,...,2048] [--batches 8,32] [--device cpu]
 """
@@ -17,10 +20,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-MODELS = {  # comparable widths: ~0.8-1 M parameters each
+MODELS = {  # comparable widths: ~0.7-1 M parameters each
     "rnn": dict(cls="seqexp.models.recurrent.RecurrentModel", cell="rnn", embed_dim=64, hidden_size=256, num_layers=2),
     "lstm": dict(cls="seqexp.models.recurrent.RecurrentModel", cell="lstm", embed_dim=64, hidden_size=256, num_layers=2),
+    "gru": dict(cls="seqexp.models.recurrent.RecurrentModel", cell="gru", embed_dim=64, hidden_size=256, num_layers=2),
     "attention": dict(cls="seqexp.models.attention.AttentionModel", d_model=128, n_heads=4, n_layers=4, dropout=0.0),
+    # the recurrences that train as a parallel scan over time (minrnn.py), in the paper's blocks
+    "mingru": dict(cls="seqexp.models.minrnn.MinRNNModel", cell="gru", hidden_size=128, num_layers=4),
+    "minlstm": dict(cls="seqexp.models.minrnn.MinRNNModel", cell="lstm", hidden_size=128, num_layers=4),
 }
 
 CHILD = r"""

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 from hydra.errors import ConfigCompositionException
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 
 from seqexp.build import build_optimizer, instantiate
 from seqexp.config import CONFIG_DIR, validate
@@ -106,3 +106,72 @@ def test_missing_data_file_is_one_line_without_traceback(tmp_path):
     r = run_script(f"data.path={tmp_path}/nope.txt", f"hydra.run.dir={tmp_path}/run")
     assert r.returncode == 2
     assert "nope.txt" in r.stderr and "Traceback" not in r.stderr
+
+
+# ----------------------------------------------------------------------------- what a dataset brings
+def plain(*overrides: str) -> dict:
+    return OmegaConf.to_container(make_cfg(*overrides), resolve=True)
+
+
+RECIPES = sorted(p.stem.removeprefix("imdb_") for p in (CONFIG_DIR / "recipe").glob("imdb_*.yaml"))
+NO_RECIPE = [m for m in GROUPS["model"] if m not in RECIPES]
+
+
+def test_every_imdb_experiment_of_a_model_has_its_recipe():
+    experiments = {p.stem.removeprefix("imdb_") for p in (CONFIG_DIR / "experiment").glob("imdb_*.yaml")}
+    assert set(RECIPES) == experiments & set(GROUPS["model"]) and "lstm" in RECIPES and "minlstm" in NO_RECIPE
+
+
+@pytest.mark.parametrize("model", RECIPES)
+def test_model_and_data_compose_to_the_experiment(model):
+    """`model=X data=imdb` is `experiment=imdb_X`: the measured settings, written once (recipe/),
+    the experiment file only choosing the data and the model."""
+    assert plain(f"model={model}", "data=imdb") == plain(f"experiment=imdb_{model}")
+    assert set(OmegaConf.load(CONFIG_DIR / "experiment" / f"imdb_{model}.yaml")) == {"defaults"}
+    t = make_cfg(f"model={model}", "data=imdb").trainer
+    assert t.max_steps == -1 and t.max_epochs >= 1 and t.keep_last == 0  # epochs, not char's 600 steps
+
+
+def test_the_recipe_is_the_measured_one():
+    c = make_cfg("model=lstm", "data=imdb")
+    assert (c.model.num_layers, c.model.bidirectional, c.model.pooling, c.data.max_len, c.data.batch_size) == \
+        (2, True, "max", 1000, 64)
+    assert (c.trainer.max_epochs, c.trainer.eval_every, c.trainer.ema) == (4, 176, 0.995)
+    ngram = make_cfg("model=ngram", "data=imdb")  # model/ngram.yaml chooses its optimizer and schedule
+    assert (ngram.optimizer._target_, ngram.scheduler._target_, ngram.trainer.max_epochs) == \
+        ("torch.optim.Adam", "seqexp.schedules.constant", 1)
+    assert make_cfg("model=ngram", "data=imdb", "optimizer=adamw").optimizer._target_ == "torch.optim.AdamW"
+
+
+@pytest.mark.parametrize("model", NO_RECIPE)
+def test_a_model_without_a_recipe_gets_the_datasets_trainer_defaults(model):
+    c, alone = plain(f"model={model}", "data=imdb"), plain(f"model={model}")
+    assert c["model"] == alone["model"] and c["optimizer"] == alone["optimizer"]
+    t = c["trainer"]
+    assert (t["max_steps"], t["max_epochs"], t["eval_every"], t["keep_last"], c["data"]["batch_size"]) == (-1, 4, 176, 0, 64)
+
+
+def test_overrides_and_experiments_win_over_the_recipe():
+    c = make_cfg("model=lstm", "data=imdb", "trainer.max_steps=600", "model.hidden_size=64", "trainer.keep_last=2",
+                 "data.batch_size=32")
+    assert (c.trainer.max_steps, c.model.hidden_size, c.trainer.keep_last, c.data.batch_size) == (600, 64, 2, 32)
+    assert c.model.num_layers == 2  # the rest of the recipe stays
+    seed = make_cfg("experiment=imdb_seed_rnn")  # its own settings, without recipe/imdb_rnn.yaml's
+    assert (seed.model.bidirectional, seed.model.pooling, seed.model.dropout) == (False, "last", 0.0)
+    assert (seed.trainer.max_epochs, seed.trainer.eval_every, seed.data.batch_size) == (1, 250, 32)
+    assert seed.trainer.keep_last == 0  # data_defaults/imdb.yaml where the experiment says nothing
+    bare = make_cfg("model=lstm", "data=imdb", "~recipe")
+    assert bare.model == make_cfg("model=lstm").model and bare.trainer.max_steps == -1
+
+
+@pytest.mark.parametrize("data", ["shakespeare", "copy", "recall", "selective_copy", "adding"])
+def test_char_and_the_lab_keep_the_default_trainer(data):
+    assert plain(f"data={data}")["trainer"] == plain()["trainer"]
+    assert make_cfg().trainer.max_steps == 600  # `python scripts/train.py`: about 2 minutes
+
+
+def test_help_lists_the_recipes_and_says_how_they_are_chosen():
+    r = run_script("--help")
+    assert r.returncode == 0
+    assert "recipe: imdb_attention" in r.stdout and "data_defaults: imdb" in r.stdout
+    assert "data_defaults and recipe follow data and model" in r.stdout

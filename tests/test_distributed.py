@@ -18,6 +18,11 @@ import pytest
 import torch
 
 from seqexp.checkpoint import load_checkpoint
+from seqexp.distributed import Dist
+from seqexp.errors import UserError
+from seqexp.models.base import SequenceModel
+from seqexp.models.minrnn import MinRNNModel
+from seqexp.models.recurrent import RecurrentModel
 from seqexp.train import train
 from tests.conftest import ROOT, imdb_overrides, make_cfg, tiny_overrides
 from tests.test_resume import final_state, same_tensors, scalars
@@ -54,8 +59,9 @@ def close(a: list[tuple[int, float]], b: list[tuple[int, float]], rtol: float = 
 
 def close_weights(a: dict, b: dict) -> bool:
     # atol: Adam turns the float noise in gradients that are zero in exact arithmetic (an attention
-    # key's bias) into updates of ~lr x 1e-3
-    return a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5) for k in a)
+    # key's bias, the position rows only padding reaches) into updates of ~lr x 1e-3; fused AdamW's
+    # arithmetic (the default) leaves 2.4e-5 of it after 12 steps where the foreach one left < 1e-5
+    return a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=5e-5) for k in a)
 
 
 def files(run: Path) -> set[str]:
@@ -71,10 +77,12 @@ def test_two_processes_train_as_one_with_the_same_global_batch(kind, model, requ
     runs = list((tmp_path / "outputs").glob("*/*"))
     assert len(runs) == 1, runs  # one run directory, not one per rank
     ddp = runs[0]
+    events = sorted(f for f in files(ddp) if f.startswith("events.out.tfevents."))
+    # rank 0's training events, and the HParams entry it writes when the run ends
+    assert [f.endswith(".hparams") for f in events] == [False, True], events
     assert sorted(f for f in files(ddp) if not f.startswith(".hydra/")) == sorted(
         ["seqexp.log", "metrics.json", *(f"checkpoints/{c}" for c in ("best.pt", "last.pt", "step_000006.pt",
-                                                                  "step_000012.pt")),
-         next(f for f in files(ddp) if f.startswith("events.out.tfevents."))])  # one event file: rank 0's
+                                                                  "step_000012.pt")), *events])
 
     one = tmp_path / "one"
     train(make_cfg(*overrides), one)
@@ -136,3 +144,27 @@ def test_submitit_local_sweep_runs_each_job_as_two_process_ddp(tiny_text, tmp_pa
         assert len(list(job.glob("events.out.tfevents.*[0-9]"))) == 1  # training events from rank 0 only
         assert "rank 1 of 2" in "".join(p.read_text() for p in (sweep / ".submitit").rglob("*_log.*"))
     assert "2 jobs (2 finished)" in (sweep / "summary.md").read_text()
+
+
+# ----------------------------------------------------------------------------- the state's layout
+@pytest.mark.parametrize("batch_dim", [0, 1, 2])
+def test_a_state_is_sharded_on_the_models_batch_dim(batch_dim):
+    """Each rank takes its contiguous rows on the dim the model declares (SequenceModel.
+    state_batch_dim), for a tensor and for a tuple of them (LSTM's (h, c)); no process group needed."""
+    shape = [3, 3, 3]
+    shape[batch_dim] = 5
+    h = torch.arange(45.0).reshape(shape)
+    parts = [Dist(rank, 2, torch.device("cpu")).shard_state((h, -h), batch_dim) for rank in range(2)]
+    assert [p[0].shape[batch_dim] for p in parts] == [2, 3]
+    assert torch.equal(torch.cat([p[0] for p in parts], batch_dim), h)
+    assert torch.equal(parts[1][1], -parts[1][0])
+
+
+def test_a_stateful_model_must_say_where_its_rows_are():
+    assert RecurrentModel.state_batch_dim == MinRNNModel.state_batch_dim == 1  # (layers, B, H)
+
+    class Undeclared(SequenceModel):
+        stateful = True
+
+    with pytest.raises(UserError, match="state_batch_dim"):
+        Dist(0, 2, torch.device("cpu")).wrap(Undeclared())

@@ -79,3 +79,26 @@ def test_swap_context_holds_the_average_and_restores_the_trained_weights_exactly
             raise RuntimeError("inside")
     assert all(torch.equal(v, trained[k]) for k, v in model.state_dict().items())
     assert model[2].weight is model[0].weight
+
+
+def test_the_multi_tensor_update_equals_the_per_tensor_loop_bit_for_bit():
+    model, ema = averaged(0, decay=0.99)
+    loop = [a.clone() for a in ema.average]
+    for n in range(1, 30):  # through the ramp (decay above and below 1/2)
+        train_step(model)
+        ema.update()
+        for a, p in zip(loop, ema.params):  # the update as it was: one lerp per tensor
+            a.lerp_(p, 1.0 - min(0.99, (1 + n) / (10 + n)))
+    assert all(torch.equal(a, b) for a, b in zip(loop, ema.average))
+
+
+def test_a_device_flag_skips_the_update_exactly_or_applies_it():
+    model, ema = averaged(3)
+    before = [a.clone() for a in ema.average]
+    train_step(model)
+    ema.update(torch.tensor(False))  # a step the optimizer skipped
+    assert all(torch.equal(a, b) for a, b in zip(before, ema.average)) and ema.updates == 4
+    ema.update(torch.tensor(True))
+    d = min(0.9, 6 / 15)
+    for a, b, p in zip(ema.average, before, ema.params):
+        torch.testing.assert_close(a, torch.lerp(b, p, 1 - d))

@@ -12,7 +12,6 @@ data moved would.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import subprocess
@@ -20,10 +19,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra.core.global_hydra import GlobalHydra
 
 import seqexp
-from seqexp.cli import train_main
 from seqexp.commands import evaluate, predict, sample
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "legacy"
@@ -155,30 +152,6 @@ def test_predict_with_a_legacy_classifier(name, tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- resume
-@pytest.fixture
-def cli(monkeypatch):
-    """Call the `seqexp-train` console script in-process: `cli("resume=RUN", ...)`. Hydra's
-    logging setup (handlers on the root logger) is undone afterwards."""
-    root = logging.getLogger()
-
-    def call(*argv: str) -> None:
-        handlers, level = root.handlers[:], root.level
-        GlobalHydra.instance().clear()
-        monkeypatch.setattr(sys, "argv", ["seqexp-train", *argv])
-        try:
-            train_main()
-        finally:
-            GlobalHydra.instance().clear()
-            for h in root.handlers[:]:
-                if h not in handlers:
-                    root.removeHandler(h)
-                    h.close()
-            for h in handlers:
-                if h not in root.handlers:
-                    root.addHandler(h)
-            root.setLevel(level)
-
-    return call
 
 
 @pytest.mark.parametrize("name", RUNS)

@@ -1,5 +1,5 @@
-"""minGRU and minLSTM (models/minrnn.py): the parallel log-space scan computes what the step loop
-computes, and the family keeps the contracts of the recurrent models (causality, padding, carried
+"""minGRU and minLSTM (models/minrnn.py): the chunked linear-space scan and the log-space scan
+compute what the step loop computes, and the family keeps the contracts of the recurrent models (causality, padding, carried
 state, exact resume)."""
 
 from __future__ import annotations
@@ -10,9 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from seqexp.distributed import STATE_BATCH_DIM
 from seqexp.errors import UserError
-from seqexp.models.minrnn import MinRNN, MinRNNModel, parallel_scan, sequential_scan
+from seqexp.models.minrnn import MinRNN, MinRNNModel, chunked_scan, log_scan, sequential_scan
 from tests import conftest
 from tests.conftest import make_cfg
 from seqexp.train import train
@@ -31,9 +30,9 @@ def build(cell: str, task: str, **kw) -> MinRNNModel:
     return MinRNNModel(vocab_size=V, num_outputs=V if task == "lm" else C, task=task, cell=cell, **kw)
 
 
-def both_scans(rnn: MinRNN, x: torch.Tensor, h0, chunk: int):
+def both_scans(rnn: MinRNN, x: torch.Tensor, h0, chunk: int, scan: str = "log"):
     """(parallel, sequential) outputs and their gradients w.r.t. the input, the initial state and
-    every weight, for the same random loss."""
+    every weight, for the same random loss; parallel: the `scan` ("chunked" or "log")."""
     w = torch.randn(x.shape[0], x.shape[1], rnn.proj.out_features // (2 if rnn.cell == "gru" else 3))
     results = []
     for parallel in (True, False):
@@ -41,8 +40,10 @@ def both_scans(rnn: MinRNN, x: torch.Tensor, h0, chunk: int):
         xi = x.clone().requires_grad_()
         hi = None if h0 is None else h0.clone().requires_grad_()
         pre = rnn.proj(xi)
-        if parallel:
-            h = parallel_scan(*rnn.log_coefficients(pre), hi, chunk)
+        if parallel and scan == "log":
+            h = log_scan(*rnn.log_coefficients(pre), hi, chunk)
+        elif parallel:
+            h = chunked_scan(*rnn.coefficients(pre), hi, chunk)
         else:
             h = sequential_scan(*rnn.coefficients(pre), hi)
         (h * w).sum().backward()
@@ -55,7 +56,7 @@ def both_scans(rnn: MinRNN, x: torch.Tensor, h0, chunk: int):
 @pytest.mark.parametrize("initial", ["none", "zero", "carried"])
 @pytest.mark.parametrize("T,chunk", [(1, 16), (7, 16), (16, 16), (17, 16), (150, 16), (37, 8), (40, 8)])
 @pytest.mark.parametrize("cell", CELLS)
-def test_parallel_scan_equals_the_step_loop(cell, T, chunk, initial):
+def test_log_scan_equals_the_step_loop(cell, T, chunk, initial):
     """Outputs and gradients, within fp32 tolerance: from no state, an explicit zero state and a
     non-zero state (positive, as every carried minGRU/minLSTM state is), for lengths shorter
     than, equal to, one past and several times the scan's chunk."""
@@ -72,29 +73,86 @@ def test_parallel_scan_equals_the_step_loop(cell, T, chunk, initial):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-4 * b.abs().max().item())
 
 
+@pytest.mark.parametrize("initial", ["none", "zero", "carried"])
+@pytest.mark.parametrize("T,chunk", [(1, None), (2, 1), (7, 16), (16, 16), (17, 16), (33, 8), (64, 32), (97, 32),
+                                     (150, 150), (299, None)])
+@pytest.mark.parametrize("cell", CELLS)
+def test_chunked_scan_equals_the_step_loop(cell, T, chunk, initial):
+    """The linear-space scan runs the loop's multiply-adds in another order: outputs and gradients
+    agree to fp32 rounding, with full chunks, a short last chunk, one chunk (the loop itself) and
+    the default chunk size."""
+    torch.manual_seed(T)
+    rnn = MinRNN(cell, 6, 5)
+    x = 2 * torch.randn(3, T, 6)
+    h0 = {"none": None, "zero": torch.zeros(3, 5), "carried": 2 * torch.rand(3, 5)}[initial]
+    (par, par_grads), (seq, seq_grads) = both_scans(rnn, x, h0, chunk, "chunked")
+    torch.testing.assert_close(par, seq, rtol=1e-5, atol=1e-6)
+    for a, b in zip(par_grads, seq_grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * b.abs().max().item())
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 32, 300])
+def test_chunked_scan_gradcheck(chunk):
+    """Its hand-written backward (the scan run backward in time) against finite differences, in
+    float64, from a state, with coefficients that are views of one tensor (as the model's are)."""
+    torch.manual_seed(0)
+    ab = torch.rand(2, 23, 8, dtype=torch.double, requires_grad=True)
+    h0 = torch.rand(2, 4, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda ab, h0: chunked_scan(*ab.chunk(2, -1), h0, chunk), (ab, h0))
+    assert torch.autograd.gradcheck(lambda ab: chunked_scan(*ab.chunk(2, -1), None, chunk), (ab,))
+
+
+def test_chunked_scan_survives_underflowing_decays():
+    """Gates near 1 make a ~ 1e-6: a chunk's product of a's underflows to 0, which a formulation
+    dividing by it (b / cumprod(a)) turns into inf / NaN; the chunked scan stays finite and exact."""
+    torch.manual_seed(0)
+    a = torch.rand(2, 200, 4) * 1e-6
+    a[:, 100:] = 0.999  # then slow decay: a state that has to survive many chunks
+    b = torch.rand(2, 200, 4, requires_grad=True)
+    h = chunked_scan(a, b, None, 32)
+    exact = sequential_scan(a.double(), b.double(), None)
+    torch.testing.assert_close(h.double(), exact, rtol=1e-5, atol=1e-7)
+    h.sum().backward()
+    assert torch.isfinite(b.grad).all()
+
+
 def test_no_state_is_the_zero_state():
     rnn = MinRNN("gru", 4, 4)
     x = torch.randn(2, 9, 4)
     torch.testing.assert_close(rnn(x, None), rnn(x, torch.zeros(2, 4)), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("scan", ["chunked", "log"])
 @pytest.mark.parametrize("cell", CELLS)
-def test_long_scan_stays_accurate(cell):
-    """Chunking bounds the log-space scan's error: 2048 steps with strong gates agree with a
-    float64 step loop to 1e-5 relative."""
+def test_long_scan_stays_accurate(cell, scan):
+    """2048 steps with strong gates agree with a float64 step loop to 1e-5 relative (chunking
+    bounds the log-space scan's error), and so do the chunked scan's gradients."""
     torch.manual_seed(0)
     rnn = MinRNN(cell, 8, 8)
     with torch.no_grad():
         pre = 4 * rnn.proj(torch.randn(2, 2048, 8))
-        par = parallel_scan(*rnn.log_coefficients(pre), None)
         exact = sequential_scan(*(t.double() for t in rnn.coefficients(pre.double())), None)
-    assert ((par.double() - exact).abs() / exact).max() < 1e-5
+    if scan == "log":
+        par = log_scan(*rnn.log_coefficients(pre), None)
+        assert ((par.double() - exact).abs() / exact).max() < 1e-5
+        return
+    w = torch.randn(2, 2048, 8)
+    grads = []
+    for dtype in (torch.float32, torch.float64):
+        p = pre.detach().to(dtype).requires_grad_()
+        h = chunked_scan(*rnn.coefficients(p), None)
+        (h * w.to(dtype)).sum().backward()
+        grads.append(p.grad)
+        if dtype == torch.float32:
+            assert ((h.double() - exact).abs() / exact).max() < 1e-5
+    torch.testing.assert_close(grads[0].double(), grads[1], rtol=0, atol=1e-5 * grads[1].abs().max().item())
 
 
+@pytest.mark.parametrize("scan", ["parallel", "log"])
 @pytest.mark.parametrize("blocks", [True, False])
 @pytest.mark.parametrize("cell", CELLS)
-def test_model_parallel_equals_sequential_for_both_tasks(cell, blocks):
-    model = build(cell, "lm", blocks=blocks).eval()
+def test_model_parallel_equals_sequential_for_both_tasks(cell, blocks, scan):
+    model = build(cell, "lm", blocks=blocks, scan=scan).eval()
     x = torch.randint(V, (2, 70))
     par, par_state = model(x)
     model.scan = "sequential"
@@ -102,7 +160,7 @@ def test_model_parallel_equals_sequential_for_both_tasks(cell, blocks):
     torch.testing.assert_close(par, seq, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(par_state, seq_state, rtol=1e-5, atol=1e-6)
 
-    model = build(cell, "classify", blocks=blocks, bidirectional=True).eval()
+    model = build(cell, "classify", blocks=blocks, bidirectional=True, scan=scan).eval()
     lengths = torch.tensor([70, 33])
     par, _ = model(x, lengths)
     model.scan = "sequential"
@@ -130,14 +188,14 @@ def test_chunks_with_carried_state_equal_one_pass(cell, cuts):
 
 @pytest.mark.parametrize("cell", CELLS)
 def test_state_has_batch_on_dim_1_like_torch_rnns(cell):
-    """(layers, B, H) float32, so DDP shards and gathers it on distributed.STATE_BATCH_DIM: rows of
-    a batch with their rows of the state compute what the whole batch computes."""
+    """(layers, B, H) float32, and the model says so (`state_batch_dim`, where DDP shards and
+    gathers it): rows of a batch with their rows of the state compute what the whole batch computes."""
     model = build(cell, "lm", num_layers=3).eval()
     x = torch.randint(V, (4, 12))
     _, state = model(x[:, :6])
-    assert state.shape == (3, 4, 16) and state.dtype == torch.float32 and STATE_BATCH_DIM == 1
+    assert state.shape == (3, 4, 16) and state.dtype == torch.float32 and model.state_batch_dim == 1
     whole, _ = model(x[:, 6:], None, state)
-    part, _ = model(x[1:3, 6:], None, state.narrow(STATE_BATCH_DIM, 1, 2))
+    part, _ = model(x[1:3, 6:], None, state.narrow(model.state_batch_dim, 1, 2))
     torch.testing.assert_close(part, whole[1:3], rtol=1e-5, atol=1e-6)
 
 

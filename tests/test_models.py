@@ -246,3 +246,47 @@ def test_word_dropout_is_off_in_eval_mode(name):
     torch.testing.assert_close(model.eval()(x, lengths)[0], plain.eval()(x, lengths)[0])
     model.train()
     assert not torch.allclose(model(x, lengths)[0], plain.eval()(x, lengths)[0])
+
+
+def test_attention_dropout_at_zero_is_identity_with_the_same_state_dict():
+    """p = 0 builds no dropout module (no F.dropout call each step); the keys are those of p > 0, so a
+    checkpoint of either loads into the other, and training mode computes what eval mode does."""
+    kw = dict(vocab_size=V, num_outputs=V, task="lm", max_len=16, d_model=32, n_heads=4, n_layers=2,
+              conv_kernel=3)
+    off, on = AttentionModel(**kw, dropout=0.0), AttentionModel(**kw, dropout=0.1)
+    assert not any(isinstance(m, torch.nn.Dropout) for m in off.modules())
+    assert sum(isinstance(m, torch.nn.Dropout) for m in on.modules()) == 1 + 2 * 3  # embeddings; conv, mlp, attn out
+    assert off.state_dict().keys() == on.state_dict().keys()
+    off.load_state_dict(on.state_dict())
+    x = torch.randint(V, (2, 16))
+    torch.testing.assert_close(off.train()(x)[0], off.eval()(x)[0], rtol=0, atol=0)
+
+
+def test_every_training_step_runs_in_training_mode_after_evaluations(tiny_text, tmp_path, monkeypatch):
+    """The trainer switches the model back to training mode only when it is not (train() walks every
+    module): after each evaluation and text sample every module trains again, so dropout > 0 applies."""
+    from seqexp.train import train
+    from seqexp.trainer import Trainer
+    from tests.conftest import make_cfg, tiny_overrides
+
+    seen, in_step, forward, train_step = [], [False], AttentionModel.forward, Trainer.train_step
+
+    def spy(self, *args, **kw):  # (in a training step?, every module in training mode?)
+        seen.append((in_step[0], all(m.training for m in self.modules())))
+        return forward(self, *args, **kw)
+
+    def step(self, micro):
+        in_step[0] = True
+        try:
+            return train_step(self, micro)
+        finally:
+            in_step[0] = False
+
+    monkeypatch.setattr(AttentionModel, "forward", spy)
+    monkeypatch.setattr(Trainer, "train_step", step)
+    train(make_cfg(*tiny_overrides("attention", tiny_text, "model.dropout=0.1", "trainer.max_steps=4",
+                                   "trainer.eval_every=2", "trainer.checkpoint_every=2",
+                                   "logging.tensorboard=false")), tmp_path)  # (no figures: faster)
+    steps = [mode for stepping, mode in seen if stepping]
+    assert len(steps) == 4 and all(steps)
+    assert not all(mode for stepping, mode in seen[:len(seen) // 2] if not stepping)  # eval mode in between

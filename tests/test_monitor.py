@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 from omegaconf import OmegaConf
 
+from seqexp.config import validate
 from seqexp.errors import UserError
 from seqexp.monitor import metric_and_mode
 from seqexp.tasks import Classification, LanguageModeling
@@ -115,3 +116,39 @@ def test_optuna_optimises_the_monitored_metric_in_its_mode():
     assert objective_direction(make_cfg("data=imdb", "trainer.monitor=val/loss")) == "minimize"
     assert objective_direction(make_cfg("trainer.monitor=val/bpc")) == "minimize"
     assert objective_direction(make_cfg("data=imdb", "trainer.mode=min")) == "minimize"
+
+
+# ----------------------------------------------------------------------------- per-length lab metrics
+LAB = ["data=copy", "data.length=4", "data.num_symbols=2", "data.alphabet=3", "data.size=64", "data.eval_size=16",
+       "data.batch_size=8", "model=rnn", "model.hidden_size=16", "model.embed_dim=8", "trainer.max_steps=4",
+       "trainer.eval_every=2", "trainer.checkpoint_every=2", "trainer.progress=false", "trainer.device=cpu",
+       "logging.tensorboard=false", "scheduler.warmup_steps=1"]
+
+
+def test_the_data_names_the_metrics_at_each_evaluated_length():
+    """The names trainer.monitor may choose come from the data's config: the memory lab logs each
+    metric again at every other length of data.eval_lengths (val/exact@200)."""
+    from seqexp.data.memory import CopyData
+
+    cfg = make_cfg("data=copy", "data.length=50", "data.eval_lengths=[200,50,200]")
+    modes = CopyData.metric_modes(cfg.data)
+    assert modes["exact@200"] == "max" and modes["loss@200"] == "min" and modes["exact"] == "max"
+    assert not any(k.endswith("@50") for k in modes)  # the training length is val itself
+    validate(make_cfg("data=copy", "data.eval_lengths=[200]", "trainer.monitor=val/exact@200"))
+    optuna = make_cfg("data=copy", "data.eval_lengths=[200]", "trainer.monitor=val/exact@200")
+    from hydra_plugins.seqexp_optuna_sweeper.optuna_sweeper import objective_direction
+    assert objective_direction(optuna) == "maximize"
+    with pytest.raises(UserError, match="trainer.monitor=val/exact@400 is not a metric .* val/exact@200"):
+        validate(make_cfg("data=copy", "data.eval_lengths=[200]", "trainer.monitor=val/exact@400"))
+    with pytest.raises(UserError, match="trainer.monitor=val/exact@200 is not a metric"):
+        validate(make_cfg("data=copy", "trainer.monitor=val/exact@200"))  # no such length evaluated
+
+
+def test_a_per_length_metric_chooses_best(tmp_path):
+    """trainer.monitor=val/loss@6 on a copy task evaluated at length 6 too: accepted, and best.pt is
+    the evaluation with the lowest loss at that length."""
+    run = tmp_path / "run"
+    metrics = train(make_cfg(*LAB, "data.eval_lengths=[6]", "trainer.monitor=val/loss@6", "logging.tensorboard=true"), run)
+    assert metrics["objective"]["metric"] == "val/loss@6" and metrics["objective"]["mode"] == "min"
+    step, low = min(scalars(run, "val/loss@6"), key=lambda sv: sv[1])
+    assert metrics["best_step"] == step and metrics["objective"]["best"] == pytest.approx(low, rel=1e-6)

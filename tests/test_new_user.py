@@ -116,3 +116,25 @@ def test_model_summary_counts_each_module_once_and_says_what_trains(tiny_text, t
     with caplog.at_level(logging.INFO, logger="seqexp"):
         train(make_cfg(*tiny_overrides("rnn", tiny_text, "trainer.max_steps=2", "trainer.eval_every=2")), tmp_path)
     assert any(r.getMessage().startswith("model RecurrentModel: ") for r in caplog.records)
+
+
+def test_a_run_that_fails_before_training_leaves_no_run_directory(tmp_path, monkeypatch, capsys, cli):
+    """Hydra makes the run directory (.hydra/, the log file) before seqexp reads any data: a run
+    refused then (here: a data file that does not exist) removes the directory it made, never
+    one that was there before."""
+    monkeypatch.chdir(tmp_path)
+
+    def fails(*argv: str) -> None:
+        with pytest.raises(SystemExit) as e:
+            cli(f"data.path={tmp_path / 'missing.txt'}", "trainer.device=cpu", *argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "missing.txt" in err, err
+
+    fails()  # outputs/<date>/<time>-<microseconds>
+    assert list((tmp_path / "outputs").glob("*/*")) == []
+    fails(f"hydra.run.dir={tmp_path / 'new'}")
+    assert not (tmp_path / "new").exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()  # there before the command (as a resumed run's directory is): left alone
+    fails(f"hydra.run.dir={mine}")
+    assert mine.is_dir()

@@ -140,3 +140,78 @@ def test_the_sweep_process_forwards_a_stop_only_to_children_that_listen():
         for p in procs:
             p.kill()
             p.wait()
+
+
+# ----------------------------------------------------------------------------- evaluation phase
+def signal_at_batch(monkeypatch, split: str, at: int, sig=signal.SIGTERM) -> None:
+    """A real `sig` to this process when the trainer's evaluation of `split` reaches batch `at`
+    (the first time)."""
+    import seqexp.trainer
+
+    original, sent = seqexp.trainer.tracked, []
+
+    def tracked(batches, **kw):
+        for i, batch in enumerate(original(batches, **kw)):
+            if kw["desc"] == split and i == at and not sent:
+                sent.append(i)
+                os.kill(os.getpid(), sig)  # Python runs the handler before the next bytecode
+            yield batch
+
+    monkeypatch.setattr(seqexp.trainer, "tracked", tracked)
+
+
+@pytest.fixture
+def no_default_stop(monkeypatch):
+    """Without seqexp's handler a SIGTERM would end pytest: fail the test instead."""
+    def unhandled(signum, frame):
+        raise AssertionError(f"{signal.Signals(signum).name} reached no seqexp handler")
+
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    yield
+    signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_signal_during_the_test_evaluation_stops_resumably_and_resume_evaluates(
+        imdb_archive, tmp_path, monkeypatch, capsys, no_default_stop):
+    from seqexp.errors import user_errors
+    from tests.conftest import imdb_overrides
+
+    overrides = imdb_overrides("rnn", imdb_archive, tmp_path / "cache")
+    run = tmp_path / "run"
+    signal_at_batch(monkeypatch, "test", 1)
+    with pytest.raises(SystemExit) as e, user_errors():
+        train(make_cfg(*overrides), run)
+    err = capsys.readouterr().err
+    assert e.value.code == 75, err
+    assert (f"stopped: SIGTERM during the evaluation after training (step 12); training is saved in "
+            f"{run / 'checkpoints' / 'last.pt'}. Continue with: python scripts/train.py resume={run}") in err
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["status"] == "preempted" and m["steps"] == 12 and "test" not in m
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["trainer"]["step"] == 12
+
+    monkeypatch.undo()  # no more signals
+    resumed = train(make_cfg(*overrides, f"resume={run}"), run)
+    assert resumed["status"] == "finished" and resumed["steps"] == 12
+    straight = train(make_cfg(*overrides), tmp_path / "straight")
+    assert resumed["test"] == straight["test"] and resumed["best"] == straight["best"]
+
+
+def test_a_signal_during_a_validation_finishes_it_saves_and_stops(imdb_archive, tmp_path, monkeypatch,
+                                                                 no_default_stop):
+    """The validation's result goes into the checkpoint: it runs to its end, then last.pt is saved
+    at that step and the run stops; resuming continues exactly."""
+    from seqexp.preempt import Preempted
+    from tests.conftest import imdb_overrides
+
+    overrides = imdb_overrides("rnn", imdb_archive, tmp_path / "cache")
+    run = tmp_path / "run"
+    signal_at_batch(monkeypatch, "val", 0)  # the first validation: step 6 of 12
+    with pytest.raises(Preempted, match=f"SIGTERM after step 6; saved .*Continue with: .*resume={run}"):
+        train(make_cfg(*overrides), run)
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["status"] == "preempted" and m["steps"] == 6 and m["final"]["val/count"] > 0
+
+    monkeypatch.undo()
+    train(make_cfg(*overrides, f"resume={run}"), run)
+    train(make_cfg(*overrides), tmp_path / "straight")
+    assert_same_training(tmp_path / "straight", run)

@@ -199,7 +199,9 @@ def test_resume_from_an_earlier_step_checkpoint_rewrites_history_once(tiny_text,
     step10 = again / "checkpoints" / "step_000010.pt"
     train(make_cfg(*overrides, f"resume={step10}"), again)
     assert_same_training(first, again)
-    assert len(list(again.glob("events.out.tfevents.*"))) == 2  # appended, not replaced
+    events = [p.name for p in again.glob("events.out.tfevents.*")]
+    assert len([e for e in events if not e.endswith(".hparams")]) == 2  # appended, not replaced
+    assert len([e for e in events if e.endswith(".hparams")]) == 1  # the HParams entry: the latest run's
     assert sorted(p.name for p in (again / "checkpoints").glob("step_*")) == ["step_000010.pt", "step_000020.pt"]
 
 

@@ -294,6 +294,19 @@ def test_a_job_failing_mid_training_keeps_its_last_evaluation(tiny_text, tmp_pat
     assert "divisible" in metrics(tmp_path / "1_b")["error"]
 
 
+def test_a_sweep_job_keeps_its_text_samples_in_tensorboard_and_prints_none(tiny_text, tmp_path, capsys):
+    """A single run prints a sample at its end (test_train.py); a sweep's jobs would print one each."""
+    from seqexp.sweep.job import run_sweep_job
+
+    job = tmp_path / "0_model=rnn"
+    hydra_cfg = OmegaConf.create({"runtime": {"output_dir": str(job)}, "sweep": {"dir": str(tmp_path)},
+                                  "overrides": {"task": ["model=rnn"]}, "job": {"num": 0}, "launcher": {}})
+    assert run_sweep_job(make_cfg(*tiny_overrides("rnn", tiny_text, "logging.sample_chars=20")), hydra_cfg) > 0
+    assert "sample" not in capsys.readouterr().out
+    samples = EventAccumulator(str(job)).Reload().Tensors("samples/text_summary")
+    assert [e.step for e in samples] == [6, 12]  # one per evaluation, the last one on the final weights
+
+
 # ----------------------------------------------------------------------------- interrupts
 def start_multirun(conf_dir: Path, sweep_dir: Path, *overrides: str, **popen) -> subprocess.Popen:
     """A sweep in the background; its output goes to files (a full pipe would stall it)."""

@@ -69,9 +69,9 @@ def test_weight_averaging_saves_the_average_and_trains_the_weights(tiny_text, tm
     decay, seen, initial = 0.7, [], []
     update, fit = EMA.update, Trainer.fit
 
-    def update_ema(self):
+    def update_ema(self, *args):
         seen.append([p.detach().clone() for p in self.params])  # the weights after this step
-        update(self)
+        update(self, *args)
 
     def spy_fit(self):
         initial.extend(e.clone() for e in self.ema.average)  # the average starts at the initial weights
@@ -293,3 +293,103 @@ def test_a_run_that_fails_says_so_in_metrics_json(failure, tiny_text, tmp_path, 
     saved = saved_metrics(tmp_path)
     assert saved["status"] == "failed" and saved["steps"] == 6  # the rest as of the last evaluation (last.pt)
     assert saved["error"] == (str(failure) if isinstance(failure, UserError) else "RuntimeError: boom")
+
+
+# ----------------------------------------------------------------------------- the plan and its estimate
+def test_the_plan_counts_optimizer_steps_epochs_evaluations_and_what_is_left():
+    from seqexp.plan import plan_line
+
+    base = dict(start=0, steps_per_epoch=352, accumulate=1, eval_every=200, checkpoint_every=200, keep_last=3,
+                max_time_s=0, test=False)
+    every = "a checkpoint every 200 steps (the newest 3 kept)"
+    # max_epochs-bound, with the test split after training
+    assert plan_line(**{**base, "total": 1408, "test": True}) == \
+        f"plan: 1,408 steps (4 epochs of 352), 8 evaluations, {every}, then the test split on best.pt"
+    # max_steps-bound, less than an epoch
+    assert plan_line(**{**base, "total": 600, "steps_per_epoch": 1390}) == \
+        f"plan: 600 steps (0.43 of an epoch of 1,390), 3 evaluations, {every}"
+    # accumulation: optimizer steps of K micro-batches
+    assert plan_line(**{**base, "total": 176, "steps_per_epoch": 176, "accumulate": 2}) == \
+        "plan: 176 steps of 2 micro-batches (1 epoch of 176), 1 evaluation"
+    # resumed at step 700: what is left (evaluations at 800, 1000, 1200, 1400 and the last step)
+    assert plan_line(**{**base, "start": 700, "total": 1408}) == \
+        f"plan: 708 more steps (700 -> 1,408; 4 epochs of 352), 5 evaluations, {every}"
+    # max_time_s-bound: the budget may end it first
+    assert plan_line(**{**base, "total": 352_000, "max_time_s": 600}) == \
+        ("plan: at most 10 min 00 s of training, up to 352,000 steps (1,000 epochs of 352), an evaluation every "
+         f"200 steps and at the end, {every}")
+
+
+def test_a_run_logs_its_plan_then_estimates_training_and_evaluation_time(tiny_text, tmp_path, caplog):
+    import logging
+    overrides = tiny_overrides("rnn", tiny_text, "logging.sample_chars=0")
+    with caplog.at_level(logging.INFO, logger="seqexp"):
+        train(make_cfg(*overrides), tmp_path)
+    lines = [r.getMessage() for r in caplog.records]
+    plan = [i for i, m in enumerate(lines) if m.startswith("plan: ")]
+    assert [lines[i] for i in plan] == [
+        "plan: 12 steps (0.073 of an epoch of 165), 2 evaluations, a checkpoint every 6 steps (the newest 3 kept)"]
+    training = [i for i, m in enumerate(lines) if m.startswith("estimate: training about ")]
+    evaluation = [i for i, m in enumerate(lines) if m.startswith("estimate: evaluation about ")]
+    first_eval = lines.index(next(m for m in lines if m.startswith("step 6: ")))
+    assert len(training) == len(evaluation) == 1  # once each
+    assert plan[0] < training[0] < first_eval < evaluation[0]  # after the first window; after the first evaluation
+    assert "s/step in the first logging window" in lines[training[0]]
+    assert " more (1 x " in lines[evaluation[0]]
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="seqexp"):  # resumed: what is left
+        train(make_cfg(*overrides, "trainer.max_steps=18", f"resume={tmp_path}"), tmp_path)
+    assert [m for m in (r.getMessage() for r in caplog.records) if m.startswith("plan: ")] == \
+        ["plan: 6 more steps (12 -> 18; 0.11 of an epoch of 165), 1 evaluation, a checkpoint every 6 steps "
+         "(the newest 3 kept)"]
+
+
+def test_a_single_run_shows_its_hparams_and_metrics_in_tensorboard(tiny_text, tmp_path):
+    from tensorboard.plugins.hparams import api_pb2, metadata
+    metrics = train(make_cfg(*tiny_overrides("rnn", tiny_text, "optimizer.lr=0.003")), tmp_path)
+    events = EventAccumulator(str(tmp_path)).Reload()
+    content = events.PluginTagToContent("hparams")
+    start = metadata.parse_session_start_info_plugin_data(content[metadata.SESSION_START_INFO_TAG])
+    end = metadata.parse_session_end_info_plugin_data(content[metadata.SESSION_END_INFO_TAG])
+    values = {k: getattr(v, v.WhichOneof("kind")) for k, v in start.hparams.items()}
+    assert values["optimizer.lr"] == pytest.approx(0.003) and values["trainer.max_steps"] == 12
+    assert values["model"] == "RecurrentModel" and values["model.cell"] == "rnn" and values["optimizer"] == "AdamW"
+    assert values["data.seq_len"] == 16 and values["trainer.precision"] == "fp32"
+    assert not [k for k in values if k.startswith(("logging.", "sweep.", "resume"))]  # how it reports, not learns
+    assert start.group_name == tmp_path.name and end.status == api_pb2.STATUS_SUCCESS
+    # the HParams table's metric columns: the last value of each scalar tag
+    assert events.Scalars("best/val/loss")[-1].value == pytest.approx(metrics["objective"]["best"])
+    assert events.Scalars("val/loss")[-1].value == pytest.approx(metrics["final"]["val/loss"])
+    assert events.Scalars("model/num_params")[-1].value == metrics["num_params"]
+
+
+def test_a_long_evaluation_shows_progress_on_a_terminal_only(monkeypatch):
+    import io
+
+    import seqexp.evaluation as evaluation
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    def shown(show: bool, stderr) -> str:
+        monkeypatch.setattr(sys, "stderr", stderr)
+        assert list(evaluation.tracked(iter(range(4)), total=4, desc="test", show=show)) == [0, 1, 2, 3]
+        return stderr.getvalue()
+
+    monkeypatch.setattr(evaluation, "SHOW_AFTER_S", 0.0)  # as if each batch took long
+    assert "test:   0%|" in shown(True, Terminal())  # (the bar is redrawn at most every 0.1 s)
+    assert shown(False, Terminal()) == ""  # trainer.progress=false (or not the main process)
+    assert shown(True, io.StringIO()) == ""  # stderr is a file or a pipe
+    monkeypatch.setattr(evaluation, "SHOW_AFTER_S", 60.0)
+    assert shown(True, Terminal()) == ""  # a short evaluation prints nothing
+
+    calls = []  # the stop check runs before every batch; raising abandons the evaluation
+    def stop():
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        list(evaluation.tracked(iter(range(4)), total=4, desc="test", show=False, stop=stop))
+    assert len(calls) == 3

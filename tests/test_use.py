@@ -243,7 +243,8 @@ def test_attention_maps_and_histograms_in_the_event_file(runs):
     assert "weights/blocks.0.attn.qkv.weight" in hist and "grads/blocks.0.attn.qkv.weight" in hist
     assert [h.step for h in ea.Histograms("grads/tok_emb.weight")] == [6, 12]
     lstm = events(runs["lstm"]).Tags()
-    assert lstm["images"] == [] and lstm["histograms"] == []  # no attention; histograms off by default
+    # no attention maps, only the gradient-by-distance picture; histograms off by default
+    assert lstm["images"] == ["gradient_distance/plot"] and lstm["histograms"] == []
 
 
 def test_classifier_writes_its_most_confidently_wrong_examples(runs):

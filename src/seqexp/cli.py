@@ -7,7 +7,9 @@ import itertools
 import logging
 import os
 import re
+import shutil
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import hydra
@@ -18,10 +20,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from seqexp.config import CONFIG_DIR, check_keys, did_you_mean, schema_keys
 from seqexp.errors import UserError, user_errors
-from seqexp.locks import claim_output_dir, release_run_dir
+from seqexp.locks import claim_output_dir, hydra_dir, release_run_dir
 from seqexp.resume import config_for_resume, read_early, resume_argv
 
 log = logging.getLogger("seqexp")
+
+# whether this command's run directory is new, decided before Hydra makes it (train_main): a
+# failed run removes only a directory it made itself
+_new_run_dir = False
 
 
 def explain_unknown_keys(argv: list[str], config_name: str = "train") -> None:
@@ -91,6 +97,24 @@ def check_group_choices(argv: list[str]) -> None:
             raise UserError(f"{key}={choice}: no such {key}. Choices: {', '.join(options)}{hint}")
 
 
+@contextmanager
+def removed_if_unused(run_dir: Path, log_name: str):
+    """A run that fails before writing anything of its own (a config check, missing or offline
+    data) leaves no directory behind: the one Hydra just made, with only its .hydra/ and log
+    file, is removed. Never a directory that existed before the command (a resume, a given
+    hydra.run.dir), nor one holding anything else."""
+    try:
+        yield
+    except BaseException:
+        try:
+            if _new_run_dir and int(os.environ.get("RANK", 0)) == 0 and \
+                    all(p.name in (".hydra", log_name) for p in run_dir.iterdir()):
+                shutil.rmtree(run_dir)
+        except OSError:
+            pass  # left as it is: the error that matters is the run's
+        raise
+
+
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")  # seqexp/configs
 def _train(cfg: DictConfig) -> float | None:
     from seqexp.train import train  # torch imports after Hydra has checked the overrides
@@ -109,9 +133,10 @@ def _train(cfg: DictConfig) -> float | None:
         preempt.listen()  # this job's process, to its end: a stop also between jobs (preempt.py)
         return run_sweep_job(cfg, hydra_cfg)
     with user_errors():
-        if cfg.resume is not None:  # the run's saved config, plus this command's overrides
-            cfg = config_for_resume(cfg, list(hydra_cfg.overrides.task))
-        metrics = train(cfg, hydra_cfg.runtime.output_dir)
+        with removed_if_unused(Path(hydra_cfg.runtime.output_dir), f"{hydra_cfg.job.name}.log"):
+            if cfg.resume is not None:  # the run's saved config, plus this command's overrides
+                cfg = config_for_resume(cfg, list(hydra_cfg.overrides.task))
+            metrics = train(cfg, hydra_cfg.runtime.output_dir)
     return metrics["objective"]["best"]  # what a Hydra sweeper (Optuna) optimises
 
 
@@ -121,6 +146,7 @@ def torchrun() -> bool:
 
 
 def train_main() -> None:
+    global _new_run_dir
     if "--version" in sys.argv[1:]:  # seqexp's, not Hydra's (which would print its own)
         from seqexp.options import version_line
 
@@ -141,6 +167,8 @@ def train_main() -> None:
 
             sys.argv[1:] = receive_run_dir(sys.argv[1:])
         claimed = claim_output_dir(sys.argv[1:])  # writable, and not in use by another run: before Hydra writes
+        directory, exact = hydra_dir(sys.argv[1:])
+        _new_run_dir = not (exact and directory.exists())  # a `${now:...}` name is new: it holds microseconds
     try:
         _train()
     except SystemExit as e:

@@ -79,10 +79,14 @@ class TrainerConfig:
     log_every: int = 25  # steps between reads of loss/grad norm (each read syncs the device)
     precision: Precision = Precision.fp32  # bf16/fp16 run the forward pass under autocast
     seed: int = 1337
-    compile: bool = False  # torch.compile the model; checkpoints keep uncompiled names
+    compile: bool = False  # torch.compile the model (a model it cannot compile trains eager, with a warning); checkpoints keep uncompiled names
+    # CUDA: fp32 matmuls and convolutions on TF32 tensor cores (10-bit mantissa, ~bf16-level
+    # rounding, several times the fp32 throughput on Ampere and later); the usual training choice
+    # (nanoGPT's), hence on. false: IEEE fp32 throughout. No effect on a CPU.
+    tf32: bool = True
     deterministic: bool = False  # torch.use_deterministic_algorithms
     nonfinite: NonFinite = NonFinite.stop
-    progress: bool = True  # tqdm progress bar
+    progress: bool = True  # tqdm progress bars: training, and an evaluation that lasts (on a terminal)
 
 
 @dataclass
@@ -95,6 +99,12 @@ class LoggingConfig:
     attention_maps: bool = True  # attention models: each layer's weights for one validation example
     wrong_examples: int = 5  # classifiers: the most confidently wrong validation texts; 0: off (costs a val pass)
     histograms: bool = False  # weight and gradient histograms; large event files
+    # the mean norm of the loss gradient w.r.t. the input at each distance back from the answer,
+    # a plot and scalars at each evaluation (seqexp/gradients.py). On by default: it is the
+    # picture the memory lab is about, and cheap -- one forward and backward on gradient_rows
+    # fixed validation rows, on the main process, without touching the training
+    gradient_distance: bool = True
+    gradient_rows: int = 64  # validation rows it measures (spread over the split, the same each time)
 
 
 @dataclass
@@ -233,7 +243,10 @@ def validate(cfg: DictConfig) -> None:
     model_cls.check_config(cfg.model, data_cls.task.head)  # the head the task asks of models
     check_optimization(cfg.optimizer, cfg.scheduler)
     check_trainer(cfg.trainer)
-    metric_and_mode(cfg.trainer, data_cls.task)  # a metric the task does not log is refused now
+    if cfg.logging.gradient_rows < 1:
+        raise UserError(f"logging.gradient_rows must be >= 1 (logging.gradient_distance=false turns the picture off), "
+                        f"got {cfg.logging.gradient_rows}.")
+    metric_and_mode(cfg.trainer, data_cls.task, data_cls.metric_modes(cfg.data))  # one not logged is refused now
 
 
 def to_container(cfg: DictConfig) -> dict:

@@ -14,7 +14,8 @@ process group, wraps no model and pays for no collective.
   all-reduced, so every rank takes the same branch and no collective is left waiting.
 - The trainer's state in a checkpoint holds the global carried RNN state and each rank's RNG and
   logging window (`Dist.gather_trainer_state`); a resume under any number of processes splits
-  it again (`Dist.shard_trainer_state`).
+  it again (`Dist.shard_trainer_state`). The model says where a state's rows are
+  (`SequenceModel.state_batch_dim`).
 """
 
 from __future__ import annotations
@@ -29,9 +30,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from seqexp.checkpoint import rng_state, set_rng_state
-
-# torch.nn.RNN/LSTM/GRU states are (layers, batch, hidden), even with batch_first=True
-STATE_BATCH_DIM = 1
+from seqexp.errors import require
 
 
 def env() -> tuple[int, int, int]:
@@ -67,6 +66,10 @@ class Dist:
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         """DDP averages gradients over ranks during backward(); it broadcasts rank 0's weights now."""
+        # checked here, before training: the carried state is sharded by the model's layout
+        require(not model.stateful or model.state_batch_dim is not None,
+                f"{type(model).__name__} is stateful but declares no state_batch_dim (the dim of its "
+                "carried state that holds the batch's rows), which data parallelism needs.")
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids)
 
@@ -104,17 +107,20 @@ class Dist:
         dist.barrier()
 
     # ------------------------------------------------------------ the trainer's state in checkpoints
-    def gather_trainer_state(self, carried, window: torch.Tensor) -> dict:
-        """A collective (every rank calls it): the global carried state, and what each rank keeps
-        for itself -- its RNG (dropout masks differ by rank) and its logging window."""
+    def gather_trainer_state(self, carried, window: torch.Tensor, batch_dim: Optional[int]) -> dict:
+        """A collective (every rank calls it): the global carried state (rows on `batch_dim`: the
+        model's state_batch_dim), and what each rank keeps for itself -- its RNG (dropout masks
+        differ by rank) and its logging window."""
         ranks = self.gather({"rng": rng_state(), "window": window.cpu()})
-        return {"carried": self.gather_state(carried), "ranks": ranks}
+        return {"carried": self.gather_state(carried, batch_dim), "ranks": ranks}
 
-    def shard_trainer_state(self, state: dict, carried, window: torch.Tensor, seed: int, step: int):
+    def shard_trainer_state(self, state: dict, carried, window: torch.Tensor, seed: int, step: int,
+                            batch_dim: Optional[int]):
         """-> (this rank's carried state, its logging window), from a checkpoint's trainer `state`
-        whose global `carried` state is given. With as many processes as the checkpoint had, each
-        rank's own RNG and window come back (exact resume); otherwise fresh per-rank RNG streams."""
-        carried = self.shard_state(carried)
+        whose global `carried` state (rows on `batch_dim`) is given. With as many processes as the
+        checkpoint had, each rank's own RNG and window come back (exact resume); otherwise fresh
+        per-rank RNG streams."""
+        carried = self.shard_state(carried, batch_dim)
         ranks = state.get("ranks", [])
         if len(ranks) == self.world_size:
             set_rng_state(ranks[self.rank]["rng"])
@@ -124,24 +130,25 @@ class Dist:
         return carried, window
 
     # ------------------------------------------------------------ carried RNN state
-    def gather_state(self, state):
-        """Every rank's rows of the carried state, in rank order: the global state."""
+    def gather_state(self, state, batch_dim: Optional[int]):
+        """Every rank's rows (on `batch_dim`) of the carried state, in rank order: the global state."""
         if state is None:
             return None
         if isinstance(state, tuple):
-            return tuple(self.gather_state(s) for s in state)
+            return tuple(self.gather_state(s, batch_dim) for s in state)
         parts = [torch.empty_like(state) for _ in range(self.world_size)]
         dist.all_gather(parts, state.contiguous())
-        return torch.cat(parts, dim=STATE_BATCH_DIM)
+        return torch.cat(parts, dim=batch_dim)
 
-    def shard_state(self, state):
-        """This rank's rows of a global carried state (saved by any number of processes)."""
+    def shard_state(self, state, batch_dim: Optional[int]):
+        """This rank's rows (on `batch_dim`) of a global carried state (saved by any number of
+        processes)."""
         if state is None:
             return None
         if isinstance(state, tuple):
-            return tuple(self.shard_state(s) for s in state)
-        s = rows(state.shape[STATE_BATCH_DIM], self.rank, self.world_size)
-        return state.narrow(STATE_BATCH_DIM, s.start, s.stop - s.start).contiguous()
+            return tuple(self.shard_state(s, batch_dim) for s in state)
+        s = rows(state.shape[batch_dim], self.rank, self.world_size)
+        return state.narrow(batch_dim, s.start, s.stop - s.start).contiguous()
 
 
 _owned = False  # whether this module created the process group (then it also destroys it)

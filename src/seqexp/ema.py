@@ -8,7 +8,7 @@ the average is only swapped in to evaluate, to sample and to be saved as a check
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 
@@ -23,14 +23,30 @@ class EMA:
         self.updates = 0
 
     @torch.no_grad()
-    def update(self) -> None:
+    def update(self, ok: Optional[torch.Tensor] = None) -> None:
         """average += (1 - decay) * (weights - average). The decay ramps up as (1 + n) / (10 + n)
         to `decay` (TensorFlow's ExponentialMovingAverage with num_updates), so early averages do
-        not cling to the initial weights."""
+        not cling to the initial weights.
+
+        `ok`: a device flag (0-dim bool), false for a step the optimizer skipped: the average
+        stays exactly as it is, decided on the device (no host read). Such a step still counts
+        in n (the host cannot know it was skipped without a read)."""
         self.updates += 1
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for a, p in zip(self.average, self.params):
-            a.lerp_(p, 1.0 - decay)
+        # multi-tensor kernels: one launch for all parameters, not one per tensor
+        if ok is None:  # the same lerp as a per-tensor a.lerp_(p, 1 - decay), bit for bit
+            torch._foreach_lerp_(self.average, self.params, 1.0 - decay)
+            return
+        if not self.average:
+            return
+        # the weight as a device tensor (0 on a skipped step). Not a lerp: its foreach kernel takes
+        # a device weight only as one full-size tensor per parameter. Equal to the lerp within
+        # float rounding. A skipped step adds exactly 0 x (weights - average) = 0: the weights are
+        # finite (weights that are not stop the run before the average is used or saved)
+        weight = torch.where(ok, 1.0 - decay, 0.0).to(self.average[0].dtype)
+        diff = torch._foreach_sub(self.params, self.average)  # weights - average
+        torch._foreach_mul_(diff, weight)
+        torch._foreach_add_(self.average, diff)
 
     def state_dict(self) -> dict:
         """{"updates": n, "average": {parameter name: averaged tensor}} (the tensors themselves)."""

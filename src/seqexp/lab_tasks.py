@@ -28,11 +28,13 @@ import torch
 import torch.nn.functional as F
 
 from seqexp.evaluation import outputs
-from seqexp.tasks import IGNORE, Classification, LanguageModeling, test_on_best
+from seqexp.tasks import IGNORE, Classification, LanguageModeling, last_position, test_on_best
 
 
 class LengthVariants:
     """Hooks shared by the lab's tasks: variant splits at other lengths, the test split once."""
+
+    tests_on_best = True  # after_training: the test split on best.pt (test_on_best)
 
     def after_evaluation(self, trainer, split: str, metrics: dict, step: int) -> None:
         # every rank evaluates (the sums are all-reduced); the keys join what the trainer records
@@ -55,6 +57,18 @@ class AnswerPositions(LengthVariants):
     # cross-entropy where the target is not IGNORE (here: the answers), as in language modelling
     loss, loss_terms = LanguageModeling.loss, LanguageModeling.loss_terms
     num_tokens = Classification.num_tokens  # every position of every row is read
+
+    def answer_loss(self, logits: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,) each row's mean loss over its answer positions, (B,) the first of them (-1:
+        none): distances count back from where the answer starts (gradients.py)."""
+        y = batch["targets"]  # (B, T)
+        answer = y != IGNORE
+        T = y.shape[1]
+        first = torch.where(answer, torch.arange(T, device=y.device), T).amin(1)  # (B,)
+        anchor = torch.where(first < T, first, -1)
+        per_token = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE,
+                                    reduction="none").view_as(y)  # (B, T), 0 off the answer
+        return per_token.sum(1) / answer.sum(1).clamp(min=1), anchor
 
     def sums(self, model, batches: Iterable[dict], device: torch.device,
              autocast: Callable[[], AbstractContextManager]) -> dict:
@@ -91,6 +105,11 @@ class Regression(LengthVariants):
         return F.mse_loss(logits.float().squeeze(-1), batch["targets"].float())
 
     loss_terms, num_tokens = Classification.loss_terms, Classification.num_tokens  # one target per row
+
+    def answer_loss(self, logits: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,) each row's squared error, (B,) its anchor: the last position, as a classifier's."""
+        err = logits.float().squeeze(-1) - batch["targets"].float()
+        return err.square(), last_position(batch)
 
     def sums(self, model, batches: Iterable[dict], device: torch.device,
              autocast: Callable[[], AbstractContextManager]) -> dict:

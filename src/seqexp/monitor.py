@@ -3,7 +3,8 @@
 
 The monitored metric chooses best.pt, is what metrics.json's "objective" reports (and so what
 sweeps summarise and the Optuna sweeper optimises). Its name is checked against what the task
-logs (`task.metric_modes`) before any data is read.
+logs before any data is read: the data class's `metric_modes(cfg)` (by default the task's
+`metric_modes`; the memory lab adds each metric at every `data.eval_lengths`, e.g. val/exact@200).
 
 Mode, when `trainer.mode` is null: the task's own direction for that metric (`metric_modes`),
 else "min" for a name containing "loss" and "max" for any other.
@@ -22,11 +23,17 @@ from typing import Optional
 from seqexp.errors import UserError
 
 
-def metric_and_mode(t, task) -> tuple[str, str]:
-    """(metric, "min"|"max") from the trainer config and the data's task; refuses an unknown name."""
+def task_metric_modes(task) -> dict:
+    """The validation metrics a task logs (name without val/ -> "min"|"max"|None); a task that does
+    not list its metrics can be monitored on its objective alone."""
+    return getattr(task, "metric_modes", None) or {task.objective.removeprefix("val/"): task.mode}
+
+
+def metric_and_mode(t, task, modes: Optional[dict] = None) -> tuple[str, str]:
+    """(metric, "min"|"max") from the trainer config and the data's task; refuses a name not in
+    `modes` (what the data logs: `Dataset.metric_modes(cfg)`; default: the task's own metrics)."""
     metric = t.get("monitor") or task.objective
-    # a task that does not list its metrics can be monitored on its objective alone
-    modes = getattr(task, "metric_modes", None) or {task.objective.removeprefix("val/"): task.mode}
+    modes = modes or task_metric_modes(task)
     names = [f"val/{k}" for k in modes]
     if metric not in names:
         raise UserError(f"trainer.monitor={metric} is not a metric this task ({task.name}) logs; "

@@ -11,8 +11,13 @@ Hooks (the trainer's `logging` config says how much of each to do):
 - `after_evaluation(trainer, split, metrics, step)`, with the evaluated weights in the model:
   language models log a text sample, classifiers a confusion matrix and, on the validation
   split, their most confidently wrong examples;
-- `after_training(trainer)`: language models print a sample; classifiers evaluate the test
-  split (when the data has one) on best.pt's weights, once.
+- `after_training(trainer)`: language models print a sample (not in a sweep's jobs: the
+  trainer is `quiet`); classifiers evaluate the test split (when the data has one) on best.pt's
+  weights, once (`tests_on_best`: the plan line says so beforehand).
+
+`answer_loss(logits, batch) -> (B,) losses, (B,) anchors`: each row's loss at its answer and
+where that answer is, for the gradient-by-distance picture (gradients.py): a language model's
+last prediction, a classifier's example anchored on its last real token.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ class LanguageModeling:
     objective, mode = "val/loss", "min"  # nats per character
     # every validation metric it logs (as val/<name>), and which way is better (None: a count)
     metric_modes = {"loss": "min", "bpc": "min", "ppl": "min", "tokens": None}
+    tests_on_best = False  # after_training evaluates no test split (the plan line says so)
 
     def loss(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
         # logits (B, T, V), targets (B, T); float32 softmax even under autocast
@@ -61,6 +67,17 @@ class LanguageModeling:
     def num_tokens(self, batch: dict) -> int:
         """Tokens a batch (or a rank's rows of it) trains on: one per target."""
         return self.loss_terms(batch)
+
+    def answer_loss(self, logits: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's loss at its answer, and where that answer is (gradients.py): (B,) losses,
+        (B,) anchor positions (-1: the row has none). A language model's answer is its last
+        prediction: the loss at the last position with a target, nothing else."""
+        valid = batch["targets"] != IGNORE  # (B, T)
+        anchor = last_true(valid)  # (B,)
+        rows = torch.arange(len(anchor), device=anchor.device)
+        at = anchor.clamp(min=0)
+        loss = F.cross_entropy(logits[rows, at].float(), batch["targets"][rows, at].clamp(min=0), reduction="none")
+        return loss * (anchor >= 0), anchor
 
     def sums(self, model, batches: Iterable[dict], device: torch.device,
              autocast: Callable[[], AbstractContextManager]) -> dict:
@@ -99,10 +116,26 @@ class LanguageModeling:
                 trainer.logger.text("samples", text, step)
 
     def after_training(self, trainer) -> None:
+        if trainer.quiet:  # a sweep's job: the final evaluation's sample is in TensorBoard already
+            return
         with trainer.averaged():  # the weights that were validated
             text = self.sample(trainer, trainer.step)
         if text is not None:
             print(f"\n--- sample at step {trainer.step} ---\n{text}\n---", flush=True)
+
+
+def last_true(mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool -> (B,) the index of each row's last True, -1 where it has none."""
+    t = torch.arange(mask.shape[1], device=mask.device)
+    return torch.where(mask, t, -1).amax(1)
+
+
+def last_position(batch: dict) -> torch.Tensor:
+    """(B,) each row's last real position: length - 1 (T - 1 when the batch has no lengths)."""
+    tokens, lengths = batch["tokens"], batch.get("lengths")
+    if lengths is None:
+        return torch.full((tokens.shape[0],), tokens.shape[1] - 1, device=tokens.device)
+    return lengths.to(tokens.device) - 1
 
 
 def confusion_counts(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -117,6 +150,7 @@ class Classification:
     objective, mode = "val/acc", "max"
     # every validation metric it logs (as val/<name>; tn/fp/fn/tp too when binary: counts, not monitored)
     metric_modes = {"loss": "min", "acc": "max", "count": None}
+    tests_on_best = True  # after_training: the data's test split, if any, on best.pt (test_on_best)
 
     def loss(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
         # logits (B, C) with C >= 2 and integer labels: softmax cross-entropy matches the head
@@ -130,6 +164,11 @@ class Classification:
         """Tokens a batch (or a rank's rows of it) reads: the true lengths, padding left out."""
         lengths = batch.get("lengths")
         return int(lengths.sum()) if lengths is not None else batch["tokens"].numel()
+
+    def answer_loss(self, logits: torch.Tensor, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,) each example's loss, (B,) its anchor: the last real token (length - 1), so a
+        review's distances count back from its own end, never from padding (gradients.py)."""
+        return F.cross_entropy(logits.float(), batch["targets"], reduction="none"), last_position(batch)
 
     def sums(self, model, batches: Iterable[dict], device: torch.device,
              autocast: Callable[[], AbstractContextManager]) -> dict:
@@ -191,6 +230,8 @@ def test_on_best(task, trainer) -> None:
     if trainer.dist is not None:
         trainer.dist.barrier()  # every rank reads best.pt only once the main process has written it
     trainer.model.load_state_dict(checkpoint.read(trainer.ckpt_dir / "best.pt")["model"])
+    log.info("evaluating the test split on best.pt (step %s): %d batches", trainer.best_step,
+             trainer.data.num_batches("test", stateful=trainer.stateful))  # a long one shows progress too
     metrics = trainer.evaluate("test")
     task.after_evaluation(trainer, "test", metrics, trainer.best_step)
     test = {f"test/{k}": v for k, v in metrics.items() if not isinstance(v, list)}

@@ -5,6 +5,7 @@ Importable and free of Hydra's runtime, so tests call it directly with a compose
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -18,6 +19,7 @@ from seqexp.checkpoint import Recipe, remove_stale_tmp
 from seqexp.config import to_container, validate
 from seqexp.errors import UserError
 from seqexp.logger import Logger
+from seqexp.plan import plan_line
 from seqexp.preempt import stop_on_signals
 from seqexp.trainer import Trainer
 from seqexp.visuals import make_visuals
@@ -56,8 +58,10 @@ def closing_line(summary: dict, run_dir: Path) -> str:
     return f"{line}; run directory {run_dir}"
 
 
-def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
-    """With `cfg.resume` set, continues that run in its directory (run_dir may then be None)."""
+def train(cfg: DictConfig, run_dir: str | Path | None = None, *, in_sweep: bool = False) -> dict:
+    """With `cfg.resume` set, continues that run in its directory (run_dir may then be None).
+    `in_sweep`: a job of a multirun, which writes the job's HParams itself (sweep/job.py) and
+    prints no text sample per job."""
     validate(cfg)  # cross-field checks: before any data is read
     trust.allow(cfg)  # what this run builds, its own checkpoints may build again (test split)
     ckpt = None
@@ -120,7 +124,8 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     visuals = make_visuals(logging_cfg, model=model, data=data, logger=logger, device=device) if logger.enabled else None
     trainer = Trainer(t, model=model, data=data, optimizer=optimizer, scheduler=scheduler, logger=logger,
                       logging_cfg=logging_cfg, run_dir=run_dir, device=device, total_steps=total_steps,
-                      recipe=recipe, visuals=visuals, dist=dist)
+                      recipe=recipe, visuals=visuals, dist=dist, quiet=in_sweep,
+                      metric_modes=type(data).metric_modes(cfg.data))
     if ckpt is not None:
         trainer.restore(ckpt, ckpt_path)
         del ckpt  # the trainer holds its own copies now
@@ -131,11 +136,17 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     log.info("%s: %s, %d parameters, %d steps (%d per epoch) on %s%s; run dir %s", data.task.name,
              type(model).__name__, trainer.num_params, total_steps, steps_per_epoch, device,
              f" (rank {dist.rank} of {dist.world_size})" if dist else "", run_dir)
+    if main:
+        log.info(plan_line(start=trainer.step, total=total_steps, steps_per_epoch=steps_per_epoch,
+                           accumulate=t.accumulate, eval_every=t.eval_every, checkpoint_every=t.checkpoint_every,
+                           keep_last=t.keep_last, max_time_s=t.max_time_s,
+                           test=data.task.tests_on_best and "test" in data.splits))
     try:
         with trainer.recording_end():  # however the run ends, metrics.json says how
+            # a stop signal, while training or in the evaluation after it, saves and exits 75 (preempt.py)
             with stop_on_signals(trainer.request_stop):
                 trainer.fit()
-            data.task.after_training(trainer)  # e.g. the held-out test split, once, on the best weights
+                data.task.after_training(trainer)  # e.g. the held-out test split, once, on the best weights
             trainer.write_metrics("finished")
         if main:
             log.info(closing_line(trainer.summary(), run_dir))
@@ -146,5 +157,19 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None) -> dict:
     finally:
         logger.close()
         if main:
+            if logger.enabled and not in_sweep:  # a sweep's job writes its own (its overrides)
+                write_run_hparams(cfg, run_dir)
             locks.release_run_dir(run_dir)
     return trainer.summary()
+
+
+def write_run_hparams(cfg: DictConfig, run_dir: Path) -> None:
+    """TensorBoard HParams for a single run, however it ended: its hyper-parameters (the config's
+    values) and the metrics metrics.json holds. Never fails the run."""
+    from seqexp.sweep.hparams import config_hparams, write_hparams
+
+    try:
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        write_hparams(run_dir, run_dir.name, config_hparams(cfg), metrics, metrics.get("status", ""))
+    except Exception as e:  # the run's results matter more than its HParams entry
+        log.warning("HParams not written (%s: %s)", type(e).__name__, e)

@@ -4,6 +4,8 @@ Pure functions make the figures and texts; `make_visuals` binds them to one run 
 the single hook the trainer calls after each evaluation (or None when there is nothing to draw):
 - attention models: a heat map per layer of the attention weights (heads side by side) for
   one fixed validation example, so the maps of successive evaluations compare directly;
+- `logging.gradient_distance`: the mean norm of the loss gradient with respect to the input at
+  each distance back from the answer (seqexp/gradients.py), a line plot and a few scalars;
 - `logging.histograms`: weight and gradient histograms (off by default: large event files).
 """
 
@@ -14,6 +16,8 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
+
+from seqexp.gradients import DISTANCES, GradientProbe, mean
 
 MAX_TOKENS = 48  # attention maps: beyond this the token labels on the axes are unreadable
 SHOWN = {"\n": "↵", "\t": "→", " ": "␣"}  # whitespace drawn as something visible
@@ -44,6 +48,41 @@ def attention_figure(weights: torch.Tensor, labels: Sequence[str], title: str = 
     if title:
         fig.suptitle(title, fontsize=9)
     return fig
+
+
+def gradient_distance_figure(norms: torch.Tensor, title: str = ""):
+    """(D,) mean gradient norm at distances 0..D-1 (NaN: not measured) -> a line plot, log y.
+    Exact zeros (a distance the answer cannot depend on) have no place on a log axis: they
+    are drawn as a separate row of marks at the bottom."""
+    from matplotlib.figure import Figure
+
+    y = norms.double().cpu().numpy()
+    d = np.arange(len(y))
+    fig = Figure(figsize=(5.0, 3.2), dpi=100, layout="constrained")
+    ax = fig.subplots()
+    positive = y > 0
+    ax.plot(d[positive], y[positive], marker="." if positive.sum() < 64 else None, lw=1.2)
+    zero = y == 0
+    if zero.any():
+        floor = y[positive].min() / 10 if positive.any() else 1e-12
+        ax.plot(d[zero], np.full(zero.sum(), floor), "x", color="tab:red", ms=4, label="exactly 0")
+        ax.legend(fontsize=8, loc="upper right")
+    ax.set_yscale("log")
+    ax.set_xlabel("distance back from the answer (positions)")
+    ax.set_ylabel("mean |d loss / d input|")
+    ax.grid(True, which="both", alpha=0.3)
+    if title:
+        ax.set_title(title, fontsize=9)
+    return fig
+
+
+def log_gradient_distance(logger, sums: torch.Tensor, counts: torch.Tensor, step: int) -> None:
+    """The picture as `gradient_distance/plot` and scalars `gradient_distance/<d>` (d in
+    DISTANCES, where measured)."""
+    norms = mean(sums, counts)
+    logger.image("gradient_distance/plot", figure_to_array(gradient_distance_figure(norms, f"step {step}")), step)
+    logger.scalars({f"gradient_distance/{d}": float(norms[d]) for d in DISTANCES
+                    if d < len(counts) and counts[d] > 0}, step)
 
 
 def figure_to_array(fig) -> np.ndarray:
@@ -104,7 +143,8 @@ def make_visuals(cfg, *, model, data, logger, device) -> Optional[Callable[[torc
         lengths = None if batch.get("lengths") is None else torch.tensor([n])
         labels = [decode([t]) if decode else str(t) for t in tokens[0].tolist()]
         example = (tokens, lengths, labels)
-    if example is None and not cfg.histograms:
+    probe = GradientProbe.make(cfg, model=model, data=data, device=device)
+    if example is None and probe is None and not cfg.histograms:
         return None
 
     def visuals(model, step: int, metrics: dict) -> None:
@@ -114,6 +154,8 @@ def make_visuals(cfg, *, model, data, logger, device) -> Optional[Callable[[torc
             for layer, w in enumerate(maps):
                 fig = attention_figure(w, labels, f"layer {layer}, step {step}")
                 logger.image(f"attention/layer{layer}", figure_to_array(fig), step)
+        if probe is not None:
+            log_gradient_distance(logger, *probe(model), step)
         if cfg.histograms:
             for name, p in model.named_parameters():
                 logger.histogram(f"weights/{name}", p.detach(), step)

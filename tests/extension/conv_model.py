@@ -28,6 +28,9 @@ class ConvModel(SequenceModel):
     def check_config(cls, cfg, task: str) -> None:
         require(cfg.width >= 1, f"model.width must be >= 1, got {cfg.width}.")
 
+    def input_embedding(self) -> nn.Module:
+        return self.embed  # (B, T, E)
+
     def forward(self, tokens: torch.Tensor, lengths: Optional[torch.Tensor] = None, state=None):
         x = self.embed(tokens).transpose(1, 2)  # (B, E, T)
         h = torch.relu(self.conv(F.pad(x, (self.width - 1, 0)))).transpose(1, 2)  # (B, T, E)

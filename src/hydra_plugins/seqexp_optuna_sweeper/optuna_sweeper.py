@@ -60,7 +60,8 @@ def objective_direction(config: DictConfig) -> str:
     default the objective of the task the data class declares, seqexp/monitor.py)."""
     from seqexp.monitor import metric_and_mode
 
-    _, mode = metric_and_mode(config.trainer, get_class(config.data._target_).task)
+    data_cls = get_class(config.data._target_)
+    _, mode = metric_and_mode(config.trainer, data_cls.task, data_cls.metric_modes(config.data))
     return "minimize" if mode == "min" else "maximize"
 
 

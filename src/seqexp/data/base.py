@@ -13,6 +13,7 @@ from typing import Any, Iterator
 from omegaconf import DictConfig
 
 from seqexp.errors import UserError
+from seqexp.monitor import task_metric_modes
 
 
 class Dataset:
@@ -45,6 +46,12 @@ class Dataset:
     def upgrade_config(cls, cfg: dict) -> dict:
         """A data config saved by an older seqexp, as today's code reads it."""
         return cfg
+
+    @classmethod
+    def metric_modes(cls, cfg: DictConfig) -> dict:
+        """The validation metrics a run of this config logs (as val/<name>), each with which way is
+        better ("min", "max", None): the names trainer.monitor may choose. Base: the task's."""
+        return task_metric_modes(cls.task)
 
     @classmethod
     def check_config(cls, cfg: DictConfig) -> None:

@@ -95,6 +95,14 @@ class MemoryData(Dataset):
         raise NotImplementedError
 
     @classmethod
+    def metric_modes(cls, cfg) -> dict:
+        """The task's metrics, and each again at every other length evaluated (val/exact@200: the
+        splits val@<length>, whose metrics the task records with the suffix, lab_tasks.py)."""
+        modes = super().metric_modes(cfg)
+        other = [L for L in dict.fromkeys(cfg.eval_lengths) if L != cfg.length]  # as setup() makes splits
+        return {**modes, **{f"{name}@{L}": mode for L in other for name, mode in modes.items()}}
+
+    @classmethod
     def check_common(cls, cfg) -> None:
         require(cfg.length >= 1, f"data.length must be positive, got {cfg.length}.")
         require(all(L >= 1 for L in cfg.eval_lengths),

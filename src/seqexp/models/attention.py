@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from seqexp.errors import require
 from seqexp.models.base import Pooling, SequenceModel, check_fraction, check_positive
-from seqexp.models.layers import MaskedPooling, embed_words, length_mask, lengths_or_full
+from seqexp.models.layers import MaskedPooling, embed_words, length_mask, lengths_or_full, maybe_dropout
 
 
 class SelfAttention(nn.Module):
@@ -77,7 +77,7 @@ class LocalConv(nn.Module):
         self.ln = nn.LayerNorm(d_model)
         self.dw = nn.Conv1d(d_model, d_model, kernel, groups=d_model)
         self.pw = nn.Linear(d_model, d_model)
-        self.drop = nn.Dropout(dropout)
+        self.drop = maybe_dropout(dropout)
         self.left = kernel - 1 if causal else (kernel - 1) // 2
         self.right = kernel - 1 - self.left
 
@@ -102,9 +102,9 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(d_model)
         self.mlp = nn.Sequential(
             nn.Linear(d_model, mlp_ratio * d_model), nn.GELU(),
-            nn.Linear(mlp_ratio * d_model, d_model), nn.Dropout(dropout),
+            nn.Linear(mlp_ratio * d_model, d_model), maybe_dropout(dropout),
         )
-        self.drop = nn.Dropout(dropout)
+        self.drop = maybe_dropout(dropout)
 
     def forward(self, x, mask, causal, need_weights=False, keep=None):
         if self.conv is not None:
@@ -178,7 +178,7 @@ class AttentionModel(SequenceModel):
             # at the token embeddings' scale (init std 0.02): unscaled, the +-1 table drowns the
             # tokens and a classifier starts out seeing positions only
             self.register_buffer("pos_emb", 0.02 * sinusoidal_table(max_len, d_model), persistent=False)
-        self.drop = nn.Dropout(dropout)
+        self.drop = maybe_dropout(dropout)
         self.blocks = nn.ModuleList(Block(d_model, n_heads, mlp_ratio, dropout, conv_kernel, task == "lm")
                                     for _ in range(n_layers))
         self.ln_f = nn.LayerNorm(d_model)
@@ -208,6 +208,9 @@ class AttentionModel(SequenceModel):
                 nn.init.normal_(p, 0.0, std)
             elif name.endswith("bias"):
                 nn.init.zeros_(p)
+
+    def input_embedding(self) -> nn.Module:
+        return self.tok_emb  # (B, T, C): the token vectors; positions are added after
 
     def forward(self, tokens: torch.Tensor, lengths: Optional[torch.Tensor] = None, state=None,
                 need_weights: bool = False):

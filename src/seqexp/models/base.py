@@ -36,6 +36,10 @@ def check_positive(cfg: DictConfig, *keys: str) -> None:
 class SequenceModel(nn.Module):
     # True: the trainer carries `state` from one chunk of a stream to the next (truncated BPTT)
     stateful: bool = False
+    # a stateful model's state layout: None, a tensor, or a tuple of tensors (LSTM's (h, c)), each
+    # with the batch's rows on this dim, where DDP gathers it for checkpoints and shards it again
+    # (distributed.py); torch's RNN states are (layers, B, H): 1. A stateful model must declare it.
+    state_batch_dim: Optional[int] = None
     # longest input the model reads at once (attention: its window); None: no limit
     context_size: Optional[int] = None
 
@@ -46,3 +50,10 @@ class SequenceModel(nn.Module):
     @classmethod
     def check_config(cls, cfg: DictConfig, task: str) -> None:
         """Cross-field checks of this model's config, before any data is read (UserError)."""
+
+    def input_embedding(self) -> Optional[nn.Module]:
+        """The module whose output, (B, T, D) one vector per position, is the input every later
+        layer reads (called once per forward). The gradient-by-distance picture (gradients.py)
+        differentiates the loss with respect to it. None: the model has no per-position input
+        vectors (a bag of n-grams), and the picture is skipped."""
+        return None

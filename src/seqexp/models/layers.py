@@ -23,6 +23,13 @@ def lengths_or_full(tokens: torch.Tensor, lengths) -> torch.Tensor:
     return torch.full((B,), T, device=tokens.device) if lengths is None else lengths.to(tokens.device)
 
 
+def maybe_dropout(p: float) -> nn.Module:
+    """nn.Dropout(p), or nn.Identity at p == 0: the same function (dropout at 0 draws no random
+    numbers, so the RNG stream is unchanged), without the F.dropout call and its dispatch at every
+    use in every step. Neither holds parameters or buffers: state_dict keys are the same either way."""
+    return nn.Dropout(p) if p > 0 else nn.Identity()
+
+
 def embed_words(embed: nn.Embedding, tokens: torch.Tensor, p: float) -> torch.Tensor:
     """(B, T) ids -> (B, T, E), with word-type dropout while training (Gal & Ghahramani, 2016).
 

@@ -49,6 +49,7 @@ def flip(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 class RecurrentModel(SequenceModel):
     # The trainer carries state across chunks for models that say so.
     stateful = True
+    state_batch_dim = 1  # torch's states, h or (h, c), are (layers, B, H) even with batch_first=True
 
     def __init__(
         self,
@@ -114,6 +115,9 @@ class RecurrentModel(SequenceModel):
         require(not (cfg.tie_weights and task == "lm") or cfg.embed_dim == cfg.hidden_size,
                 f"model.tie_weights=true needs model.embed_dim ({cfg.embed_dim}) == model.hidden_size "
                 f"({cfg.hidden_size}).")
+
+    def input_embedding(self) -> nn.Module:
+        return self.embed  # (B, T, E)
 
     def forward(self, tokens: torch.Tensor, lengths: Optional[torch.Tensor] = None, state: State = None):
         """tokens (B, T) -> (logits, state). logits: (B, T, V) for lm, (B, C) for classify."""

@@ -7,6 +7,10 @@ go into the job directory itself, so `tensorboard --logdir SWEEP_DIR` lists one 
 named by the job directory, which says its overrides. No experiment summary is written: without
 one TensorBoard takes the hparams from every session and the metrics from every scalar tag, so
 jobs with other hparams (a later re-run, an Optuna search) still show.
+
+A single run (no `-m`) writes the same entry into its run directory when it ends (train.py),
+with every value of its config that shapes the result (`config_hparams`) as its hparams, so
+`tensorboard --logdir outputs` compares single runs in the HParams tab too.
 """
 
 from __future__ import annotations
@@ -36,6 +40,32 @@ def hparam_values(cfg: DictConfig, overrides: list[str]) -> dict:
         elif not isinstance(value, (bool, int, float, str)):
             value = str(value)  # enums
         values[key] = value
+    return values
+
+
+NOT_HPARAMS = ("logging", "sweep", "resume", "trainer.progress")  # how a run reports, not what it learns
+
+
+def config_hparams(cfg: DictConfig) -> dict:
+    """A single run's hparams: the model, data, optimizer, scheduler and trainer values, flat
+    (`optimizer.lr`: 0.003); a group's `_target_` as its class name (`model`: 'RecurrentModel')."""
+    values = {}
+
+    def walk(node, prefix: str) -> None:
+        for key, value in node.items():
+            name = f"{prefix}{key}"
+            if name in NOT_HPARAMS:
+                continue
+            if isinstance(value, dict):
+                walk(value, name + ".")
+            elif key == "_target_":
+                values[prefix.rstrip(".")] = str(value).rpartition(".")[2]
+            elif isinstance(value, (bool, int, float, str)):
+                values[name] = value
+            elif value is not None:
+                values[name] = str(value)  # a list: TensorBoard types only numbers, strings, bools
+
+    walk(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), "")
     return values
 
 

@@ -81,10 +81,10 @@ def continue_or_restart(cfg: DictConfig, run_dir: Path, may_continue: bool) -> d
     if unfinished:
         log.info("%s: continuing from checkpoints/last.pt", run_dir.name)
         cfg.resume = str(run_dir)
-        return train(cfg, run_dir)
+        return train(cfg, run_dir, in_sweep=True)
     if distributed.is_main():
         clear_results(run_dir)
-    return train(cfg, run_dir)
+    return train(cfg, run_dir, in_sweep=True)  # (in_sweep: HParams from here; no sample printed per job)
 
 
 def describe(e: BaseException) -> str:
