@@ -33,6 +33,8 @@ PRESETS = {
         "gru": ["model=gru", "model.hidden_size=256", "model.num_layers=2"],
         # the model's defaults (4 x 128, 4 heads) and recipe/shakespeare_attention.yaml
         "attention": ["model=attention", "model.d_model=128", "model.n_layers=4", "model.n_heads=4"],
+        # the paper's language-model blocks at its YAML's size (2 x 256, feed-forward 4x)
+        "mingru": ["model=mingru"],
     },
     "gpu": {  # nanoGPT's "baby GPT" shape, and an LSTM of similar cost
         "attention": ["model=attention", "model.d_model=384", "model.n_heads=6", "model.n_layers=6",
