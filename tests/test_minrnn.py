@@ -14,6 +14,7 @@ from seqexp.errors import UserError
 from seqexp.models.minrnn import MinRNN, MinRNNModel, chunked_scan, log_scan, sequential_scan
 from tests import conftest
 from tests.conftest import make_cfg
+from tests.test_models import overfit_lm
 from seqexp.train import train
 from tests.test_resume import (STOP, assert_same_training, drop_carried_state, final_state, overrides_for,
                                resume_run, run_until_signal, same_tensors)
@@ -301,17 +302,8 @@ def test_gradients_reach_every_parameter(cell, task, blocks):
 
 @pytest.mark.parametrize("cell", CELLS)
 def test_overfits_one_batch(cell):
-    model = build(cell, "lm", hidden_size=32)
-    x = torch.randint(V, (4, 17))
-    x[:, 0] = torch.arange(4)  # distinct first tokens: every next token is predictable
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(150):
-        logits, _ = model(x[:, :-1])
-        loss = F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert loss.item() < 0.05, loss.item()
+    loss = overfit_lm(build(cell, "lm", hidden_size=32), V, steps=150)
+    assert loss < 0.05, loss
 
 
 def test_config_refuses_a_bidirectional_language_model():
