@@ -142,6 +142,11 @@ def describe(cfg: dict) -> str:
     if target == "AttentionModel":
         conv = f", convolution {m['conv_kernel']} wide" if m.get("conv_kernel") else ""
         return f"attention {m['n_layers']} x {m['d_model']}, {m['n_heads']} heads{conv}, {m['pooling']} pooling"
+    if target == "MinRNNModel":  # the paper's blocks (norm, residual, feed-forward) or the bare stack
+        bi = "Bi-" if m["bidirectional"] else ""
+        per = " per direction" if bi else ""
+        kind = "blocks" if m["blocks"] else "bare"
+        return f"{bi}min{m['cell'].upper()} {m['num_layers']} x {m['hidden_size']}{per} ({kind}), {m['pooling']} pooling"
     return f"{m['n']}-gram bag (NBSVM)" if target == "NgramModel" else target
 
 

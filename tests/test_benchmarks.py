@@ -195,6 +195,16 @@ def test_imdb_benchmark_trains_reads_and_reuses_runs(imdb_archive, tmp_path, cap
     assert len(list((tmp_path / "runs").glob("imdb_rnn.old-*"))) == 1
 
 
+def test_imdb_benchmark_describes_every_family():
+    """Each experiment's row names its model's shape, not just its class."""
+    imdb = load("imdb")
+    GlobalHydra.instance().clear()
+    rows = {name: imdb.describe(imdb.composed([f"experiment={name}"])) for name in imdb.EXPERIMENTS}
+    assert rows["imdb_mingru"] == "Bi-minGRU 1 x 256 per direction (blocks), max pooling"
+    assert rows["imdb_lstm"] == "BiLSTM 2 x 128 per direction, max pooling"
+    assert all(" " in text for text in rows.values()), rows  # no bare class name left
+
+
 def test_imdb_benchmark_config_comparison():
     same = load("imdb").same_config
     run = {"model": {"d": 64, "drop": 0.3}, "trainer": {"seed": 1}}
