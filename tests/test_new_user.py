@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from seqexp.cli import null_choices
 from seqexp.config import check_keys, did_you_mean
 from seqexp.errors import UserError
 from seqexp.inference import find_checkpoint
@@ -138,3 +139,21 @@ def test_a_run_that_fails_before_training_leaves_no_run_directory(tmp_path, monk
     mine.mkdir()  # there before the command (as a resumed run's directory is): left alone
     fails(f"hydra.run.dir={mine}")
     assert mine.is_dir()
+
+
+def test_a_null_group_choice_leaves_an_optional_group_out_and_is_refused_for_a_needed_one(cli, capsys, monkeypatch,
+                                                                                          tmp_path):
+    """`recipe=null` means what `~recipe` does (Hydra itself fails on it with a traceback, next to
+    train.yaml's interpolated defaults); `model=null` is one line naming the choices."""
+    monkeypatch.chdir(tmp_path)
+    assert null_choices(["data=imdb", "recipe=null", "experiment=null", "trainer.seed=null"]) == \
+        ["data=imdb", "~recipe", "~experiment", "trainer.seed=null"]
+    cli("model=lstm", "data=imdb", "recipe=null", "--cfg", "job")
+    assert "hidden_size: 256" in capsys.readouterr().out  # model/lstm.yaml's, not the recipe's 128
+    for arg, says in [("model=null", "every run needs a model. Choices: attention, gru, lstm"),
+                      ("recipe=null,imdb_gru", "null cannot be one of a sweep's choices")]:
+        with pytest.raises(SystemExit) as e:
+            cli("data=imdb", arg)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and says in err[0], err
+    assert list(tmp_path.iterdir()) == []  # nothing written

@@ -89,7 +89,7 @@ def check_group_choices(argv: list[str]) -> None:
             continue
         options = sorted(p.stem for p in folder.glob("*.yaml"))
         for choice in value.split(","):  # -m model=lstm,gru
-            if choice in options or choice == "null":
+            if choice in options:
                 continue
             near = difflib.get_close_matches(choice, options, n=1, cutoff=0.6) or [
                 o for o in options if re.search(rf"\b{re.escape(choice)}\b", header(folder / f"{o}.yaml"), re.I)]
@@ -140,6 +140,33 @@ def _train(cfg: DictConfig) -> float | None:
     return metrics["objective"]["best"]  # what a Hydra sweeper (Optuna) optimises
 
 
+def optional_groups(config_name: str = "train") -> set[str]:
+    """The groups the primary config lists as `optional`: those a run may leave out."""
+    defaults = OmegaConf.load(CONFIG_DIR / f"{config_name}.yaml").get("defaults", [])
+    return {k.split()[1] for d in defaults if isinstance(d, DictConfig) for k in d if k.startswith("optional ")}
+
+
+def null_choices(argv: list[str]) -> list[str]:
+    """`recipe=null`: Hydra cannot compose a null group choice next to train.yaml's interpolated
+    defaults (`recipe: ${data}_${model}`) and fails with a traceback. An optional group is left
+    out, as `~recipe` does; a group every run needs is refused in one line."""
+    optional, out = optional_groups(), []
+    for a in argv:
+        key, eq, value = a.partition("=")
+        if not eq or "null" not in value.split(",") or a.startswith(("-", "~", "+")) or "." in key \
+                or not (CONFIG_DIR / key).is_dir():
+            out.append(a)
+            continue
+        if key not in optional:
+            options = ", ".join(sorted(p.stem for p in (CONFIG_DIR / key).glob("*.yaml")))
+            raise UserError(f"{a}: every run needs a {key}. Choices: {options}.")
+        if value != "null":
+            raise UserError(f"{a}: null cannot be one of a sweep's choices; sweep the others, and run ~{key} "
+                            f"(the group left out) on its own.")
+        out.append(f"~{key}")
+    return out
+
+
 def torchrun() -> bool:
     """Started by torchrun with more than one process (README "Scaling out")."""
     return int(os.environ.get("WORLD_SIZE", 1)) > 1
@@ -156,6 +183,7 @@ def train_main() -> None:
         os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # config errors show their traceback too
     with user_errors():  # resume=: before Hydra, so that it uses the run's directory
         check_top_level_keys(sys.argv[1:])
+        sys.argv[1:] = null_choices(sys.argv[1:])
         check_group_choices(sys.argv[1:])
         read_early(sys.argv[1:])
         sys.argv[1:] = resume_argv(sys.argv[1:])
