@@ -74,6 +74,11 @@ def header(path: Path) -> str:
     return " ".join(line for line in itertools.takewhile(lambda line: line.startswith("#"), lines))
 
 
+def group_options(group: str) -> list[str]:
+    """The options of a config group: its folder's YAML files."""
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+
+
 def check_group_choices(argv: list[str]) -> None:
     """`model=transformer`: one line naming the group's choices and the closest, before Hydra
     (which would print a dozen lines). The closest is the nearest spelling, else the option whose
@@ -87,7 +92,7 @@ def check_group_choices(argv: list[str]) -> None:
         if not eq or a.startswith(("-", "~")) or key == "hydra" or "." in key or "/" in key or not folder.is_dir() \
                 or "(" in value:
             continue
-        options = sorted(p.stem for p in folder.glob("*.yaml"))
+        options = group_options(key)
         for choice in value.split(","):  # -m model=lstm,gru
             if choice in options:
                 continue
@@ -158,8 +163,7 @@ def null_choices(argv: list[str]) -> list[str]:
             out.append(a)
             continue
         if key not in optional:
-            options = ", ".join(sorted(p.stem for p in (CONFIG_DIR / key).glob("*.yaml")))
-            raise UserError(f"{a}: every run needs a {key}. Choices: {options}.")
+            raise UserError(f"{a}: every run needs a {key}. Choices: {', '.join(group_options(key))}.")
         if value != "null":
             raise UserError(f"{a}: null cannot be one of a sweep's choices; sweep the others, and run ~{key} "
                             f"(the group left out) on its own.")
