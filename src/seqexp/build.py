@@ -23,7 +23,7 @@ from seqexp.errors import UserError
 # leaves them out): a model's come from the data; a dataset gets the run's seed and, rebuilt from
 # a checkpoint, the data state it saved.
 RUNTIME = {
-    "model": ("vocab_size", "num_outputs", "task", "pad_id", "max_len"),
+    "model": ("vocab_size", "num_outputs", "head", "max_len"),
     "data": ("seed", "saved"),
     "optimizer": ("params",),
     "scheduler": ("optimizer", "total_steps"),
@@ -58,10 +58,33 @@ def plain(node: Any) -> dict:
     return dict(node)
 
 
+def parameters(fn: Callable) -> tuple[dict[str, tuple[inspect.Parameter, Callable]], bool]:
+    """-> ({name: (parameter, the function that declares it)}, whether it takes other keywords too).
+
+    A class's constructor that passes `**kwargs` on to its base class's takes the base's named
+    parameters as well (a family's shared knobs, written once: data/memory.py), down the MRO
+    until a constructor without `**kwargs`; a function's are its own."""
+    if isinstance(fn, type):
+        chain = [c.__init__ for c in fn.__mro__ if "__init__" in vars(c) and c is not object]
+    else:
+        chain = [fn]
+    found: dict[str, tuple[inspect.Parameter, Callable]] = {}
+    for f in chain:
+        params = list(inspect.signature(f).parameters.values())
+        if isinstance(fn, type):
+            params = params[1:]  # self
+        for p in params:
+            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                found.setdefault(p.name, (p, f))
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            return found, False
+    return found, True
+
+
 def accepted(fn: Callable, kwargs: dict) -> dict:
-    """The entries of `kwargs` that `fn` takes (all of them when it takes **kwargs)."""
-    params = inspect.signature(fn).parameters
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+    """The entries of `kwargs` that `fn` takes (parameters), all of them when it takes any keyword."""
+    params, takes_any = parameters(fn)
+    if takes_any or any(p.kind is p.VAR_KEYWORD for p in inspect.signature(fn).parameters.values()):
         return dict(kwargs)
     return {k: v for k, v in kwargs.items() if k in params}
 

@@ -11,38 +11,36 @@ not the file's bytes), verified when it is read: torch does not check its archiv
 flipped byte in a tensor would otherwise load as a silently different model. Files written
 before the digest existed still load.
 
-Writes go to a temporary file in the same directory, are fsynced, then `os.replace`d over the
-old file, and the directory is fsynced so the rename itself survives a power cut: a crash
-mid-write leaves the previous checkpoint intact. Step checkpoints (`step_000200.pt`) are kept
-for the last `trainer.keep_last` steps; `last.pt` and `best.pt` are never pruned.
+Writes are atomic (files.py): a crash mid-write leaves the previous checkpoint intact. Where a
+run keeps its checkpoints, and which it prunes, is the run directory's business (rundir.py).
+
+Two kinds: a training checkpoint (last, step) holds everything `resume=` needs; the one a run is
+used with (best, `for_use`) holds what evaluation and sampling need -- the weights, the
+average, the config and the vocabulary -- without optimizer moments, schedule, RNG or carried
+state, so it is a fraction of the size. Both read the same way.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
-import json
-import math
-import os
 import pickle
 import random
 import re
 import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, NotRequired, Optional, TypedDict
+from typing import Any, NotRequired, Optional, TypedDict
 
 import numpy as np
 import torch
 
-from seqexp.build import locate
 from seqexp.errors import UserError
-from seqexp.trust import GROUPS, check_file_config
-
-if TYPE_CHECKING:
-    from seqexp.ema import EMA
+from seqexp.files import save_tensors
+from seqexp.rundir import RunDir
+from seqexp.trust import check_file_config
 
 FORMAT = "seqexp-checkpoint/1"  # unchanged by the digest and "averaged": both optional to a reader
-TMP_MARK = ".tmp-"
+# what only resume needs: left out of the checkpoint a run is used with (`for_use`)
+TRAINING_STATE = ("optimizer", "scheduler", "scaler", "rng", "window", "ranks", "carried", "monitor")
 
 
 # ----------------------------------------------------------------------------- the format
@@ -76,7 +74,7 @@ class Recipe(TypedDict):
     """What rebuilds the run from a checkpoint alone, besides weights and trainer state."""
 
     config: dict  # the resolved run config (trust.py decides what of it may be built)
-    model_kwargs: dict  # runtime facts the model was built with: vocab_size, num_outputs, task, ...
+    model_kwargs: dict  # runtime facts the model was built with: vocab_size, num_outputs, head, ...
     data: dict  # the data's state(): kind, vocabulary (itos), fingerprint, ...
 
 
@@ -86,7 +84,7 @@ class Checkpoint(Recipe):
 
     format: str  # FORMAT
     model: dict  # the weights to use (state_dict); with `averaged`, the moving average
-    trainer: TrainerState
+    trainer: TrainerState  # for_use: without TRAINING_STATE
     # True: "model" is the weight average (trainer.ema) and trainer["weights"] the trained
     # weights. Files from before this key said so only by having trainer["weights"]; `read`
     # fills it in for them.
@@ -94,12 +92,23 @@ class Checkpoint(Recipe):
     digest: NotRequired[str]  # "sha256:<hex>" of everything else (`digest`); added by `write`
 
 
-def assemble(recipe: Recipe, model: torch.nn.Module, trainer: TrainerState, ema: Optional[EMA] = None) -> Checkpoint:
-    """A checkpoint of `model` (and, with an `ema.EMA`, its average as the "model")."""
-    if ema is None:
+def assemble(recipe: Recipe, model: torch.nn.Module, trainer: TrainerState,
+             averaged: Optional[dict] = None) -> Checkpoint:
+    """A checkpoint of `model`; with `averaged` (ema.EMA.averaged_state()), that is its "model"."""
+    if averaged is None:
         return Checkpoint(format=FORMAT, **recipe, model=model.state_dict(), trainer=trainer, averaged=False)
-    return Checkpoint(format=FORMAT, **recipe, model=ema.averaged_state(), averaged=True,
+    return Checkpoint(format=FORMAT, **recipe, model=averaged, averaged=True,
                       trainer={**trainer, "weights": model.state_dict()})
+
+
+def for_use(ckpt: Checkpoint) -> Checkpoint:
+    """The checkpoint without what only resume needs (TRAINING_STATE): the best one."""
+    return {**ckpt, "trainer": {k: v for k, v in ckpt["trainer"].items() if k not in TRAINING_STATE}}
+
+
+def resumable(ckpt: Checkpoint) -> bool:
+    """Whether the file holds the training state (the best checkpoint of seqexp >= 0.2 does not)."""
+    return "optimizer" in ckpt["trainer"]
 
 
 def trained_weights(ckpt: Checkpoint) -> dict:
@@ -167,114 +176,56 @@ def nonfinite(ckpt: Checkpoint) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- files
-def fsync_dir(directory: Path) -> None:
-    """Make a rename in `directory` durable. Best effort: some systems cannot open a directory."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # e.g. EINVAL on file systems that do not sync directories
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
-    try:
-        with open(tmp, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"could not write {path} ({e.strerror or e}); free disk space or fix permissions. "
-                        f"Earlier files in {path.parent} are untouched.") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def save_tensors(paths: Path | list[Path], payload: Any) -> None:
-    """Serialise once, write atomically to each path. In memory first: torch.save's zip writer can
-    turn the file's OSError (disk full) into an opaque RuntimeError; a plain write keeps it one."""
-    buf = io.BytesIO()
-    torch.save(payload, buf)
-    data = buf.getbuffer()
-    for path in [paths] if isinstance(paths, (str, Path)) else paths:
-        atomic_write(path, lambda f: f.write(data))
-
-
 def write(paths: Path | list[Path], ckpt: Checkpoint) -> None:
     """The one checkpoint writer: `ckpt` with its digest, to each path."""
     body = {k: v for k, v in ckpt.items() if k != "digest"}
     save_tensors(paths, {**body, "digest": digest(body)})
 
 
-def _finite(x: Any) -> Any:
-    """NaN and inf -> None: strict JSON has no spelling for them (Python's json writes bare NaN)."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
-    return x
+def readable_others(path: Path) -> str:
+    """The sentence a damaged checkpoint's error ends with: the run's other checkpoints that load,
+    in the form to use them (`resume=` for those with the training state)."""
+    path = Path(path).resolve()
+    run = RunDir.of(path)
+    good = []
+    for other in run.checkpoint_files():
+        if other.resolve() == path:
+            continue
+        try:
+            ckpt = _load(other)
+        except UserError:
+            continue
+        good.append(f"resume={other}" if resumable(ckpt) else f"{other} (for evaluate, sample, predict)")
+    if not good:
+        return f"No other checkpoint of the run in {run.checkpoints} loads."
+    return f"Checkpoints of the run that load: {'; '.join(good)}."
 
 
-def write_json(path: Path, obj: dict) -> None:
-    """Strict JSON (a non-finite number is written as null), atomically."""
-    clean = _finite(obj)
-    atomic_write(path, lambda f: json.dump(clean, f, indent=2, sort_keys=True, allow_nan=False), mode="w")
-
-
-def remove_stale_tmp(directory: Path) -> None:
-    """Temporary files left by a killed writer are never loaded; clear them at start-up."""
-    for f in Path(directory).glob(f".*{TMP_MARK}*"):
-        f.unlink(missing_ok=True)
-
-
-def other_checkpoints(path: Path) -> str:
-    """The sentence a bad checkpoint's error ends with: which others of its run exist."""
-    path = Path(path)
-    others = sorted(f.name for f in path.parent.glob("*.pt") if f.name != path.name and not f.name.startswith("."))
-    if not others:
-        return f"The run has no other checkpoint in {path.parent}."
-    return f"Use another checkpoint of the run: {', '.join(others)} (in {path.parent})."
-
-
-def read(path: Path) -> Checkpoint:
-    """The one checkpoint reader: loads plain values only, refuses a config that names code
-    seqexp does not ship (trust.py), and verifies the digest."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}.")
-
-    def damaged(why: str) -> UserError:
-        return UserError(f"{path} is not a readable checkpoint (truncated or corrupt: {why}); not loaded. "
-                         f"{other_checkpoints(path)}")
+def _load(path: Path) -> Checkpoint:
+    """The file's content, checked to be whole and plain (no code runs), or one UserError."""
+    def corrupt(why: str) -> UserError:
+        return UserError(f"{path} is corrupt ({why}); not loaded.")
 
     try:
         if not zipfile.is_zipfile(path):  # torch's format is a zip archive, its index at the end
-            raise damaged("not a complete archive")
+            raise corrupt("not a complete archive")
+        with zipfile.ZipFile(path) as archive:  # torch does not check the members' CRCs; this does
+            bad = archive.testzip()
+        if bad is not None:
+            raise corrupt(f"{bad.rsplit('/', 1)[-1]} does not match its checksum")
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except UserError:
+        raise
     except OSError as e:
         raise UserError(f"could not read {path} ({e.strerror or e}); check that it is a readable file.") from None
     except pickle.UnpicklingError as e:
         found = re.search(r"Unsupported global: GLOBAL [\w.]+", str(e))
-        raise UserError(f"{path} holds objects other than tensors and plain values "
-                        f"({found.group(0) if found else str(e).splitlines()[0]}), so it was not loaded "
-                        f"(weights_only=True; nothing in it ran). Load only checkpoints written by seqexp.") from None
-    except UserError:
-        raise
+        if found is None:  # whole members whose record does not unpickle: damaged before it was zipped
+            raise corrupt("its object record does not unpickle") from None
+        raise UserError(f"{path} holds objects other than tensors and plain values ({found.group(0)}), so it "
+                        f"was not loaded (nothing in it ran). Load only checkpoints written by seqexp.") from None
     except Exception as e:  # a damaged archive member, ...
-        raise damaged(str(e).splitlines()[0].split(". ")[0]) from None
+        raise corrupt(str(e).splitlines()[0].split(". ")[0][:200]) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise UserError(f"{path} is not a seqexp checkpoint (format {FORMAT} expected).")
     check_file_config(ckpt.get("config"), path)  # before anything in it is imported or built
@@ -282,32 +233,44 @@ def read(path: Path) -> Checkpoint:
         try:
             found = digest({k: v for k, v in ckpt.items() if k != "digest"})
         except TypeError as e:
-            raise damaged(str(e)) from None
+            raise corrupt(str(e)) from None
         if found != ckpt["digest"]:
-            raise damaged("its content does not match the digest it was saved with")
+            raise corrupt("its content does not match the digest it was saved with")
     kwargs = ckpt.get("model_kwargs")
     if not isinstance(kwargs, dict) or not all(isinstance(v, (int, str, type(None))) for v in kwargs.values()):
         raise UserError(f"{path}: its model_kwargs are not plain values; not loaded.")
-    ckpt.setdefault("averaged", "weights" in ckpt.get("trainer", {}))  # older files: said by trainer["weights"]
-    ckpt["config"] = upgraded_config(ckpt["config"])  # resume and the commands alike
     return ckpt
 
 
-def upgraded_config(config: dict) -> dict:
-    """A config an older seqexp saved, as today's code reads it: the data class upgrades what
-    changed meaning (`Dataset.upgrade_config`), then a key added to a component since gets its
-    constructor default (the behaviour of the version that saved it, where the new key only
-    adds an option). Idempotent. Only for configs that passed trust.py."""
-    from seqexp.schema import defaults
+def read(path: Path) -> Checkpoint:
+    """The one checkpoint reader: loads plain values only, refuses a config that names code
+    seqexp does not ship (trust.py), verifies the archive's checksums and the digest, and
+    upgrades what an older seqexp wrote (`upgraded`). A damaged file is called corrupt, with
+    the run's other checkpoints that load."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}.")
+    try:
+        ckpt = _load(path)
+    except UserError as e:
+        if " is corrupt (" in str(e):
+            raise UserError(f"{e} {readable_others(path)}") from None
+        raise
+    return upgraded(ckpt)
 
-    config = dict(config)
-    config["data"] = locate(config["data"]["_target_"]).upgrade_config(config["data"])  # first: it sees what is missing
-    for group in GROUPS:
-        config[group] = {**defaults(config[group]["_target_"]), **config[group]}
-    return config
 
+def upgraded(ckpt: Checkpoint) -> Checkpoint:
+    """What an older seqexp wrote, as today's code reads it. Idempotent. Only for a checkpoint
+    whose config passed trust.py; the config's own changes are config.upgrade's."""
+    from seqexp.config import upgrade
 
-load_checkpoint = read  # the name scripts and the README use
+    ckpt.setdefault("averaged", "weights" in ckpt.get("trainer", {}))  # older files: said by trainer["weights"]
+    kwargs = dict(ckpt["model_kwargs"])
+    if "task" in kwargs and "head" not in kwargs:  # the runtime fact's name before 0.2
+        kwargs["head"] = kwargs.pop("task")
+    ckpt["model_kwargs"] = kwargs
+    ckpt["config"] = upgrade(ckpt["config"])  # resume and the commands alike
+    return ckpt
 
 
 def load_model_state(model: torch.nn.Module, state: dict, path: Path) -> None:
@@ -322,28 +285,6 @@ def load_model_state(model: torch.nn.Module, state: dict, path: Path) -> None:
         raise UserError(f"{path} was saved by a different model config: {'; '.join(problems[:3])}{more}. "
                         f"Build the model from the checkpoint's own config (ckpt['config']['model']).")
     model.load_state_dict(state)
-
-
-# ----------------------------------------------------------------------------- retention
-STEP_FILE = re.compile(r"step_(\d+)\.pt")
-
-
-def step_name(step: int) -> str:
-    return f"step_{step:06d}.pt"
-
-
-def prune_step_checkpoints(directory: Path, keep: int, upto: int, protect: frozenset[Path] = frozenset()) -> None:
-    """Keep the `keep` newest step checkpoints at or before step `upto`, and every protected one.
-
-    Those after `upto` are left alone: a run resumed from an earlier checkpoint overwrites them
-    as it reaches their steps, so they are never the ones pruned in their place.
-    """
-    found = sorted((int(m.group(1)), f) for f in Path(directory).glob("step_*.pt")
-                   if (m := STEP_FILE.fullmatch(f.name)) and int(m.group(1)) <= upto)
-    protect = {Path(p).resolve() for p in protect}
-    for _, f in found[: max(len(found) - keep, 0)]:
-        if f.resolve() not in protect:
-            f.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------- RNG state

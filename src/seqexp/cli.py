@@ -1,4 +1,11 @@
-"""Hydra entry points (also installed as console scripts). Thin: parse, call, report errors."""
+"""Hydra entry points (also installed as console scripts). Thin: check the command line, call, report.
+
+Before Hydra starts (and writes anything), the command line is parsed with Hydra's own override
+parser and checked, each mistake refused in one line with exit 2: a top-level key or a group
+choice that does not exist, a key that is not a key of its group (with the closest), `group=null`
+for a group every run needs, a run directory that holds another run or is in use. Then
+`resume=` is resolved, and the run directory claimed, so Hydra writes into the right place.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +18,12 @@ import shutil
 import sys
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Optional
 
 import hydra
-from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override, OverrideType
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
@@ -22,6 +31,7 @@ from seqexp.config import CONFIG_DIR, check_keys, did_you_mean, schema_keys
 from seqexp.errors import UserError, user_errors
 from seqexp.locks import claim_output_dir, hydra_dir, release_run_dir
 from seqexp.resume import config_for_resume, read_early, resume_argv
+from seqexp.rundir import RunDir
 
 log = logging.getLogger("seqexp")
 
@@ -30,42 +40,41 @@ log = logging.getLogger("seqexp")
 _new_run_dir = False
 
 
-def explain_unknown_keys(argv: list[str], config_name: str = "train") -> None:
-    """After Hydra rejects the overrides: for each `a.b=v` whose key does not exist, list the
-    keys that do. Runs only on failure, so a good command line pays nothing for it."""
-    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
-    choices = [o for o in overrides if "." not in o.split("=", 1)[0] and o[0] not in "+~"]
+# ----------------------------------------------------------------------------- the command line
+def overrides(argv: list[str]) -> Optional[list[Override]]:
+    """The command line's overrides, as Hydra will read them; None when Hydra would refuse the
+    command line itself (it says why)."""
+    from hydra._internal.utils import get_args_parser
+
     try:
-        with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-            cfg = compose(config_name, overrides=choices)
-    except Exception:
-        return  # the group choice itself is wrong; Hydra's message lists the options
-    for o in overrides:
-        key = o.split("=", 1)[0]
-        if o[0] in "+~" or key.startswith("hydra.") or "." not in key:
-            continue
-        parent, _, leaf = key.rpartition(".")
-        node = OmegaConf.select(cfg, parent)
-        if isinstance(node, DictConfig) and leaf not in node:
-            keys = ", ".join(k for k in node.keys() if not k.startswith("_"))
-            print(f"hint: '{key}' is not a key of '{parent}'. Its keys: {keys}.", file=sys.stderr)
+        args = get_args_parser().parse_args(argv)
+        return OverridesParser.create().parse_overrides(args.overrides)
+    except (SystemExit, Exception):
+        return None
 
 
-def check_top_level_keys(argv: list[str]) -> None:
-    """`seed=3` or `+seed=3`: a top-level key that is neither a config group nor in the schema is
-    refused in one line, with the key it probably is (trainer.seed), before Hydra writes anything.
-    (With `hydra.searchpath` a `+group=option` may name a group of another folder: then the
-    composed config is checked instead, check_keys.)"""
-    searchpath = any(a.lstrip("+").startswith("hydra.searchpath") for a in argv)
-    top = set(schema_keys())
-    for a in argv:
-        key, eq, _ = a.partition("=")
-        plus = key.startswith("+")
-        key = key.lstrip("+")
-        if not eq or a.startswith(("-", "~")) or "." in key or "/" in key or key == "hydra" or key in top \
-                or (CONFIG_DIR / key).is_dir() or (plus and searchpath):
-            continue
-        raise UserError(f"'{key}' is not a top-level config key.{did_you_mean(key)}")
+def values(o: Override) -> list[str]:
+    """An override's value(s) as strings: one, or each choice of a sweep (`model=lstm,gru`)."""
+    if not o.is_sweep_override():
+        return ["null" if o.value() is None else str(o.value())]
+    try:
+        return [str(v) for v in o.sweep_string_iterator()]
+    except Exception:  # a range or interval sweep: not a list of names
+        return []
+
+
+def is_group(key: str) -> bool:
+    return "." not in key and "/" not in key and key != "hydra" and (CONFIG_DIR / key).is_dir()
+
+
+def searches_elsewhere(parsed: list[Override]) -> bool:
+    """`hydra.searchpath` adds config folders: a group or option may live there (tests/extension)."""
+    return any(o.key_or_group == "hydra.searchpath" for o in parsed)
+
+
+def group_options(group: str) -> list[str]:
+    """The options of a config group: its folder's YAML files."""
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
 
 
 def header(path: Path) -> str:
@@ -74,46 +83,107 @@ def header(path: Path) -> str:
     return " ".join(line for line in itertools.takewhile(lambda line: line.startswith("#"), lines))
 
 
-def group_options(group: str) -> list[str]:
-    """The options of a config group: its folder's YAML files."""
-    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+def check_top_level_keys(parsed: list[Override]) -> None:
+    """`seed=3` or `+seed=3`: a top-level key that is neither a config group nor in the schema is
+    refused in one line, with the key it probably is (trainer.seed). (With `hydra.searchpath` a
+    `+group=option` may name a group of another folder: the composed config is checked instead,
+    config.check_keys.)"""
+    top = set(schema_keys())
+    for o in parsed:
+        key = o.key_or_group
+        if o.is_delete() or "." in key or "/" in key or key == "hydra" or key in top or is_group(key) \
+                or (o.is_add() and searches_elsewhere(parsed)):
+            continue
+        raise UserError(f"'{key}' is not a top-level config key.{did_you_mean(key)}")
 
 
-def check_group_choices(argv: list[str]) -> None:
+def check_group_choices(parsed: list[Override]) -> None:
     """`model=transformer`: one line naming the group's choices and the closest, before Hydra
     (which would print a dozen lines). The closest is the nearest spelling, else the option whose
-    description mentions the word (attention.yaml: "Transformer encoder ..."). Left to Hydra when
-    `hydra.searchpath` adds config folders, or for sweep syntax such as `choice(...)`."""
-    if any(a.lstrip("+").startswith("hydra.searchpath") for a in argv):
+    description mentions the word (attention.yaml: "Transformer encoder ...")."""
+    if searches_elsewhere(parsed):
         return
-    for a in argv:
-        key, eq, value = a.lstrip("+").partition("=")
-        folder = CONFIG_DIR / key
-        if not eq or a.startswith(("-", "~")) or key == "hydra" or "." in key or "/" in key or not folder.is_dir() \
-                or "(" in value:
+    for o in parsed:
+        key = o.key_or_group
+        if o.is_delete() or not is_group(key):
             continue
         options = group_options(key)
-        for choice in value.split(","):  # -m model=lstm,gru
-            if choice in options:
+        for choice in values(o):
+            if choice in options or choice == "null":
                 continue
             near = difflib.get_close_matches(choice, options, n=1, cutoff=0.6) or [
-                o for o in options if re.search(rf"\b{re.escape(choice)}\b", header(folder / f"{o}.yaml"), re.I)]
-            hint = f"; did you mean {' or '.join(f'{key}={o}' for o in near)}?" if near else "."
+                option for option in options
+                if re.search(rf"\b{re.escape(choice)}\b", header(CONFIG_DIR / key / f"{option}.yaml"), re.I)]
+            hint = f"; did you mean {' or '.join(f'{key}={option}' for option in near)}?" if near else "."
             raise UserError(f"{key}={choice}: no such {key}. Choices: {', '.join(options)}{hint}")
 
 
+def optional_groups(config_name: str = "train") -> set[str]:
+    """The groups the primary config lists as `optional`: those a run may leave out."""
+    defaults = OmegaConf.load(CONFIG_DIR / f"{config_name}.yaml").get("defaults", [])
+    return {k.split()[1] for d in defaults if isinstance(d, DictConfig) for k in d if k.startswith("optional ")}
+
+
+def null_choices(argv: list[str], parsed: list[Override]) -> list[str]:
+    """`recipe=null`: Hydra cannot compose a null group choice next to train.yaml's interpolated
+    defaults (`recipe: ${data}_${model}`) and fails with a traceback. An optional group is left
+    out, as `~recipe` does; a group every run needs is refused in one line."""
+    optional, nulls = optional_groups(), {}
+    for o in parsed:
+        if o.type is OverrideType.CHANGE and is_group(o.key_or_group) and "null" in values(o):
+            key = o.key_or_group
+            if key not in optional:
+                raise UserError(f"{o.input_line}: every run needs a {key}. Choices: {', '.join(group_options(key))}.")
+            if o.is_sweep_override():
+                raise UserError(f"{o.input_line}: null cannot be one of a sweep's choices; sweep the others, and run "
+                                f"~{key} (the group left out) on its own.")
+            nulls[o.input_line] = f"~{key}"
+    return [nulls.get(a, a) for a in argv]
+
+
+def check_nested_keys(argv: list[str], parsed: list[Override]) -> None:
+    """`model.hiden_size=3`: a key that is not a key of its node is refused in one line, with the
+    closest (Hydra would print seven, advising `+model.hiden_size=3`, which the schema then
+    refuses). The config is composed once without those overrides to see each node's keys; a
+    command line Hydra cannot compose is left to Hydra's own message."""
+    dotted = [o for o in parsed if o.type is OverrideType.CHANGE and "." in o.key_or_group
+              and not o.key_or_group.startswith("hydra.")]
+    if not dotted:
+        return
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    rest = [o.input_line for o in parsed if o not in dotted and o.key_or_group != "resume"]
+    was = GlobalHydra.instance().is_initialized()
+    try:
+        with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+            cfg = compose("train", overrides=rest)
+    except Exception:
+        return
+    finally:
+        if not was:
+            GlobalHydra.instance().clear()
+    for o in dotted:
+        parent, _, leaf = o.key_or_group.rpartition(".")
+        node = OmegaConf.select(cfg, parent)
+        if isinstance(node, DictConfig) and leaf not in node:
+            keys = [k for k in node.keys() if not str(k).startswith("_")]
+            hint = did_you_mean(o.key_or_group, [f"{parent}.{k}" for k in keys])
+            raise UserError(f"'{o.key_or_group}' is not a key of '{parent}'.{hint} Its keys: {', '.join(keys)}.")
+
+
+# ----------------------------------------------------------------------------- the run
 @contextmanager
-def removed_if_unused(run_dir: Path, log_name: str):
+def removed_if_unused(run_dir: Path):
     """A run that fails before writing anything of its own (a config check, missing or offline
-    data) leaves no directory behind: the one Hydra just made, with only its .hydra/ and log
-    file, is removed. Never a directory that existed before the command (a resume, a given
+    data) leaves no directory behind: the one Hydra just made, with only its own files, is
+    removed. Never a directory that existed before the command (a resume, a given
     hydra.run.dir), nor one holding anything else."""
     try:
         yield
     except BaseException:
         try:
-            if _new_run_dir and int(os.environ.get("RANK", 0)) == 0 and \
-                    all(p.name in (".hydra", log_name) for p in run_dir.iterdir()):
+            if _new_run_dir and int(os.environ.get("RANK", 0)) == 0 and RunDir(run_dir).only_hydra_files():
                 shutil.rmtree(run_dir)
         except OSError:
             pass  # left as it is: the error that matters is the run's
@@ -138,42 +208,21 @@ def _train(cfg: DictConfig) -> float | None:
         preempt.listen()  # this job's process, to its end: a stop also between jobs (preempt.py)
         return run_sweep_job(cfg, hydra_cfg)
     with user_errors():
-        with removed_if_unused(Path(hydra_cfg.runtime.output_dir), f"{hydra_cfg.job.name}.log"):
+        with removed_if_unused(Path(hydra_cfg.runtime.output_dir)):
             if cfg.resume is not None:  # the run's saved config, plus this command's overrides
                 cfg = config_for_resume(cfg, list(hydra_cfg.overrides.task))
             metrics = train(cfg, hydra_cfg.runtime.output_dir)
     return metrics["objective"]["best"]  # what a Hydra sweeper (Optuna) optimises
 
 
-def optional_groups(config_name: str = "train") -> set[str]:
-    """The groups the primary config lists as `optional`: those a run may leave out."""
-    defaults = OmegaConf.load(CONFIG_DIR / f"{config_name}.yaml").get("defaults", [])
-    return {k.split()[1] for d in defaults if isinstance(d, DictConfig) for k in d if k.startswith("optional ")}
-
-
-def null_choices(argv: list[str]) -> list[str]:
-    """`recipe=null`: Hydra cannot compose a null group choice next to train.yaml's interpolated
-    defaults (`recipe: ${data}_${model}`) and fails with a traceback. An optional group is left
-    out, as `~recipe` does; a group every run needs is refused in one line."""
-    optional, out = optional_groups(), []
-    for a in argv:
-        key, eq, value = a.partition("=")
-        if not eq or "null" not in value.split(",") or a.startswith(("-", "~", "+")) or "." in key \
-                or not (CONFIG_DIR / key).is_dir():
-            out.append(a)
-            continue
-        if key not in optional:
-            raise UserError(f"{a}: every run needs a {key}. Choices: {', '.join(group_options(key))}.")
-        if value != "null":
-            raise UserError(f"{a}: null cannot be one of a sweep's choices; sweep the others, and run ~{key} "
-                            f"(the group left out) on its own.")
-        out.append(f"~{key}")
-    return out
-
-
 def torchrun() -> bool:
     """Started by torchrun with more than one process (README "Scaling out")."""
     return int(os.environ.get("WORLD_SIZE", 1)) > 1
+
+
+def overwriting(parsed: list[Override]) -> bool:
+    return any(o.key_or_group == "trainer.overwrite" and str(o.value()).lower() == "true"
+               for o in parsed if not o.is_sweep_override())
 
 
 def train_main() -> None:
@@ -185,12 +234,17 @@ def train_main() -> None:
         return
     if os.environ.get("SEQEXP_DEBUG"):
         os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # config errors show their traceback too
-    with user_errors():  # resume=: before Hydra, so that it uses the run's directory
-        check_top_level_keys(sys.argv[1:])
-        sys.argv[1:] = null_choices(sys.argv[1:])
-        check_group_choices(sys.argv[1:])
-        read_early(sys.argv[1:])
-        sys.argv[1:] = resume_argv(sys.argv[1:])
+    claimed = None
+    with user_errors():  # everything before Hydra, so that a refused command writes nothing
+        parsed = overrides(sys.argv[1:])
+        if parsed is not None:
+            check_top_level_keys(parsed)
+            sys.argv[1:] = null_choices(sys.argv[1:], parsed)
+            parsed = overrides(sys.argv[1:])
+            check_group_choices(parsed)
+            check_nested_keys(sys.argv[1:], parsed)
+        read_early(sys.argv[1:])  # resume=: a crafted or damaged checkpoint is refused now
+        sys.argv[1:] = resume_argv(sys.argv[1:])  # ... and Hydra writes into that run
         if torchrun():
             if "-m" in sys.argv or "--multirun" in sys.argv:
                 raise UserError("-m/--multirun under torchrun would run the whole sweep in every process; "
@@ -198,15 +252,12 @@ def train_main() -> None:
             from seqexp.distributed import receive_run_dir
 
             sys.argv[1:] = receive_run_dir(sys.argv[1:])
-        claimed = claim_output_dir(sys.argv[1:])  # writable, and not in use by another run: before Hydra writes
         directory, exact = hydra_dir(sys.argv[1:])
         _new_run_dir = not (exact and directory.exists())  # a `${now:...}` name is new: it holds microseconds
+        # writable, not in use, no other run in it (or moved aside): before Hydra writes there
+        claimed = claim_output_dir(sys.argv[1:], overwrite=parsed is not None and overwriting(parsed))
     try:
         _train()
-    except SystemExit as e:
-        if e.code == 1:  # Hydra's exit for a config it could not compose
-            explain_unknown_keys(sys.argv[1:])
-        raise
     finally:
         if claimed is not None:
             release_run_dir(claimed)

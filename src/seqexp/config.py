@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
-import inspect
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -21,11 +20,14 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from seqexp.build import RUNTIME, check_optimization, locate
+from seqexp.build import RUNTIME, check_optimization, locate, parameters
 from seqexp.data.base import Dataset
 from seqexp.errors import UserError
 from seqexp.models.base import SequenceModel
 from seqexp.monitor import metric_and_mode
+from seqexp.reports.base import report_classes
+from seqexp.schema import defaults, settings_schema
+from seqexp.trust import GROUPS
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # package data: installed with seqexp
 
@@ -85,26 +87,25 @@ class TrainerConfig:
     # (nanoGPT's), hence on. false: IEEE fp32 throughout. No effect on a CPU.
     tf32: bool = True
     deterministic: bool = False  # torch.use_deterministic_algorithms
+    # a new run in a directory that holds one (an explicit hydra.run.dir) moves the old run aside,
+    # to <dir>.old-<time>, instead of being refused; never deletes it
+    overwrite: bool = False
     nonfinite: NonFinite = NonFinite.stop
     progress: bool = True  # tqdm progress bars: training, and an evaluation that lasts (on a terminal)
 
 
-@dataclass
-class LoggingConfig:
-    tensorboard: bool = True
-    sample_chars: int = 300  # language models: characters generated at each evaluation
-    sample_prompt: str = "\n"
-    sample_temperature: float = 0.8
-    sample_top_k: int = 40
-    attention_maps: bool = True  # attention models: each layer's weights for one validation example
-    wrong_examples: int = 5  # classifiers: the most confidently wrong validation texts; 0: off (costs a val pass)
-    histograms: bool = False  # weight and gradient histograms; large event files
-    # the mean norm of the loss gradient w.r.t. the input at each distance back from the answer,
-    # a plot and scalars at each evaluation (seqexp/gradients.py). On by default: it is the
-    # picture the memory lab is about, and cheap -- one forward and backward on gradient_rows
-    # fixed validation rows, on the main process, without touching the training
-    gradient_distance: bool = True
-    gradient_rows: int = 64  # validation rows it measures (spread over the split, the same each time)
+def logging_schema() -> type:
+    """`logging`: TensorBoard on or off, and each report's settings under its name
+    (`logging.sample.chars`, `logging.wrong_examples.count`, ...), from the report's constructor
+    (seqexp/reports/): a new report brings its settings, nothing here names them."""
+    fields = [("tensorboard", bool, field(default=True))]
+    for cls in report_classes():
+        schema = settings_schema(cls)
+        fields.append((cls.name, schema, field(default_factory=schema)))
+    return dataclasses.make_dataclass("LoggingConfig", fields)
+
+
+LoggingConfig = logging_schema()
 
 
 @dataclass
@@ -166,6 +167,12 @@ def check_trainer(t: DictConfig) -> None:
     need(t.min_delta >= 0, f"trainer.min_delta must be >= 0, got {t.min_delta}.")
     need(t.grad_clip >= 0, f"trainer.grad_clip must be >= 0 (0 disables), got {t.grad_clip}.")
     need(0.0 <= t.ema < 1.0, f"trainer.ema must be in [0, 1) (0: off; e.g. 0.999), got {t.ema}.")
+    if str(t.precision) == "fp16":
+        from seqexp.build import pick_device
+
+        need(pick_device(str(t.device)).type != "cpu",
+             "trainer.precision=fp16 needs a GPU: a CPU has no fast fp16 kernels (and oneDNN's LSTM has none at "
+             "all). Use trainer.precision=bf16 on a CPU.")
 
 
 def schema_keys() -> list[str]:
@@ -179,9 +186,23 @@ def schema_keys() -> list[str]:
     return keys
 
 
-def did_you_mean(key: str) -> str:
-    """' Did you mean trainer.seed?' for 'seed': keys with the same last part, else the closest spelling."""
-    keys = schema_keys()
+# keys renamed since a release: an old run's saved config is upgraded (`upgrade`), an old command
+# line is told the new name (`did_you_mean`)
+RENAMED = {
+    "logging.sample_chars": "logging.sample.chars", "logging.sample_prompt": "logging.sample.prompt",
+    "logging.sample_temperature": "logging.sample.temperature", "logging.sample_top_k": "logging.sample.top_k",
+    "logging.attention_maps": "logging.attention_maps.enabled", "logging.wrong_examples": "logging.wrong_examples.count",
+    "logging.histograms": "logging.histograms.enabled", "logging.gradient_distance": "logging.gradient_distance.enabled",
+    "logging.gradient_rows": "logging.gradient_distance.rows",
+}
+
+
+def did_you_mean(key: str, keys: list[str] | None = None) -> str:
+    """' Did you mean trainer.seed?' for 'seed': a renamed key's new name, keys with the same last
+    part, else the closest spelling among `keys` (default: the root schema's)."""
+    if key in RENAMED:
+        return f" It is {RENAMED[key]} now."
+    keys = schema_keys() if keys is None else keys
     parent, _, leaf = key.rpartition(".")
     near = [k for k in keys if k.rpartition(".")[2] == leaf and k != key]
     if not near:  # a misspelling: the closest key beside it
@@ -215,15 +236,14 @@ def check_targets(cfg: DictConfig, groups=("model", "data", "optimizer", "schedu
         target = node.get("_target_")
         if target is None:
             raise UserError(f"config group '{group}' has no _target_.")
-        params = inspect.signature(locate(target)).parameters
-        takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in params.values())
+        params, takes_kwargs = parameters(locate(target))
         for key in node:
             if key.startswith("_"):
                 continue
             if key in RUNTIME[group]:
                 raise UserError(f"{group}.{key} is a runtime fact passed by seqexp; remove it from the config.")
             if key not in params and not takes_kwargs:
-                allowed = ", ".join(k for k in params if k not in RUNTIME[group] and k != "self")
+                allowed = ", ".join(k for k in params if k not in RUNTIME[group])
                 raise UserError(f"{group}.{key} is not a parameter of {target}. Allowed: {allowed}.")
 
 
@@ -243,12 +263,36 @@ def validate(cfg: DictConfig) -> None:
     model_cls.check_config(cfg.model, data_cls.task.head)  # the head the task asks of models
     check_optimization(cfg.optimizer, cfg.scheduler)
     check_trainer(cfg.trainer)
-    if cfg.logging.gradient_rows < 1:
-        raise UserError(f"logging.gradient_rows must be >= 1 (logging.gradient_distance=false turns the picture off), "
-                        f"got {cfg.logging.gradient_rows}.")
+    for cls in report_classes():  # a report checks its settings when it is built
+        cls(**cfg.logging[cls.name])
     metric_and_mode(cfg.trainer, data_cls.task, data_cls.metric_modes(cfg.data))  # one not logged is refused now
 
 
 def to_container(cfg: DictConfig) -> dict:
     """Resolved plain dict (enums as strings): what checkpoints store."""
     return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+
+
+def upgrade(config: dict) -> dict:
+    """A config an older seqexp saved (in a checkpoint), as today's code reads it: the one place
+    that knows what changed. The data class upgrades what changed meaning
+    (`Dataset.upgrade_config`); renamed keys get their new names; a key added since gets its
+    default -- a component's from its constructor, the trainer's from TrainerConfig: the
+    behaviour of the version that saved it, where the new key only adds an option. Idempotent.
+    Only for configs that passed trust.py."""
+    config = dict(config)
+    config["data"] = locate(config["data"]["_target_"]).upgrade_config(config["data"])  # first: it sees what is missing
+    for group in GROUPS:
+        config[group] = {**defaults(config[group]["_target_"]), **config[group]}
+    trainer = {f.name: f.default for f in dataclasses.fields(TrainerConfig)}
+    config["trainer"] = {**{k: str(v) if isinstance(v, StrEnum) else v for k, v in trainer.items()},
+                         **config.get("trainer", {})}
+    logging = dict(config.get("logging", {}))
+    for old, new in RENAMED.items():
+        section, key = old.split(".", 1)
+        if section == "logging" and key in logging and not isinstance(logging[key], dict):
+            report, setting = new.split(".")[1:]
+            logging.setdefault(report, {})
+            logging[report] = {**logging[report], setting: logging.pop(key)}
+    config["logging"] = logging
+    return config

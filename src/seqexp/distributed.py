@@ -2,11 +2,12 @@
 
 torchrun sets RANK, LOCAL_RANK, WORLD_SIZE and MASTER_ADDR/PORT; a job of Hydra's submitit
 launcher with tasks_per_node > 1 has submitit's job environment instead, which `env()`
-exports as the same variables. Without them nothing here runs: a single process creates no
-process group, wraps no model and pays for no collective.
+exports as the same variables. Without them a process gets a `Local`, whose operations are
+identities: it creates no process group, wraps no model and pays for no collective, and the
+trainer never asks which of the two it has.
 
 - `data.batch_size` is the global batch: each rank takes its rows of every batch
-  (data/shard.py), so K processes see the batches one process would, and the step count,
+  (`Sharded`), so K processes see the batches one process would, and the step count,
   schedule and data position in checkpoints do not depend on K.
 - One process group serves both devices ("cpu:gloo,cuda:nccl"): CUDA tensors (DDP's
   gradients, the per-step flags) go through NCCL, Python objects through gloo.
@@ -22,15 +23,17 @@ from __future__ import annotations
 
 import atexit
 import os
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from seqexp.build import seed_everything
 from seqexp.checkpoint import rng_state, set_rng_state
-from seqexp.errors import require
+from seqexp.errors import UserError, require
 
 
 def env() -> tuple[int, int, int]:
@@ -55,14 +58,74 @@ def rows(n: int, rank: int, world_size: int) -> slice:
 
 
 @dataclass
-class Dist:
-    rank: int
-    world_size: int
-    device: torch.device
+class Local:
+    """A single process: every operation is the identity, so the trainer has one straight path
+    whether or not it runs under DDP (no collective, no wrapper, nothing paid for)."""
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def describe(self) -> str:
+        return ""
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
+
+    def shard(self, data):
+        """What this process iterates of the data: all of it."""
+        return data
+
+    def seed_ranks(self, seed: int) -> None:
+        """Give each rank its own dropout masks (the weights are built already): one rank, nothing."""
+
+    # ------------------------------------------------------------ one optimizer step
+    def no_sync(self, net: torch.nn.Module, last: bool) -> AbstractContextManager:
+        """Around a micro-batch's backward: DDP all-reduces the gradients in the last one only."""
+        return nullcontext()
+
+    def scale_loss(self, loss: torch.Tensor, batch: dict) -> torch.Tensor:
+        """This rank's share of the global batch's mean loss (data sharding: `Sharded`)."""
+        return loss
+
+    def batch_terms(self, batch: dict, task) -> int:
+        """The loss terms of the global batch this batch belongs to (weighs micro-batches)."""
+        return task.loss_terms(batch)
+
+    # ------------------------------------------------------------ decisions and metrics
+    def any(self, flag: bool) -> bool:
+        return flag
+
+    def all(self, ok: torch.Tensor) -> torch.Tensor:
+        return ok
+
+    def mean(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def sum(self, sums: dict) -> dict:
+        return sums
+
+    def barrier(self) -> None:
+        pass
+
+    # ------------------------------------------------------------ the trainer's state in checkpoints
+    def gather_trainer_state(self, carried, window: torch.Tensor, batch_dim: Optional[int]) -> dict:
+        return {}
+
+    def shard_trainer_state(self, state: dict, carried, window: torch.Tensor, seed: int, step: int,
+                            batch_dim: Optional[int]):
+        return carried, window
+
+
+@dataclass
+class Dist(Local):
+    """One of several processes (torchrun, or a multi-task submitit job)."""
+
+    def describe(self) -> str:
+        return f" (rank {self.rank} of {self.world_size})"
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         """DDP averages gradients over ranks during backward(); it broadcasts rank 0's weights now."""
@@ -72,6 +135,21 @@ class Dist:
                 "carried state that holds the batch's rows), which data parallelism needs.")
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids)
+
+    def shard(self, data):
+        return Sharded(data, self.rank, self.world_size)
+
+    def seed_ranks(self, seed: int) -> None:
+        seed_everything(seed + 1_000_003 * self.rank)
+
+    def no_sync(self, net: torch.nn.Module, last: bool) -> AbstractContextManager:
+        return nullcontext() if last else net.no_sync()
+
+    def scale_loss(self, loss: torch.Tensor, batch: dict) -> torch.Tensor:
+        return loss * batch["loss_scale"]
+
+    def batch_terms(self, batch: dict, task) -> int:
+        return batch["batch_terms"]
 
     # ------------------------------------------------------------ decisions and metrics
     def any(self, flag: bool) -> bool:
@@ -95,12 +173,12 @@ class Dist:
         return out
 
     def sum(self, sums: dict) -> dict:
-        """Evaluation sums of every rank added up (None: a rank that saw no batch)."""
+        """Evaluation sums of every rank added up (a rank that saw no batch has none)."""
         parts = self.gather({k: v.cpu() if torch.is_tensor(v) else v for k, v in sums.items()})
         total = {}
-        for k in sums:
-            values = [p[k] for p in parts if p[k] is not None]
-            total[k] = sum(values[1:], values[0]) if values else None
+        for part in parts:
+            for k, v in part.items():
+                total[k] = total[k] + v if k in total else v
         return total
 
     def barrier(self) -> None:
@@ -151,18 +229,61 @@ class Dist:
         return state.narrow(batch_dim, s.start, s.stop - s.start).contiguous()
 
 
+# ----------------------------------------------------------------------------- one rank's rows
+class Sharded:
+    """One rank's share of any data object's batches: rows [rank * B // W, (rank + 1) * B // W).
+
+    Wraps the batches() contract (data/base.py), so every data kind shards the same way without
+    knowing about processes:
+    - training: `data.batch_size` stays the global batch. Stateful BPTT batches hold chunk i of
+      every stream, so a rank owns the same streams in every batch; window and classification
+      batches are split by rows. `loss_scale` (world_size x this rank's share of the batch's loss
+      terms) makes DDP's average of per-rank mean losses the mean over the global batch, even
+      when the shares differ (a short last batch). `batch_terms` (the global batch's loss terms)
+      weighs a micro-batch within an accumulated step the same on every rank.
+    - evaluation: each rank takes its rows too; metrics are sums, added over ranks once
+      (Dist.sum), so they cover the split exactly once. A rank left with no rows skips the batch
+      (evaluation runs the plain module: no collective in it).
+    Everything but batches() is the wrapped object's."""
+
+    def __init__(self, data, rank: int, world_size: int):
+        self.data, self.rank, self.world_size = data, rank, world_size
+
+    def __getattr__(self, name):
+        return getattr(self.data, name)
+
+    def batches(self, split: str, *, stateful: bool, epoch: int = 0, start: int = 0) -> Iterator[dict]:
+        for batch in self.data.batches(split, stateful=stateful, epoch=epoch, start=start):
+            n = batch["tokens"].shape[0]
+            s = rows(n, self.rank, self.world_size)
+            if s.start == s.stop:
+                if split == "train":  # every rank must take every step: DDP's all-reduce waits for all
+                    raise UserError(f"a training batch of {n} rows cannot be split over {self.world_size} "
+                                    f"processes; use a data.batch_size that is a multiple of {self.world_size}.")
+                continue
+            part = {k: v[s] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == n else v
+                    for k, v in batch.items()}
+            task = self.data.task  # it knows what a token and a loss term are in its batches
+            part["num_tokens"] = task.num_tokens(part)
+            if split == "train":
+                total = task.loss_terms(batch)
+                part["loss_scale"] = self.world_size * task.loss_terms(part) / total if total else 1.0
+                part["batch_terms"] = total
+            yield part
+
+
 _owned = False  # whether this module created the process group (then it also destroys it)
 
 
-def setup(device: Optional[torch.device] = None) -> Optional[Dist]:
-    """Join the process group (once per process); None in a single process.
+def setup(device: Optional[torch.device] = None) -> Local:
+    """Join the process group (once per process); a `Local` in a single process.
 
     `device` is the one the config chose (train.pick_device); on CUDA each rank takes its own.
     """
     global _owned
     rank, local_rank, world_size = env()
     if world_size == 1:
-        return None
+        return Local(device=device or torch.device("cpu"))
     if not dist.is_initialized():
         cuda = torch.cuda.is_available()
         if cuda:
@@ -211,5 +332,4 @@ def send_run_dir(run_dir: str) -> None:
 
 def barrier() -> None:
     """Wait for every rank (nothing in a single process)."""
-    if setup() is not None:
-        dist.barrier()
+    setup().barrier()

@@ -2,12 +2,13 @@
 
 The average never feeds back into training: the optimizer steps the model's own weights, and
 the average is only swapped in to evaluate, to sample and to be saved as a checkpoint's
-"model" -- the weights whose validation score the run reports.
+"model" -- the weights whose validation score the run reports. Without it (`trainer.ema=0`) the
+trainer holds a `NoAverage`, whose operations do nothing: one code path either way.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Iterator, Optional
 
 import torch
@@ -48,6 +49,14 @@ class EMA:
         torch._foreach_mul_(diff, weight)
         torch._foreach_add_(self.average, diff)
 
+    def restart(self, saved: Optional[dict]) -> None:
+        """After the model's weights were restored (a resume): from those weights, then the saved
+        average if the checkpoint has one (it has none when trainer.ema is turned on at a resume)."""
+        self.average = [p.detach().clone() for p in self.params]
+        self.updates = 0
+        if saved is not None:
+            self.load_state_dict(saved)
+
     def state_dict(self) -> dict:
         """{"updates": n, "average": {parameter name: averaged tensor}} (the tensors themselves)."""
         return {"updates": self.updates, "average": dict(zip(self.names, self.average))}
@@ -79,3 +88,24 @@ class EMA:
             with torch.no_grad():
                 for p, t in zip(self.params, trained):
                     p.copy_(t)
+
+
+class NoAverage:
+    """trainer.ema=0: the model's own weights are evaluated and saved."""
+    updates = 0
+
+    def update(self, ok: Optional[torch.Tensor] = None) -> None:
+        pass
+
+    def restart(self, saved: Optional[dict]) -> None:
+        pass
+
+    def averaged_state(self) -> None:
+        return None  # the checkpoint's "model" is the trained weights
+
+    def swapped(self):
+        return nullcontext()
+
+
+def averaging(model: torch.nn.Module, decay: float) -> EMA | NoAverage:
+    return EMA(model, decay) if decay > 0 else NoAverage()

@@ -20,14 +20,11 @@ is exactly what it would be without it.
 
 from __future__ import annotations
 
-import logging
 from typing import Iterable, Optional
 
 import torch
 
 from seqexp.evaluation import to_device
-
-log = logging.getLogger("seqexp")
 
 DISTANCES = (1, 4, 16, 64, 256, 1024, 4096, 16384)  # logged as scalars, those within range
 
@@ -124,26 +121,3 @@ def fixed_rows(data, rows: int) -> list[dict]:
         if taken >= rows:
             break
     return picked
-
-
-class GradientProbe:
-    """One run's picture: `probe(model) -> (sums, counts)` on a fixed set of validation rows."""
-
-    def __init__(self, data, device: torch.device, rows: int):
-        self.task, self.device = data.task, device
-        self.batches = fixed_rows(data, rows)
-
-    @classmethod
-    def make(cls, cfg, *, model, data, device: torch.device) -> Optional["GradientProbe"]:
-        """The probe `cfg` (the logging config) asks for, or None: off, or a model without
-        per-position inputs (said once, in one line)."""
-        if not cfg.gradient_distance:
-            return None
-        if model.input_embedding() is None:
-            log.info("gradient_distance: %s has no per-position input vectors; no gradient-by-distance picture",
-                     type(model).__name__)
-            return None
-        return cls(data, device, cfg.gradient_rows)
-
-    def __call__(self, model) -> tuple[torch.Tensor, torch.Tensor]:
-        return measure(model, self.task, self.batches, self.device)

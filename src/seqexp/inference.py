@@ -1,7 +1,7 @@
 """Load a trained run for use: its checkpoint, model, text encoder and data, from the file alone.
 
-A run directory resolves to `checkpoints/best.pt`, else `checkpoints/last.pt`; a path to a
-`.pt` file is used as is. Checkpoints load onto the CPU first (`load_checkpoint` maps every
+A run directory resolves to its best checkpoint, else its last (RunDir.for_use); a path to a
+`.pt` file is used as is. Checkpoints load onto the CPU first (`checkpoint.read` maps every
 tensor there), so one written on CUDA works on a CPU-only machine; the model then moves to
 the device asked for.
 
@@ -19,15 +19,14 @@ from typing import Any
 
 import torch
 
-from seqexp import build
+from seqexp import build, checkpoint
 from seqexp.build import locate, pick_device
-from seqexp.checkpoint import Checkpoint, load_checkpoint, upgraded_config
+from seqexp.checkpoint import Checkpoint
 from seqexp.errors import UserError
 from seqexp.options import convert
+from seqexp.rundir import RunDir
 
-CHECKPOINT_NAMES = ("best.pt", "last.pt")  # best by the validation objective, else the latest
-
-TASK_NAMES = {"lm": "a language model", "classify": "a classifier"}
+HEAD_NAMES = {"lm": "a language model", "classify": "a classifier"}
 
 
 def find_checkpoint(path: str | Path) -> Path:
@@ -38,18 +37,12 @@ def find_checkpoint(path: str | Path) -> Path:
         from seqexp.resume import suggest_runs
 
         raise UserError(f"no such run directory or checkpoint: {p}.{suggest_runs(p)}")
-    for name in CHECKPOINT_NAMES:
-        if (p / "checkpoints" / name).is_file():
-            return p / "checkpoints" / name
-        if (p / name).is_file():  # the checkpoints directory itself
-            return p / name
-    raise UserError(f"{p} holds no checkpoint (looked for checkpoints/best.pt and checkpoints/last.pt). "
-                    f"Give the directory of a run of seqexp-train; it writes them at its first evaluation.")
-
-
-def run_dir_of(ckpt_path: Path) -> Path:
-    """The run directory a checkpoint belongs to (where metrics.json and events are)."""
-    return ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
+    run = RunDir(p.parent) if p.name == RunDir.CHECKPOINTS else RunDir(p)  # (the checkpoints folder itself)
+    found = run.for_use()
+    if found is None:
+        raise UserError(f"{p} holds no checkpoint (looked for {run.best} and {run.last}). Give the directory "
+                        f"of a run of seqexp-train; it writes them at its first evaluation.")
+    return found
 
 
 @dataclass
@@ -60,17 +53,17 @@ class Run:
     device: torch.device
 
     @property
-    def task(self) -> str:
-        return self.ckpt["model_kwargs"]["task"]
+    def head(self) -> str:
+        return self.ckpt["model_kwargs"]["head"]
 
     @property
     def step(self) -> int:
         return self.ckpt["trainer"]["step"]
 
-    def require(self, task: str, command: str, instead: str) -> None:
-        if self.task != task:
-            raise UserError(f"{self.path} is {TASK_NAMES.get(self.task, self.task)}; {command} needs "
-                            f"{TASK_NAMES[task]}. {instead}")
+    def require(self, head: str, command: str, instead: str) -> None:
+        if self.head != head:
+            raise UserError(f"{self.path} is {HEAD_NAMES.get(self.head, self.head)}; {command} needs "
+                            f"{HEAD_NAMES[head]}. {instead}")
 
 
 def build_model(ckpt: Checkpoint) -> torch.nn.Module:
@@ -86,7 +79,7 @@ def build_model(ckpt: Checkpoint) -> torch.nn.Module:
 
 def load_run(path: str | Path, device: str = "cpu") -> Run:
     ckpt_path = find_checkpoint(path)
-    ckpt = load_checkpoint(ckpt_path)  # every tensor on the CPU, whatever device wrote it
+    ckpt = checkpoint.read(ckpt_path)  # every tensor on the CPU, whatever device wrote it
     dev = pick_device(device)
     model = build_model(ckpt).to(dev).eval()
     return Run(ckpt_path, ckpt, model, dev)
@@ -114,7 +107,7 @@ def label_names(ckpt: Checkpoint) -> list[str]:
 def build_data(ckpt: Checkpoint, overrides: dict[str, str] | None = None):
     """The run's data from its saved config (e.g. for its validation split), with the
     checkpoint's vocabulary. `overrides`: `{"data.path": "..."}`, keys of the saved data config."""
-    cfg = copy.deepcopy(upgraded_config(ckpt["config"])["data"])  # today's keys (checkpoint.read does it too)
+    cfg = copy.deepcopy(ckpt["config"]["data"])  # today's keys (checkpoint.read upgraded them)
     if "cache_dir" in cfg:  # a place on the machine that wrote the run: here, ours (trust.py), unless overridden
         cfg["cache_dir"] = None
     for key, value in (overrides or {}).items():

@@ -7,7 +7,8 @@ meanwhile opens the new one (the inode check below), so two processes never both
 
 - `file_lock(path)`: wait for the lock (caches: the second process reads what the first wrote).
 - `hold_run_dir(run_dir)` / `release_run_dir`: do not wait; a run directory in use refuses a
-  second run at once. `claim_output_dir` checks and locks it before Hydra writes there.
+  second run at once. `claim_output_dir` creates, checks and locks it before Hydra writes there:
+  of two runs started at once into one new directory, the second writes nothing.
 - `local_main_first`: under torchrun, one process per machine prepares the data first.
 """
 
@@ -16,13 +17,13 @@ from __future__ import annotations
 import atexit
 import fcntl
 import os
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
 from seqexp.errors import UserError
-
-RUN_LOCK = ".seqexp.lock"  # in a run directory, while a run writes there
+from seqexp.rundir import RunDir
 
 
 class Busy(Exception):
@@ -78,18 +79,22 @@ def _release_all() -> None:
     _held.clear()
 
 
-def hold_run_dir(run_dir: Path) -> None:
+def hold_run_dir(run_dir: Path, resuming: bool = False) -> None:
     """Lock `run_dir` for this process (re-entrant); refuse with one line if another process has it."""
     key = Path(run_dir).resolve()
     if key in _held:
         _held[key][1] += 1
         return
-    lock = file_lock(key / RUN_LOCK, wait=False)
+    lock = file_lock(RunDir(key).lock, wait=False)
     try:
         lock.__enter__()
     except Busy:
-        raise UserError(f"{run_dir} is in use by another run (it holds {RUN_LOCK} there); give this run "
-                        f"another hydra.run.dir, or wait for that one to end.") from None
+        what = f"its lock {RunDir.LOCK} is held"
+        if resuming:
+            raise UserError(f"{run_dir} is in use: another process is writing this run ({what}); wait for it to "
+                            f"end, then resume it.") from None
+        raise UserError(f"{run_dir} is in use by another run ({what}); give this run another hydra.run.dir, or "
+                        f"wait for that one to end.") from None
     _held[key] = [lock, 1]
 
 
@@ -126,30 +131,47 @@ def check_writable(directory: Path, fix: str = "Give a writable hydra.run.dir=DI
         d = d.parent
     if not d.is_dir():
         raise UserError(f"cannot create the run directory {directory}: {d} is a file. {fix}")
-    targets = [d] + ([directory / n for n in ("seqexp.log", ".hydra", "checkpoints")] if d == directory else [])
+    run = RunDir(directory)
+    targets = [d] + ([run.path / RunDir.LOG, run.path / RunDir.HYDRA, run.checkpoints] if d == directory else [])
     for t in targets:
         if t.exists() and not os.access(t, os.W_OK | (os.X_OK if t.is_dir() else 0)):
             raise UserError(f"cannot write the run directory {directory}: {t} is read-only. {fix}")
 
 
-def claim_output_dir(argv: list[str]) -> Optional[Path]:
-    """Before Hydra writes anything: refuse a run directory that is not writable, and lock an
-    existing one (a resume, or an explicit hydra.run.dir) so that a second run there is refused
-    before Hydra touches its files. -> the directory locked (for `release_run_dir`), or None.
-    Other processes of a torchrun job neither check nor lock."""
+def claim_output_dir(argv: list[str], overwrite: bool = False) -> Optional[Path]:
+    """Before Hydra writes anything: refuse a run directory that is not writable; when the run's
+    directory is known exactly (an explicit hydra.run.dir, or a resume), create and lock it, so
+    that a second run there is refused before Hydra touches its files, and refuse a new run in
+    a directory that holds one (`overwrite`: move that run aside first, never delete it).
+    -> the directory locked (for `release_run_dir`), or None. Other processes of a torchrun job
+    neither check nor lock."""
     if int(os.environ.get("RANK", 0)) != 0:
         return None
     directory, exact = hydra_dir(argv)
     sweep = "-m" in argv or "--multirun" in argv
-    if any(a.startswith("resume=") for a in argv):
+    resuming = any(a.startswith("resume=") for a in argv)
+    if resuming:
         fix = "A resume writes into its run: copy the run somewhere writable and resume the copy."
     else:
         fix = f"Give a writable hydra.{'sweep' if sweep else 'run'}.dir=DIR (or fix the permissions)."
     check_writable(directory, fix)
-    if exact and directory.is_dir() and not sweep:
-        hold_run_dir(directory)
+    if not exact or sweep:  # a `${now:...}` directory is new (microseconds); a sweep's jobs are its own
+        return None
+    directory.mkdir(parents=True, exist_ok=True)
+    hold_run_dir(directory, resuming)
+    run = RunDir(directory)
+    if resuming or not run.holds_run():
         return directory
-    return None
+    release_run_dir(directory)
+    if not overwrite:
+        raise UserError(f"{directory} holds a run already; continue it with resume={directory}, give this run "
+                        f"another hydra.run.dir, or add trainer.overwrite=true to move that run aside (to "
+                        f"{directory.name}.old-<date>-<time> beside it).")
+    moved = run.move_aside()
+    print(f"trainer.overwrite=true: the run that was in {directory} is now in {moved}", file=sys.stderr, flush=True)
+    directory.mkdir()
+    hold_run_dir(directory)
+    return directory
 
 
 @contextmanager

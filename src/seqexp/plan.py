@@ -3,7 +3,7 @@
 Before training, one line with the plan (optimizer steps, epochs, evaluations, checkpoints, the
 test split at the end), e.g.
 
-    plan: 1,408 steps (4 epochs of 352), 8 evaluations, a checkpoint every 200 steps, then the test split on best.pt
+    plan: 1,408 steps (4 epochs of 352), 8 evaluations, a checkpoint every 200 steps, then the test split on the best checkpoint
 
 After the first logging window, the training time left, from that window's seconds per step;
 after the first evaluation, the evaluation time left (and the test split's, scaled by its number
@@ -46,7 +46,8 @@ def evaluations(start: int, total: int, every: int) -> int:
 
 
 def plan_line(*, start: int, total: int, steps_per_epoch: int, accumulate: int, eval_every: int,
-              checkpoint_every: int, keep_last: int, max_time_s: float, test: bool) -> str:
+              checkpoint_every: int, keep_last: int, max_time_s: float, after: tuple[str, ...] = ()) -> str:
+    """`after`: the splits evaluated once training is over (reports.base.Report.splits_after_training)."""
     micro = f" of {accumulate} micro-batches" if accumulate > 1 else ""  # steps are optimizer steps
     if start:  # a resumed run: what is left
         steps = f"{total - start:,} more steps{micro} ({start:,} -> {total:,}; {epochs(total, steps_per_epoch)})"
@@ -63,39 +64,38 @@ def plan_line(*, start: int, total: int, steps_per_epoch: int, accumulate: int, 
         parts.append(f"a checkpoint every {checkpoint_every:,} steps" + (f" (the newest {keep_last} kept)"
                                                                         if keep_last else ""))
     line = "plan: " + ", ".join(parts)
-    return line + (", then the test split on best.pt" if test else "")
+    return line + "".join(f", then the {split} split on the best checkpoint" for split in after)
 
 
 class Estimate:
-    """Reads the trainer's clock and counters; `window()` after each logging window and
-    `evaluated()` after each evaluation print their estimate the first time only."""
+    """`window()` after each logging window and `evaluated()` after each evaluation print their
+    estimate the first time only (on the main process)."""
 
-    def __init__(self, trainer, *, test_batches: int = 0):
-        self.trainer = trainer
-        self.start, self.train_s0, self.eval_s0 = trainer.step, trainer.train_s(), trainer.eval_s
+    def __init__(self, *, start: int, total: int, eval_every: int, max_time_s: float, train_s: float,
+                 show: bool, test_batches: int = 0):
+        self.start, self.total, self.eval_every, self.max_time_s = start, total, eval_every, max_time_s
+        self.train_s0 = train_s
         self.test_batches = test_batches  # > 0: the test split follows training, this many batches
-        self.said_training = self.said_evaluation = not trainer.is_main
+        self.said_training = self.said_evaluation = not show
 
-    def window(self) -> None:
-        t = self.trainer
-        if self.said_training or t.step <= self.start:
+    def window(self, step: int, train_s: float) -> None:
+        if self.said_training or step <= self.start:
             return
         self.said_training = True
-        per_step = (t.train_s() - self.train_s0) / (t.step - self.start)
-        left = (t.total_steps - t.step) * per_step
-        budget = t.cfg.max_time_s - t.train_s() if t.cfg.max_time_s else math.inf
+        per_step = (train_s - self.train_s0) / (step - self.start)
+        left = (self.total - step) * per_step
+        budget = self.max_time_s - train_s if self.max_time_s else math.inf
         bound = " (max_time_s)" if budget < left else ""
         log.info("estimate: training about %s more%s (%.3g s/step in the first logging window)",
                  duration(min(left, budget)), bound, per_step)
 
-    def evaluated(self, seconds: float, val_forward_s: float, val_batches: int) -> None:
-        """`seconds`: the whole evaluation (metrics, hooks, checkpoints); `val_forward_s`: its
+    def evaluated(self, step: int, seconds: float, val_forward_s: float, val_batches: int) -> None:
+        """`seconds`: the whole evaluation (metrics, reports, checkpoints); `val_forward_s`: its
         forward pass over `val_batches` batches, which scales to the test split."""
-        t = self.trainer
         if self.said_evaluation:
             return
         self.said_evaluation = True
-        n = evaluations(t.step, t.total_steps, t.cfg.eval_every)
+        n = evaluations(step, self.total, self.eval_every)
         parts = [f"evaluation about {duration(n * seconds)} more ({n} x {seconds:.3g} s)"] if n else []
         if self.test_batches and val_batches:
             parts.append(f"the test split about {duration(val_forward_s * self.test_batches / val_batches)}")

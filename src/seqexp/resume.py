@@ -1,12 +1,15 @@
 """Resume: continue a run in its own directory, from one of its checkpoints.
 
-`resume=` takes a run directory (continues from its checkpoints/last.pt), a checkpoint inside
-one (checkpoints/step_000200.pt, best.pt), or `latest`: the run under outputs/ whose last.pt
-was written last. The run's config is the one saved in the checkpoint. Overrides may change
+`resume=` takes a run directory (continues from its last checkpoint), a training checkpoint
+inside one (a step checkpoint), or `latest`: the run under outputs/ whose last checkpoint was
+written last. The best checkpoint holds no training state: it is refused, naming the last one. The run's config is the one saved in the checkpoint. Overrides may change
 how long and how the run is watched (trainer.max_steps, max_epochs, eval_every, logging, ...)
 but not what is learned: a change to the model, the data, the optimizer, the scheduler or the
 seed is refused, naming the keys -- those make a new run, not the rest of this one. Data that
 moved may be given a new `data.path`: its content must then match the checkpoint's fingerprint.
+
+A run that has finished is not trained again: resuming it prints its result and returns at
+once, unless the resume raises trainer.max_steps, max_epochs or max_time_s.
 
 Path handling imports no torch: the CLI resolves `resume=` before Hydra starts, so that Hydra
 writes into the resumed directory instead of creating an empty new one.
@@ -22,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from seqexp.errors import UserError
+from seqexp.rundir import RunDir
 
 if TYPE_CHECKING:  # the checkpoint module imports torch; resume= is resolved before torch loads
     from seqexp.checkpoint import Checkpoint
@@ -30,15 +34,10 @@ if TYPE_CHECKING:  # the checkpoint module imports torch; resume= is resolved be
 # mode: what the best value so far (and best.pt) was chosen by
 FROZEN = ("model", "data", "optimizer", "scheduler", "trainer.seed", "trainer.accumulate", "trainer.monitor",
           "trainer.mode")
-NEWER = {"accumulate": 1, "monitor": None, "mode": None}  # trainer keys older runs saved without
 # where the data lives, not what it is: may change when the content is verified (a fingerprint)
 LOCATION = ("data.path", "data.cache_dir")
 ALLOWED = "trainer.* (except trainer.seed, accumulate, monitor and mode) and logging.*"
 OUTPUTS = Path("outputs")  # Hydra's run directories, relative to where the command runs
-
-
-def is_run_dir(path: Path) -> bool:
-    return any((path / name).exists() for name in ("metrics.json", "checkpoints", ".hydra"))
 
 
 def nearest_runs(path: Path, outputs: Path = OUTPUTS, n: int = 3) -> list[Path]:
@@ -50,7 +49,7 @@ def nearest_runs(path: Path, outputs: Path = OUTPUTS, n: int = 3) -> list[Path]:
     found, root_depth = [], len(base.parts)
     for dirpath, dirs, _ in os.walk(base):
         d = Path(dirpath)
-        if is_run_dir(d):
+        if RunDir(d).holds_run():
             found.append(d)
             dirs[:] = []  # nothing below a run is another run
         elif len(d.parts) - root_depth >= 4:  # outputs/multirun/<date>/<time>/<job> is the deepest
@@ -67,17 +66,16 @@ def suggest_runs(path: Path, outputs: Path = OUTPUTS) -> str:
 def resolve(spec: str, outputs: Path = OUTPUTS) -> tuple[Path, Path]:
     """`resume=` value -> (run directory, checkpoint file), both absolute."""
     if spec == "latest":
-        found = sorted(Path(outputs).glob("**/checkpoints/last.pt"), key=lambda p: p.stat().st_mtime)
-        if not found:
-            raise UserError(f"resume=latest: no run with a checkpoints/last.pt under {Path(outputs).resolve()}. "
+        ckpt = RunDir.latest(outputs)
+        if ckpt is None:
+            raise UserError(f"resume=latest: no run with a last checkpoint under {Path(outputs).resolve()}. "
                             f"Run from the directory that holds outputs/, or give resume=RUN_DIR.")
-        ckpt = found[-1]
     else:
         path = Path(spec).expanduser()
         if path.is_dir():
-            ckpt = path / "checkpoints" / "last.pt"
+            ckpt = RunDir(path).last
             if not ckpt.is_file():
-                raise UserError(f"resume={spec}: {path} has no checkpoints/last.pt (did the run save a "
+                raise UserError(f"resume={spec}: {path} has no {ckpt.relative_to(path)} (did the run save a "
                                 f"checkpoint?). Give a checkpoint file in it, or start a new run.")
         elif path.is_file():
             ckpt = path
@@ -86,10 +84,10 @@ def resolve(spec: str, outputs: Path = OUTPUTS) -> tuple[Path, Path]:
                             f"(outputs/<date>/<time>), a checkpoint in its checkpoints/, or resume=latest."
                             f"{suggest_runs(path, outputs)}")
     ckpt = ckpt.resolve()
-    if ckpt.parent.name != "checkpoints":
-        raise UserError(f"resume={spec}: {ckpt} is not in a run's checkpoints/ folder, so there is no run to "
-                        f"continue. Give RUN_DIR or RUN_DIR/checkpoints/<name>.pt.")
-    return ckpt.parent.parent, ckpt
+    if not RunDir.is_checkpoint_of_a_run(ckpt):
+        raise UserError(f"resume={spec}: {ckpt} is not in a run's {RunDir.CHECKPOINTS}/ folder, so there is no "
+                        f"run to continue. Give RUN_DIR or RUN_DIR/{RunDir.CHECKPOINTS}/<name>.pt.")
+    return RunDir.of(ckpt).path, ckpt
 
 
 _read: dict[Path, dict] = {}  # checkpoint path -> its content: one read per resume
@@ -102,6 +100,9 @@ def read(path: Path, keep: bool = True) -> "Checkpoint":
 
     path = Path(path).resolve()
     ckpt = _read[path] if path in _read else checkpoint.read(path)
+    if not checkpoint.resumable(ckpt):
+        raise UserError(f"resume={path}: the best checkpoint holds the weights only, no training state "
+                        f"(optimizer, schedule, RNG); resume from {RunDir.of(path).last}.")
     if keep:
         _read[path] = ckpt
     else:
@@ -172,8 +173,7 @@ def check_config(ckpt: "Checkpoint", cfg: DictConfig, path: Path) -> None:
     from seqexp.config import to_container
 
     verifiable = ckpt["data"].get("fingerprint") is not None  # see check_data
-    saved = ckpt["config"]  # an older run's config, with the defaults of keys added since
-    saved = {**saved, "trainer": {**NEWER, **saved.get("trainer", {})}}
+    saved = ckpt["config"]  # an older run's config, with the defaults of keys added since (config.upgrade)
     changes = frozen_changes(saved, to_container(cfg), LOCATION if verifiable else ())
     if changes:
         more = f" (and {len(changes) - 5} more)" if len(changes) > 5 else ""
@@ -226,3 +226,19 @@ def check_data(state: dict, ckpt: "Checkpoint", path: Path) -> None:
     if saved is not None and saved != state.get("fingerprint"):
         raise UserError(f"the training data is not the data {path} was trained on (same config, different "
                         f"content: was the file changed?). Resume with that data, or start a new run.")
+
+
+def finished(cfg: DictConfig, ckpt: "Checkpoint", run: RunDir) -> Optional[dict]:
+    """The record of a run that has finished, when this resume would not train it further (it
+    raises none of trainer.max_steps, max_epochs, max_time_s); else None."""
+    record = run.read_metrics()
+    if not record or record.get("status") != "finished" or ckpt["trainer"]["step"] != record.get("steps"):
+        return None
+    old, new = ckpt["config"]["trainer"], cfg.trainer
+
+    def raised(key: str, unlimited) -> bool:  # unlimited: the value that means "no limit"
+        return old[key] != unlimited and (new[key] == unlimited or new[key] > old[key])
+
+    if raised("max_steps", -1) or raised("max_epochs", None) or raised("max_time_s", 0):
+        return None
+    return record

@@ -13,14 +13,18 @@ import torch
 
 from seqexp.errors import UserError
 
+# the defaults of every sampler (the training report, seqexp-sample): a little sharper than the
+# model's own distribution, among its 40 likeliest tokens
+TEMPERATURE, TOP_K = 0.8, 40
+
 
 class NonFiniteSample(UserError):
     """The model's next-token scores hold NaN or infinity: its weights have diverged."""
 
 
 @torch.no_grad()
-def generate(model, prompt: torch.Tensor, steps: int, *, temperature: float = 1.0,
-             top_k: Optional[int] = None, greedy: bool = False,
+def generate(model, prompt: torch.Tensor, steps: int, *, temperature: float = TEMPERATURE,
+             top_k: Optional[int] = TOP_K, greedy: bool = False,
              generator: Optional[torch.Generator] = None) -> Iterator[torch.Tensor]:
     """prompt (N, P) ids -> yields (N,) ids, `steps` times. N samples are drawn in parallel."""
     if not greedy and not 0 < temperature < math.inf:  # NaN fails this too
@@ -57,9 +61,9 @@ def generate(model, prompt: torch.Tensor, steps: int, *, temperature: float = 1.
         model.train(was_training)
 
 
-def sample_text(model, data, prompt: str, length: int, *, temperature: float = 0.8,
-                top_k: Optional[int] = 40, seed: int = 0, device: torch.device | str = "cpu") -> str:
-    """Prompt followed by `length` generated characters (char data: `encode`/`decode`)."""
+def sample_text(model, data, prompt: str, length: int, *, temperature: float = TEMPERATURE,
+                top_k: Optional[int] = TOP_K, seed: int = 0, device: torch.device | str = "cpu") -> str:
+    """Prompt followed by `length` generated characters (`data.encode`/`decode`)."""
     ids = data.encode(prompt or "\n")[None, :].to(device)  # (1, P)
     g = torch.Generator().manual_seed(seed)
     try:

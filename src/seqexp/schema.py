@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import inspect
 import types
 import typing
 from functools import lru_cache
 from typing import Any, List, Optional
 
-from seqexp.build import locate, runtime_facts
+from seqexp.build import locate, parameters, runtime_facts
 
 
 def _enum(name: str, values: tuple) -> type[enum.Enum]:
@@ -54,9 +53,10 @@ def config_type(hint: Any, name: str) -> Any:
     return Any
 
 
+@lru_cache(maxsize=None)
 def _hints(fn) -> dict:
     try:
-        return typing.get_type_hints(fn.__init__ if isinstance(fn, type) else fn, include_extras=True)
+        return typing.get_type_hints(fn, include_extras=True)
     except Exception:  # an annotation that does not resolve: those parameters are untyped (Any)
         return {}
 
@@ -72,13 +72,22 @@ def defaults(target: str) -> dict:
 @lru_cache(maxsize=None)
 def schema_for(target: str) -> type:
     fn = locate(target)
-    hints = _hints(fn)
-    runtime = runtime_facts(fn)
-    fields = [("_target_", str, dataclasses.field(default=target))]
-    for name, p in inspect.signature(fn).parameters.items():
-        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or name in runtime or p.default is p.empty:
+    fields = [("_target_", str, dataclasses.field(default=target))] + settings_fields(fn, target, runtime_facts(fn))
+    return dataclasses.make_dataclass(target.rsplit(".", 1)[-1] + "Config", fields)
+
+
+def settings_schema(cls: type) -> type:
+    """The schema of an object seqexp builds by itself (a report, seqexp/reports/): its
+    constructor's parameters, no `_target_`."""
+    return dataclasses.make_dataclass(cls.__name__ + "Settings", settings_fields(cls, cls.__qualname__, ()))
+
+
+def settings_fields(fn, name_prefix: str, runtime: tuple[str, ...]) -> list:
+    fields = []
+    for name, (p, owner) in parameters(fn)[0].items():
+        if name in runtime or p.default is p.empty:
             continue
-        kind = config_type(hints.get(name, Any), f"{target}.{name}")
+        kind = config_type(_hints(owner).get(name, Any), f"{name_prefix}.{name}")
         default = p.default
         if kind is Any and isinstance(default, (bool, int, float, str)):
             kind = type(default)  # unannotated: the default's type
@@ -88,4 +97,4 @@ def schema_for(target: str) -> type:
             fields.append((name, kind, dataclasses.field(default_factory=lambda d=list(default): list(d))))
         else:
             fields.append((name, kind, dataclasses.field(default=default)))
-    return dataclasses.make_dataclass(target.rsplit(".", 1)[-1] + "Config", fields)
+    return fields

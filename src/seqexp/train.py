@@ -5,7 +5,6 @@ Importable and free of Hydra's runtime, so tests call it directly with a compose
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -15,14 +14,17 @@ from omegaconf import DictConfig
 
 from seqexp import distributed, locks, resume, trust
 from seqexp.build import build_data, build_model, build_optimizer, instantiate, pick_device, seed_everything
-from seqexp.checkpoint import Recipe, remove_stale_tmp
+from seqexp.checkpoint import Recipe
 from seqexp.config import to_container, validate
 from seqexp.errors import UserError
+from seqexp.files import remove_stale_tmp
+from seqexp.hparams import write_run_hparams
 from seqexp.logger import Logger
 from seqexp.plan import plan_line
 from seqexp.preempt import stop_on_signals
+from seqexp.record import closing_line
+from seqexp.rundir import RunDir
 from seqexp.trainer import Trainer
-from seqexp.visuals import make_visuals
 
 log = logging.getLogger("seqexp")
 
@@ -44,20 +46,6 @@ def model_summary(model: torch.nn.Module) -> str:
     return "\n".join([f"model {type(model).__name__}: {total:,} parameters, {trainable:,} trainable", *rows])
 
 
-def closing_line(summary: dict, run_dir: Path) -> str:
-    """The run's last line: the best monitored metric, its test counterpart if any, where it all is."""
-    objective, step = summary["objective"], summary["best_step"]
-    metric, best = objective["metric"], objective["best"]
-    line = f"finished: best {metric} {best:.4f} at step {step}" if best is not None else f"finished: no finite {metric}"
-    test = summary.get("test")
-    key = "test/" + metric.partition("/")[2]
-    if isinstance(test, dict) and isinstance(test.get(key), float):
-        line += f"; {key} {test[key]:.4f} (best checkpoint)"
-    if summary.get("stopped_early"):
-        line += f"; stopped early at step {summary['stopped_early']['step']}"
-    return f"{line}; run directory {run_dir}"
-
-
 def train(cfg: DictConfig, run_dir: str | Path | None = None, *, in_sweep: bool = False) -> dict:
     """With `cfg.resume` set, continues that run in its directory (run_dir may then be None).
     `in_sweep`: a job of a multirun, which writes the job's HParams itself (sweep/job.py) and
@@ -67,20 +55,23 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, *, in_sweep: bool 
     ckpt = None
     if cfg.get("resume"):  # refuses a changed model/data before anything is written
         run_dir, ckpt_path, ckpt = resume.load(cfg, run_dir)
-    run_dir = Path(run_dir)
+        if (record := resume.finished(cfg, ckpt, RunDir(run_dir))) is not None:
+            log.info("the run has finished; nothing to do (raise trainer.max_steps or max_epochs to train on)")
+            log.info(closing_line(record, run_dir))
+            return record
+    run = RunDir(run_dir)
     t = cfg.trainer
     seed_everything(t.seed)
     if t.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
-    device = pick_device(str(t.device))
-    dist = distributed.setup(device)  # None unless started by torchrun or as a multi-task submitit job
-    if dist is not None:
-        device = dist.device
+    # torchrun or a multi-task submitit job: one process per device; else a Local (identities)
+    dist = distributed.setup(pick_device(str(t.device)))
+    device = dist.device
 
     # one preparation per machine: its first process downloads and tokenizes, the others then
     # read its cache (and concurrent runs on one cache take turns: locks.py)
-    with locks.local_main_first(distributed.env()[1], dist.barrier if dist is not None else None):
+    with locks.local_main_first(distributed.env()[1], dist.barrier):
         data = build_data(cfg.data, seed=t.seed)
     model_kwargs = data.model_kwargs()
     model = build_model(cfg.model, model_kwargs)
@@ -90,12 +81,10 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, *, in_sweep: bool 
         # it: the checkpoint holds the prepared buffers and weights (fixed shapes).
         model.prepare(lambda: data.batches("train", stateful=model.stateful, epoch=0))
     model = model.to(device)
-    main = dist is None or dist.is_main  # the process that writes files and logs
-    if dist is not None:
-        if data.batch_size % dist.world_size:
-            raise UserError(f"data.batch_size={data.batch_size} is the global batch: it must be a multiple of "
-                            f"the {dist.world_size} processes.")
-        seed_everything(t.seed + 1_000_003 * dist.rank)  # same weights (built above); own dropout masks
+    if data.batch_size % dist.world_size:
+        raise UserError(f"data.batch_size={data.batch_size} is the global batch: it must be a multiple of "
+                        f"the {dist.world_size} processes.")
+    dist.seed_ranks(t.seed)  # same weights (built above); each rank its own dropout masks
     optimizer = build_optimizer(cfg.optimizer, model)
     batches_per_epoch = data.num_batches("train", stateful=model.stateful)
     if batches_per_epoch < t.accumulate:
@@ -112,64 +101,46 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, *, in_sweep: bool 
         resume.check_data(recipe["data"], ckpt, ckpt_path)
 
     # all checks passed: only now is anything written
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        locks.hold_run_dir(run_dir)  # a second run in this directory is refused until this one ends
-        for d in (run_dir, run_dir / "checkpoints"):
+    if dist.is_main:
+        run.path.mkdir(parents=True, exist_ok=True)
+        locks.hold_run_dir(run.path)  # a second run in this directory is refused until this one ends
+        for d in (run.path, run.checkpoints):
             remove_stale_tmp(d)  # left by a killed writer; never loaded
     # a resumed run appends to its TensorBoard run; events after the checkpoint are dropped
     purge_step = ckpt["trainer"]["step"] + 1 if ckpt is not None else None
-    logging_cfg = cfg.logging
-    logger = Logger(run_dir, enabled=logging_cfg.tensorboard and main, purge_step=purge_step)
-    visuals = make_visuals(logging_cfg, model=model, data=data, logger=logger, device=device) if logger.enabled else None
+    logger = Logger(run.path, enabled=cfg.logging.tensorboard and dist.is_main, purge_step=purge_step)
     trainer = Trainer(t, model=model, data=data, optimizer=optimizer, scheduler=scheduler, logger=logger,
-                      logging_cfg=logging_cfg, run_dir=run_dir, device=device, total_steps=total_steps,
-                      recipe=recipe, visuals=visuals, dist=dist, quiet=in_sweep,
-                      metric_modes=type(data).metric_modes(cfg.data))
+                      reports=cfg.logging, run_dir=run, device=device, total_steps=total_steps, recipe=recipe,
+                      dist=dist, quiet=in_sweep, metric_modes=type(data).metric_modes(cfg.data))
     if ckpt is not None:
         trainer.restore(ckpt, ckpt_path)
         del ckpt  # the trainer holds its own copies now
-        log.info("resumed from %s at step %d (epoch %d, batch %d)", ckpt_path, trainer.step, trainer.epoch,
-                 trainer.batch_in_epoch)
-    if main:
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", ckpt_path, trainer.p.step, trainer.p.epoch,
+                 trainer.p.batch_in_epoch)
+    if dist.is_main:
         log.info("%s", model_summary(model))
-    log.info("%s: %s, %d parameters, %d steps (%d per epoch) on %s%s; run dir %s", data.task.name,
-             type(model).__name__, trainer.num_params, total_steps, steps_per_epoch, device,
-             f" (rank {dist.rank} of {dist.world_size})" if dist else "", run_dir)
-    if main:
-        log.info(plan_line(start=trainer.step, total=total_steps, steps_per_epoch=steps_per_epoch,
+    log.info("%s: %s, %d parameters, %d steps (%d per epoch) on %s%s; run directory %s", data.task.name,
+             type(model).__name__, trainer.num_params, total_steps, steps_per_epoch, device, dist.describe(), run)
+    if dist.is_main:
+        log.info(plan_line(start=trainer.p.step, total=total_steps, steps_per_epoch=steps_per_epoch,
                            accumulate=t.accumulate, eval_every=t.eval_every, checkpoint_every=t.checkpoint_every,
                            keep_last=t.keep_last, max_time_s=t.max_time_s,
-                           test=data.task.tests_on_best and "test" in data.splits))
+                           after=trainer.reports.splits_after_training()))
     try:
-        with trainer.recording_end():  # however the run ends, metrics.json says how
+        with trainer.record.ending(trainer.summary):  # however the run ends, metrics.json says how
             # a stop signal, while training or in the evaluation after it, saves and exits 75 (preempt.py)
             with stop_on_signals(trainer.request_stop):
                 trainer.fit()
-                data.task.after_training(trainer)  # e.g. the held-out test split, once, on the best weights
-            trainer.write_metrics("finished")
-        if main:
-            log.info(closing_line(trainer.summary(), run_dir))
-        if dist is not None:
-            # leave together: a rank tearing down its process group while rank 0 still writes
-            # was seen to abort ("terminate called without an active exception")
-            dist.barrier()
+                summary = trainer.finish()  # e.g. the held-out test split, once, on the best weights
+        if dist.is_main:
+            log.info(closing_line(summary, run))
+        # leave together: a rank tearing down its process group while rank 0 still writes was seen
+        # to abort ("terminate called without an active exception")
+        dist.barrier()
     finally:
         logger.close()
-        if main:
+        if dist.is_main:
             if logger.enabled and not in_sweep:  # a sweep's job writes its own (its overrides)
-                write_run_hparams(cfg, run_dir)
-            locks.release_run_dir(run_dir)
+                write_run_hparams(cfg, run)
+            locks.release_run_dir(run.path)
     return trainer.summary()
-
-
-def write_run_hparams(cfg: DictConfig, run_dir: Path) -> None:
-    """TensorBoard HParams for a single run, however it ended: its hyper-parameters (the config's
-    values) and the metrics metrics.json holds. Never fails the run."""
-    from seqexp.sweep.hparams import config_hparams, write_hparams
-
-    try:
-        metrics = json.loads((run_dir / "metrics.json").read_text())
-        write_hparams(run_dir, run_dir.name, config_hparams(cfg), metrics, metrics.get("status", ""))
-    except Exception as e:  # the run's results matter more than its HParams entry
-        log.warning("HParams not written (%s: %s)", type(e).__name__, e)

@@ -1,25 +1,14 @@
-"""What the model does, drawn for TensorBoard at every evaluation.
-
-Pure functions make the figures and texts; `make_visuals` binds them to one run and returns
-the single hook the trainer calls after each evaluation (or None when there is nothing to draw):
-- attention models: a heat map per layer of the attention weights (heads side by side) for
-  one fixed validation example, so the maps of successive evaluations compare directly;
-- `logging.gradient_distance`: the mean norm of the loss gradient with respect to the input at
-  each distance back from the answer (seqexp/gradients.py), a line plot and a few scalars;
-- `logging.histograms`: weight and gradient histograms (off by default: large event files).
-"""
+"""What the model does, drawn: pure functions that make the figures and texts the reports log
+(seqexp/reports/): attention heat maps, the gradient-by-distance plot, the most confidently
+wrong examples. No pyplot: no global state, no GUI backend."""
 
 from __future__ import annotations
 
-import inspect
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
-from seqexp.gradients import DISTANCES, GradientProbe, mean
-
-MAX_TOKENS = 48  # attention maps: beyond this the token labels on the axes are unreadable
 SHOWN = {"\n": "↵", "\t": "→", " ": "␣"}  # whitespace drawn as something visible
 
 
@@ -76,15 +65,6 @@ def gradient_distance_figure(norms: torch.Tensor, title: str = ""):
     return fig
 
 
-def log_gradient_distance(logger, sums: torch.Tensor, counts: torch.Tensor, step: int) -> None:
-    """The picture as `gradient_distance/plot` and scalars `gradient_distance/<d>` (d in
-    DISTANCES, where measured)."""
-    norms = mean(sums, counts)
-    logger.image("gradient_distance/plot", figure_to_array(gradient_distance_figure(norms, f"step {step}")), step)
-    logger.scalars({f"gradient_distance/{d}": float(norms[d]) for d in DISTANCES
-                    if d < len(counts) and counts[d] > 0}, step)
-
-
 def figure_to_array(fig) -> np.ndarray:
     """Figure -> (H, W, 3) uint8 RGB, rendered off-screen."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -111,55 +91,3 @@ def confidently_wrong(logits: torch.Tensor, labels: torch.Tensor, texts: Sequenc
         blocks.append(f"p={confidence[i]:.3f}  true {name(int(labels[i]))}, predicted "
                       f"{name(int(predicted[i]))}\n{text}")
     return "\n\n".join(blocks)
-
-
-def has_attention_maps(model: torch.nn.Module) -> bool:
-    return "need_weights" in inspect.signature(model.forward).parameters
-
-
-# ----------------------------------------------------------------------------- one run's hook
-@torch.no_grad()
-def attention_maps(model, tokens: torch.Tensor, lengths: Optional[torch.Tensor]) -> list[torch.Tensor]:
-    """One example's maps: a (heads, T, T) tensor per layer, computed in eval mode (no dropout)."""
-    was_training = model.training
-    model.eval()
-    try:
-        _, maps = model(tokens, lengths, None, need_weights=True)
-    finally:
-        model.train(was_training)
-    return [m[0] for m in maps]
-
-
-def make_visuals(cfg, *, model, data, logger, device) -> Optional[Callable[[torch.nn.Module, int, dict], None]]:
-    """The hook `(model, step, val metrics) -> None` for this run (`cfg`: the logging config), or
-    None when it draws nothing. A classifier's wrong examples are its task's (tasks.py)."""
-    decode = getattr(data, "decode", None)
-    example = None
-    if cfg.attention_maps and has_attention_maps(model):
-        # a fixed example: the first validation row (its first MAX_TOKENS tokens)
-        batch = next(iter(data.batches("val", stateful=False)))
-        n = MAX_TOKENS if batch.get("lengths") is None else min(MAX_TOKENS, int(batch["lengths"][0]))
-        tokens = batch["tokens"][:1, :n]
-        lengths = None if batch.get("lengths") is None else torch.tensor([n])
-        labels = [decode([t]) if decode else str(t) for t in tokens[0].tolist()]
-        example = (tokens, lengths, labels)
-    probe = GradientProbe.make(cfg, model=model, data=data, device=device)
-    if example is None and probe is None and not cfg.histograms:
-        return None
-
-    def visuals(model, step: int, metrics: dict) -> None:
-        if example is not None:
-            tokens, lengths, labels = example
-            maps = attention_maps(model, tokens.to(device), None if lengths is None else lengths.to(device))
-            for layer, w in enumerate(maps):
-                fig = attention_figure(w, labels, f"layer {layer}, step {step}")
-                logger.image(f"attention/layer{layer}", figure_to_array(fig), step)
-        if probe is not None:
-            log_gradient_distance(logger, *probe(model), step)
-        if cfg.histograms:
-            for name, p in model.named_parameters():
-                logger.histogram(f"weights/{name}", p.detach(), step)
-                if p.grad is not None:  # the last training step's (clipped) gradients
-                    logger.histogram(f"grads/{name}", p.grad, step)
-
-    return visuals

@@ -17,15 +17,15 @@ from seqexp.models.base import SequenceModel
 
 
 class ConvModel(SequenceModel):
-    def __init__(self, *, vocab_size: int, num_outputs: int, task: str, width: int = 3, dim: int = 16):
+    def __init__(self, *, vocab_size: int, num_outputs: int, head: str, width: int = 3, dim: int = 16):
         super().__init__()
-        self.task, self.width = task, width
+        self.lm, self.width = head == "lm", width
         self.embed = nn.Embedding(vocab_size, dim)
         self.conv = nn.Conv1d(dim, dim, width)
         self.head = nn.Linear(dim, num_outputs)
 
     @classmethod
-    def check_config(cls, cfg, task: str) -> None:
+    def check_config(cls, cfg, head: str) -> None:
         require(cfg.width >= 1, f"model.width must be >= 1, got {cfg.width}.")
 
     def input_embedding(self) -> nn.Module:
@@ -34,7 +34,7 @@ class ConvModel(SequenceModel):
     def forward(self, tokens: torch.Tensor, lengths: Optional[torch.Tensor] = None, state=None):
         x = self.embed(tokens).transpose(1, 2)  # (B, E, T)
         h = torch.relu(self.conv(F.pad(x, (self.width - 1, 0)))).transpose(1, 2)  # (B, T, E)
-        if self.task == "lm":
+        if self.lm:
             return self.head(h), None  # (B, T, V)
         T = tokens.shape[1]
         lengths = torch.full_like(tokens[:, 0], T) if lengths is None else lengths.to(tokens.device)

@@ -22,12 +22,12 @@ from typing import Optional
 
 import torch
 
-from seqexp.checkpoint import write_json
 from seqexp.errors import UserError, user_errors
 from seqexp.evaluation import outputs
-from seqexp.inference import build_data, load_run, run_dir_of
+from seqexp.files import write_json
+from seqexp.inference import build_data, load_run
 from seqexp.options import parse
-from seqexp.tasks import Classification, confusion_counts
+from seqexp.rundir import RunDir
 
 GRID = 20  # weights are multiples of 1/GRID
 
@@ -44,31 +44,28 @@ def expand(paths: list[str]) -> list[str]:
     """Run dirs and checkpoints as given; a sweep dir -> its jobs that have a checkpoint, in order."""
     runs = []
     for p in map(Path, paths):
-        jobs = sorted(d for d in p.iterdir() if d.is_dir() and (d / "checkpoints").is_dir()) if p.is_dir() else []
-        if p.is_dir() and not (p / "checkpoints").is_dir() and jobs:
-            runs += [str(j) for j in jobs]
-        else:
-            runs.append(str(p))
+        jobs = RunDir.with_checkpoints(p) if p.is_dir() and not RunDir(p).checkpoints.is_dir() else []
+        runs += [str(j.path) for j in jobs] if jobs else [str(p)]
     return runs
 
 
 def log_probs(model, data, split: str, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> ((R, C) log-probabilities, (R,) labels) for every review of the split, in split order."""
-    s = data.splits[split]
+    """-> ((R, C) log-probabilities, (R,) labels) for every example of the split, in split order."""
+    labels = data.labels(split)
     out = None
     for batch, logits in outputs(model, data.batches(split, stateful=model.stateful), device):
         lp = logits.float().log_softmax(-1).cpu()
         if out is None:
-            out = torch.full((len(s), lp.shape[1]), float("nan"))
+            out = torch.full((len(labels), lp.shape[1]), float("nan"))
         out[batch["rows"].cpu()] = lp
-    assert not out.isnan().any(), "a review of the split was never served"
-    return out, s.labels.clone()
+    assert not out.isnan().any(), "an example of the split was never served"
+    return out, labels.clone()
 
 
-def metrics(lp: torch.Tensor, labels: torch.Tensor) -> dict:
-    """Log-probabilities -> the same metrics a run reports (loss, acc, confusion counts)."""
-    return Classification().metrics({"loss": torch.nn.functional.nll_loss(lp, labels, reduction="sum").double(),
-                                     "confusion": confusion_counts(lp, labels)})
+def metrics(task, lp: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Log-probabilities -> the metrics a run of the task reports (loss, acc, confusion counts):
+    the log-probabilities are logits whose softmax is the ensemble's distribution."""
+    return task.metrics(task.batch_sums(lp, {"targets": labels}))
 
 
 def mix(lps: list[torch.Tensor], weights: tuple[float, ...]) -> torch.Tensor:
@@ -107,19 +104,23 @@ def ensemble(paths: list[str], opts: Options, data_overrides: dict[str, str]) ->
         run = load_run(path, opts.device)
         run.require("classify", "an ensemble", "Give classifier runs (data=imdb).")
         data = build_data(run.ckpt, data_overrides)
+        if not (data.can("examples") and data.can("labels")) or run.ckpt["model_kwargs"]["num_outputs"] < 2:
+            raise UserError(f"{run.path}: an ensemble averages class probabilities over fixed, labelled examples; "
+                            f"this run's data ({type(data).__name__}, task {data.task.name}) has none. "
+                            f"Give classifier runs (data=imdb).")
         for split in splits:
             if split not in data.splits:
                 raise UserError(f"{run.path}: this run's data has no '{split}' split.")
         # the same reviews in the same order: the same data content and the same reviews in each
         # split, compared as they are, whatever chose them (seed, val_fraction, val_split)
-        fingerprint, rows = run.ckpt["data"].get("fingerprint"), {s: data.splits[s].offsets for s in splits}
+        fingerprint, rows = run.ckpt["data"].get("fingerprint"), {s: data.examples(s) for s in splits}
         if reference is None:
             reference = (fingerprint, rows, run.path)
         elif fingerprint != reference[0] or not all(torch.equal(rows[s], reference[1][s]) for s in splits):
             raise UserError(f"{run.path} was trained on other data or another validation split than "
                             f"{reference[2]}; ensemble runs of one dataset, trainer.seed, data.val_fraction "
                             f"and data.val_split.")
-        members.append({"checkpoint": str(run.path), "step": run.step,
+        members.append({"checkpoint": str(run.path), "step": run.step, "task": data.task,
                         "lp": {s: log_probs(run.model, data, s, run.device) for s in splits}})
 
     labels = members[0]["lp"][opts.split][1]
@@ -132,19 +133,20 @@ def ensemble(paths: list[str], opts: Options, data_overrides: dict[str, str]) ->
     def named(d: dict) -> dict:
         return {f"{opts.split}/{k}": v for k, v in d.items()}
 
+    task = members[0]["task"]
     return {
         "split": opts.split,
         "weights_from": "val" if opts.weights == "val" else "equal",
         "members": [{"checkpoint": m["checkpoint"], "step": m["step"], "weight": w,
-                     "metrics": named(metrics(*m["lp"][opts.split]))} for m, w in zip(members, weights)],
-        "metrics": named(metrics(combined, labels)),
+                     "metrics": named(metrics(task, *m["lp"][opts.split]))} for m, w in zip(members, weights)],
+        "metrics": named(metrics(task, combined, labels)),
     }
 
 
 def default_out(result: dict) -> Path:
     """ensemble_<split>.json in the deepest directory holding every member's run dir: the sweep
     dir for a sweep, not wherever the command happened to be run."""
-    dirs = [str(run_dir_of(Path(m["checkpoint"])).resolve()) for m in result["members"]]
+    dirs = [str(RunDir.of(m["checkpoint"]).path.resolve()) for m in result["members"]]
     return Path(os.path.commonpath(dirs)) / f"ensemble_{result['split']}.json"
 
 

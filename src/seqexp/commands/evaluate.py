@@ -2,7 +2,7 @@
 
 Recompute a checkpoint's metrics with nothing but the checkpoint and the run's data source
 (read from the saved config; `data.KEY=VALUE` overrides a key, e.g. the path of a moved copy).
-Prints a table and writes the metrics as JSON (default: RUN_DIR/eval_<split>_<checkpoint>.json).
+Prints a table and writes the metrics as JSON (default: in the run directory, eval_<split>_<checkpoint>.json).
 """
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ from typing import Optional
 
 import torch
 
-from seqexp.checkpoint import write_json
 from seqexp.errors import UserError, user_errors
-from seqexp.inference import build_data, load_run, run_dir_of
+from seqexp.files import write_json
+from seqexp.inference import build_data, load_run
 from seqexp.options import parse
+from seqexp.rundir import RunDir
 
 
 @dataclass
@@ -38,7 +39,7 @@ def evaluate(path: str, opts: Options, data_overrides: dict[str, str]) -> dict:
     return {
         "checkpoint": str(run.path),
         "step": run.step,
-        "task": run.task,
+        "task": data.task.name,
         "split": opts.split,
         "data": getattr(data, "origin", None) or run.ckpt["config"]["data"]["_target_"],
         # named as in metrics.json (`val/loss`, ...), so the two compare key by key
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
             raise UserError("give one run directory or checkpoint, e.g. seqexp-evaluate outputs/2026-01-01/12-00-00.")
         result = evaluate(paths[0], opts, data_overrides)
         ckpt = Path(result["checkpoint"])
-        out = Path(opts.out) if opts.out else run_dir_of(ckpt) / f"eval_{opts.split}_{ckpt.stem}.json"
+        out = Path(opts.out) if opts.out else RunDir.of(ckpt).evaluation(opts.split, ckpt)
         write_json(out, result)
         print(table(result))
         print(f"written to {out}")

@@ -35,8 +35,7 @@ def predict(run: Run, texts: list[str], batch_size: int = 64) -> list[tuple[str,
     """texts -> (label, probability of that label) each."""
     run.require("classify", "prediction", "Use seqexp-sample for language models.")
     encoder, names = text_encoder(run.ckpt), label_names(run.ckpt)
-    kw = run.ckpt["model_kwargs"]
-    max_len, pad = kw.get("max_len"), kw.get("pad_id", 0)
+    max_len = run.ckpt["model_kwargs"].get("max_len")
 
     encoded = [encoder.encode(t)[:max_len] for t in texts]
     empty = [i for i, x in enumerate(encoded) if len(x) == 0]
@@ -48,7 +47,8 @@ def predict(run: Run, texts: list[str], batch_size: int = 64) -> list[tuple[str,
     def batches():
         for i in range(0, len(encoded), batch_size):
             ids = encoded[i : i + batch_size]
-            yield {"tokens": torch.nn.utils.rnn.pad_sequence(ids, batch_first=True, padding_value=pad),  # (B, T)
+            # (B, T); the padding's value is never read: models mask by length
+            yield {"tokens": torch.nn.utils.rnn.pad_sequence(ids, batch_first=True, padding_value=0),
                    "lengths": torch.tensor([len(x) for x in ids]), "carry": False}
 
     out = []

@@ -20,15 +20,15 @@ import torch
 from seqexp.errors import UserError, user_errors
 from seqexp.inference import load_run, text_encoder
 from seqexp.options import parse
-from seqexp.sampling import generate
+from seqexp.sampling import TEMPERATURE, TOP_K, generate
 
 
 @dataclass
 class Options:
     prompt: str = field(default="\n", metadata={"help": "text to continue (default: a new line)"})
     length: int = field(default=500, metadata={"help": "tokens (characters) to generate"})
-    temperature: float = field(default=0.8, metadata={"help": "< 1 sharper, > 1 more random"})
-    top_k: Optional[int] = field(default=40, metadata={"help": "sample among the k likeliest; 0 or null: all"})
+    temperature: float = field(default=TEMPERATURE, metadata={"help": "< 1 sharper, > 1 more random"})
+    top_k: Optional[int] = field(default=TOP_K, metadata={"help": "sample among the k likeliest; 0 or null: all"})
     seed: int = field(default=1337, metadata={"help": "the same seed gives the same text"})
     greedy: bool = field(default=False, metadata={"help": "always the likeliest token (ignores temperature, top_k)"})
     num_samples: int = field(default=1, metadata={"help": "samples drawn in parallel"})

@@ -17,8 +17,10 @@ Evaluation covers every character of the split exactly once, in the same two lay
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import sysconfig
+import time
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -28,7 +30,10 @@ import torch
 from seqexp.data.base import Dataset
 from seqexp.data.download import cache_dir as default_cache_dir, cache_name, download
 from seqexp.errors import UserError, require
-from seqexp.tasks import IGNORE, LanguageModeling  # IGNORE: the target id losses and metrics skip
+from seqexp.tasks.base import IGNORE  # the target id losses and metrics skip
+from seqexp.tasks.lm import LanguageModeling
+
+log = logging.getLogger("seqexp")
 
 UNK = "\ufffd"  # id 0: characters not in the training text
 
@@ -126,6 +131,7 @@ class CharData(Dataset):
                  sha256: Optional[str] = None, max_chars: int = 2_000_000, val_fraction: float = 0.1,
                  batch_size: int = 32, seq_len: int = 128, cache_dir: Optional[str] = None,
                  saved: Optional[dict] = None):
+        t0 = time.perf_counter()
         self.seed, self.batch_size, self.seq_len = seed, batch_size, seq_len
         text, self.origin = load_text(path, source, sha256, max_chars, cache_dir)
         split = int(len(text) * (1.0 - val_fraction))
@@ -137,6 +143,11 @@ class CharData(Dataset):
         self._check_size(stateful=True)  # the smaller need; the model's layout is checked in num_batches
         if len(self.splits["val"]) < 2:
             raise UserError(f"the validation split of {self.origin} is empty; raise data.val_fraction.")
+        unknown = {split: int((ids == 0).sum()) for split, ids in self.splits.items()}
+        log.info("char: %s train / %s val characters, vocabulary %d (%s); unknown characters (id 0): %s; "
+                 "ready in %.2f s", f"{len(train_text):,}", f"{len(val_text):,}", self.vocab_size,
+                 "the checkpoint's" if saved is not None else "the training text's",
+                 ", ".join(f"{n:,} in {split}" for split, n in unknown.items()), time.perf_counter() - t0)
 
     @classmethod
     def check_config(cls, cfg) -> None:
@@ -156,9 +167,8 @@ class CharData(Dataset):
         return self.vocab.decode(ids)
 
     def model_kwargs(self) -> dict:
-        """Runtime facts every model is built with."""
-        return dict(vocab_size=self.vocab_size, num_outputs=self.vocab_size, task=self.task.name,
-                    pad_id=0, max_len=self.seq_len)
+        return dict(vocab_size=self.vocab_size, num_outputs=self.vocab_size, head=self.task.head,
+                    max_len=self.seq_len)
 
     def state(self) -> dict:
         """What a checkpoint needs to map text to ids and back, and to recognise its data on resume."""

@@ -15,7 +15,7 @@ Four tasks, each a pure function of the seed, each chosen as `data=<name>`:
   family embeds them: `levels` bins, value (k + 0.5) / levels, and a marked value is its own token.
 
 Layout: the answer always comes after what it depends on, so causal models (the RNNs, causal
-attention) can give it; loss and metrics see the answer positions only (lab_tasks.py). Every
+attention) can give it; loss and metrics see the answer positions only (tasks/answer.py). Every
 example is independent: batches say `carry: False`, so a recurrent model starts each from a zero
 state. Rows of a split share one length, so there is no padding.
 
@@ -39,7 +39,9 @@ import torch
 
 from seqexp.data.base import Dataset
 from seqexp.errors import require
-from seqexp.lab_tasks import IGNORE, AnswerPositions, Regression
+from seqexp.tasks.answer import AnswerPositions
+from seqexp.tasks.base import IGNORE
+from seqexp.tasks.regress import Regression
 
 SPLIT_IDS = {"train": 0, "val": 1, "test": 2, "order": 3}  # "order": the shuffle of a fixed training set
 BLANK, MARK = 0, 1  # ids shared by the copy tasks: filler, and "now write the answer"
@@ -64,15 +66,20 @@ def distinct_positions(n: int, span: int, k: int, g: torch.Generator) -> torch.T
 
 
 class MemoryData(Dataset):
-    """What the four tasks share: seeds, splits, batches, state. A task defines `generate`,
-    `total_length`, `names` (one per token id) and its knobs."""
+    """What the tasks share: seeds, splits, batches, state, and the knobs below (each task's
+    constructor takes its own and passes these on: `**common`, which the config schema follows,
+    schema.py). A task defines `generate`, `total_length` and `names` (one per token id), set
+    before calling this constructor."""
 
     task = AnswerPositions()
     kind = ""  # state()["kind"]
     names: list[str]  # one per token id: the vocabulary (set by the constructor)
 
-    def setup(self, *, seed: int, length: int, batch_size: int, size: int, fresh: bool, eval_size: int,
-              eval_lengths) -> None:
+    def __init__(self, *, seed: int, saved: Optional[dict] = None, length: int,
+                 batch_size: int = 32, size: int = 10_000,  # training examples (an epoch)
+                 fresh: bool = False,  # true: a new training set every epoch (never the same example twice)
+                 eval_size: int = 1_000,  # examples of val and test, and of each eval length
+                 eval_lengths: tuple[int, ...] = ()):  # more lengths to evaluate at: val@T, test@T splits
         self.seed, self.length, self.batch_size = seed, length, batch_size
         self.size, self.fresh, self.eval_size = size, fresh, eval_size
         self.lengths = {"train": length, "val": length, "test": length}
@@ -99,7 +106,7 @@ class MemoryData(Dataset):
         """The task's metrics, and each again at every other length evaluated (val/exact@200: the
         splits val@<length>, whose metrics the task records with the suffix, lab_tasks.py)."""
         modes = super().metric_modes(cfg)
-        other = [L for L in dict.fromkeys(cfg.eval_lengths) if L != cfg.length]  # as setup() makes splits
+        other = [L for L in dict.fromkeys(cfg.eval_lengths) if L != cfg.length]  # as the constructor makes splits
         return {**modes, **{f"{name}@{L}": mode for L in other for name, mode in modes.items()}}
 
     @classmethod
@@ -115,8 +122,7 @@ class MemoryData(Dataset):
     # ---------------------------------------------------------------- what models and checkpoints see
     def model_kwargs(self) -> dict:
         longest = max(self.total_length(L) for L in self.lengths.values())  # attention's context
-        return dict(vocab_size=len(self.names), num_outputs=self.num_outputs, task=self.task.head,
-                    pad_id=BLANK, max_len=longest)
+        return dict(vocab_size=len(self.names), num_outputs=self.num_outputs, head=self.task.head, max_len=longest)
 
     @property
     def num_outputs(self) -> int:
@@ -166,18 +172,14 @@ class MemoryData(Dataset):
 class CopyData(MemoryData):
     kind = "copy"
 
-    def __init__(self, *, seed: int, saved: Optional[dict] = None,
+    def __init__(self, *,
                  length: int = 100,  # T: the gap between the symbols and the delimiter (Bai et al.: 1000)
                  num_symbols: int = 10,  # M: symbols to copy
                  alphabet: int = 8,  # distinct symbols
-                 batch_size: int = 32, size: int = 10_000,  # training examples (an epoch)
-                 fresh: bool = False,  # true: a new training set every epoch (never the same example twice)
-                 eval_size: int = 1_000,  # examples of val and test, and of each eval length
-                 eval_lengths: tuple[int, ...] = ()):  # more lengths to evaluate at: val@T, test@T splits
+                 **common):
         self.num_symbols, self.alphabet = num_symbols, alphabet
         self.names = ["_", ":"] + letters(alphabet)
-        self.setup(seed=seed, length=length, batch_size=batch_size, size=size, fresh=fresh, eval_size=eval_size,
-                   eval_lengths=eval_lengths)
+        super().__init__(length=length, **common)
 
     @classmethod
     def check_config(cls, cfg) -> None:
@@ -202,16 +204,13 @@ class SelectiveCopyData(CopyData):
     """Copy's vocabulary, checks and length; the symbols scattered among the blanks instead."""
     kind = "selective_copy"
 
-    def __init__(self, *, seed: int, saved: Optional[dict] = None,
+    def __init__(self, *,
                  length: int = 100,  # T: blanks (noise) among which the symbols are scattered (Mamba: 4096)
                  num_symbols: int = 8,  # M: symbols to copy, in order (Mamba: 16)
                  alphabet: int = 8,  # distinct symbols (Mamba: 16)
-                 batch_size: int = 32, size: int = 10_000, fresh: bool = False, eval_size: int = 1_000,
-                 eval_lengths: tuple[int, ...] = ()):
+                 **common):
         # its own signature: the defaults (the config schema) differ from copy's
-        super().__init__(seed=seed, saved=saved, length=length, num_symbols=num_symbols, alphabet=alphabet,
-                         batch_size=batch_size, size=size, fresh=fresh, eval_size=eval_size,
-                         eval_lengths=eval_lengths)
+        super().__init__(length=length, num_symbols=num_symbols, alphabet=alphabet, **common)
 
     def generate(self, n: int, length: int, g: torch.Generator) -> dict:
         M = self.num_symbols
@@ -229,21 +228,19 @@ class SelectiveCopyData(CopyData):
 class RecallData(MemoryData):
     kind = "recall"
 
-    def __init__(self, *, seed: int, saved: Optional[dict] = None,
+    def __init__(self, *,
                  length: int = 64,  # T: the whole sequence, pairs and queries (Zoology: 64..512)
                  num_pairs: int = 8,  # D: key-value pairs (Zoology: 4..64)
                  num_queries: int = 0,  # Q: keys asked for; 0: every key once (as Zoology)
                  alphabet: int = 32,  # distinct keys, and distinct values (Zoology: 8192 ids, half each)
-                 batch_size: int = 32, size: int = 10_000, fresh: bool = False, eval_size: int = 1_000,
-                 eval_lengths: tuple[int, ...] = ()):
+                 **common):
         self.num_pairs, self.alphabet = num_pairs, alphabet
         self.num_queries = num_queries or num_pairs
         # 0 blank, then the keys (upper case), then the values (lower case)
         self.names = ["_"] + letters(alphabet, upper=True) + letters(alphabet)
         if alphabet > 26:
             self.names = ["_"] + [f"k{i}" for i in range(alphabet)] + [f"v{i}" for i in range(alphabet)]
-        self.setup(seed=seed, length=length, batch_size=batch_size, size=size, fresh=fresh, eval_size=eval_size,
-                   eval_lengths=eval_lengths)
+        super().__init__(length=length, **common)
 
     @classmethod
     def check_config(cls, cfg) -> None:
@@ -278,17 +275,15 @@ class AddingData(MemoryData):
     task = Regression()
     kind = "adding"
 
-    def __init__(self, *, seed: int, saved: Optional[dict] = None,
+    def __init__(self, *,
                  length: int = 50,  # T: values per sequence (Bai et al.: 600; Hochreiter & Schmidhuber: 100+)
                  levels: int = 10,  # value bins: value k is (k + 0.5) / levels, a U(0, 1) at that resolution
-                 batch_size: int = 32, size: int = 10_000, fresh: bool = False, eval_size: int = 1_000,
-                 eval_lengths: tuple[int, ...] = ()):
+                 **common):
         self.levels = levels
         # id k: value k, unmarked; id levels + k: value k, marked (an embedding sees both at once)
         values = [f"{(k + 0.5) / levels:.3g}" for k in range(levels)]
         self.names = values + [v + "*" for v in values]
-        self.setup(seed=seed, length=length, batch_size=batch_size, size=size, fresh=fresh, eval_size=eval_size,
-                   eval_lengths=eval_lengths)
+        super().__init__(length=length, **common)
 
     @classmethod
     def check_config(cls, cfg) -> None:

@@ -147,9 +147,8 @@ class AttentionModel(SequenceModel):
         *,
         vocab_size: int,
         num_outputs: int,
-        task: str,
+        head: str,
         max_len: int,  # context size: the data's window (lm) or truncation length (classify)
-        pad_id: int = 0,
         d_model: int = 128,
         n_heads: int = 4,
         n_layers: int = 4,
@@ -163,8 +162,8 @@ class AttentionModel(SequenceModel):
         window: int = 0,  # > 0: each query sees keys at most this many positions away (local attention)
     ):
         super().__init__()
-        assert task in ("lm", "classify"), task
-        self.task, self.context_size = task, max_len
+        assert head in ("lm", "classify"), head
+        self.lm, self.context_size = head == "lm", max_len
         self.word_dropout = float(word_dropout)
         self.tok_emb = nn.Embedding(vocab_size, d_model)
         self.alibi = str(positional) == "alibi"
@@ -179,17 +178,22 @@ class AttentionModel(SequenceModel):
             # tokens and a classifier starts out seeing positions only
             self.register_buffer("pos_emb", 0.02 * sinusoidal_table(max_len, d_model), persistent=False)
         self.drop = maybe_dropout(dropout)
-        self.blocks = nn.ModuleList(Block(d_model, n_heads, mlp_ratio, dropout, conv_kernel, task == "lm")
+        self.blocks = nn.ModuleList(Block(d_model, n_heads, mlp_ratio, dropout, conv_kernel, head == "lm")
                                     for _ in range(n_layers))
         self.ln_f = nn.LayerNorm(d_model)
-        self.pool = MaskedPooling(pooling, d_model) if task == "classify" else None
-        self.head = nn.Linear(d_model, num_outputs, bias=task == "classify")
+        self.pool = MaskedPooling(pooling, d_model) if head == "classify" else None
+        self.head = nn.Linear(d_model, num_outputs, bias=head == "classify")
         self._init_weights(n_layers)
-        if task == "lm" and tie_weights:  # the same matrix maps ids to vectors and back
+        if head == "lm" and tie_weights:  # the same matrix maps ids to vectors and back
             self.head.weight = self.tok_emb.weight
 
     @classmethod
-    def check_config(cls, cfg, task: str) -> None:
+    def describe(cls, m: dict) -> str:
+        conv = f", convolution {m['conv_kernel']} wide" if m.get("conv_kernel") else ""
+        return f"attention {m['n_layers']} x {m['d_model']}, {m['n_heads']} heads{conv}, {m['pooling']} pooling"
+
+    @classmethod
+    def check_config(cls, cfg, head: str) -> None:
         check_positive(cfg, "d_model", "n_heads", "n_layers", "mlp_ratio")
         check_fraction(cfg, "dropout", "word_dropout")
         require(cfg.d_model % cfg.n_heads == 0,
@@ -219,7 +223,7 @@ class AttentionModel(SequenceModel):
         assert T <= self.context_size, f"sequence of {T} exceeds the context size {self.context_size}"
         x = embed_words(self.tok_emb, tokens, self.word_dropout)  # (B, T, C)
         x = self.drop(x if self.alibi else x + self.pos_emb[:T])
-        causal = self.task == "lm"
+        causal = self.lm
         # (B, T) True at real tokens, or None when all are: padding for attention and convolutions
         keep = None if causal or lengths is None else length_mask(lengths.to(tokens.device), T)
         # built once for every block; with ALiBi or a window the mask itself is causal (mask_causal False)

@@ -1,10 +1,15 @@
 """What every model family provides to the shared code (train.py, the trainer, the commands).
 
 A model is built with its config's plain values plus the runtime facts it asks for by name
-(`vocab_size`, `num_outputs`, `task`, `pad_id`, `max_len`: see build.RUNTIME), and maps
-`tokens (B, T)`, `lengths (B,)` or None, and a carried state to `(logits, state)`: logits
-(B, T, V) for language modelling, (B, C) for classification. The defaults below suit a model
-that needs none of the optional parts; a family overrides what it uses.
+(build.RUNTIME): `vocab_size`, `num_outputs`, `head` -- "lm": (B, T, V) logits, one row per
+position, causal; "classify": (B, C) logits, one row per sequence, padding never reaching one --
+and `max_len`, the longest input it will read at once (attention's context). It maps
+`tokens (B, T)`, `lengths (B,)` or None, and a carried state to `(logits, state)`. The defaults
+below suit a model that needs none of the optional parts; a family overrides what it uses.
+
+A new family is one module in this package plus one YAML file in configs/model/: the contract
+tests (tests/test_model_contract.py) find it and check it, on each head its `check_config`
+accepts.
 """
 
 from __future__ import annotations
@@ -48,8 +53,14 @@ class SequenceModel(nn.Module):
         Called once on a fresh run, never on a resume: the checkpoint holds the result."""
 
     @classmethod
-    def check_config(cls, cfg: DictConfig, task: str) -> None:
-        """Cross-field checks of this model's config, before any data is read (UserError)."""
+    def check_config(cls, cfg: DictConfig, head: str) -> None:
+        """Cross-field checks of this model's config for a `head` ("lm" or "classify"), before any
+        data is read (UserError): a family that cannot do a head refuses it here."""
+
+    @classmethod
+    def describe(cls, cfg: dict) -> str:
+        """One line for a table of results: what this config of the family is."""
+        return cls.__name__
 
     def input_embedding(self) -> Optional[nn.Module]:
         """The module whose output, (B, T, D) one vector per position, is the input every later

@@ -327,9 +327,7 @@ class MinRNNModel(SequenceModel):
         *,
         vocab_size: int,
         num_outputs: int,
-        task: str,
-        pad_id: int = 0,
-        max_len: Optional[int] = None,  # unused: recurrence has no context limit
+        head: str,
         cell: Literal["gru", "lstm"] = "gru",  # minGRU or minLSTM
         hidden_size: int = 256,  # the state's width, and the embedding's and residual stream's
         num_layers: int = 2,
@@ -343,10 +341,10 @@ class MinRNNModel(SequenceModel):
         scan: Scan = "parallel",  # how training/evaluation run the recurrence (module docstring)
     ):
         super().__init__()
-        assert task in ("lm", "classify"), task
-        self.task, self.pooling, self.scan = task, str(pooling), str(scan)
+        assert head in ("lm", "classify"), head
+        self.lm, self.pooling, self.scan = head == "lm", str(pooling), str(scan)
         self.word_dropout = float(word_dropout)
-        self.bidirectional = bool(bidirectional) and task == "classify"
+        self.bidirectional = bool(bidirectional) and head == "classify"
         dirs = 2 if self.bidirectional else 1
         self.embed = nn.Embedding(vocab_size, hidden_size)
         self.drop = nn.Dropout(dropout)
@@ -356,7 +354,7 @@ class MinRNNModel(SequenceModel):
                                     for i in range(num_layers))
         out_dim = width[-1]
         self.norm = nn.LayerNorm(out_dim) if blocks else nn.Identity()
-        if task == "lm":
+        if head == "lm":
             self.head = nn.Linear(out_dim, num_outputs)
             if tie_weights:  # out_dim == hidden_size == the embedding's width
                 self.head.weight = self.embed.weight
@@ -367,10 +365,17 @@ class MinRNNModel(SequenceModel):
         self.head = nn.Linear(out_dim * (2 if self.bidirectional and self.pooling == "last" else 1), num_outputs)
 
     @classmethod
-    def check_config(cls, cfg, task: str) -> None:
+    def describe(cls, m: dict) -> str:
+        bi = "Bi-" if m["bidirectional"] else ""
+        per = " per direction" if bi else ""
+        kind = "blocks" if m["blocks"] else "bare"  # the paper's (norm, residual, feed-forward) or the bare stack
+        return f"{bi}min{m['cell'].upper()} {m['num_layers']} x {m['hidden_size']}{per} ({kind}), {m['pooling']} pooling"
+
+    @classmethod
+    def check_config(cls, cfg, head: str) -> None:
         check_positive(cfg, "hidden_size", "num_layers", "mlp_ratio")
         check_fraction(cfg, "dropout", "word_dropout")
-        require(not (cfg.bidirectional and task == "lm"), "model.bidirectional=true lets a language model see "
+        require(not (cfg.bidirectional and head == "lm"), "model.bidirectional=true lets a language model see "
                 "the next character; use it only with a classification dataset (data=imdb).")
 
     def input_embedding(self) -> nn.Module:
@@ -384,7 +389,7 @@ class MinRNNModel(SequenceModel):
         # one token (sampling) costs O(1) with the loop; the scan's set-up would be pure overhead
         scan = "sequential" if T == 1 else self.scan
         x = self.drop(embed_words(self.embed, tokens, self.word_dropout))  # (B, T, H)
-        if self.task == "lm":
+        if self.lm:
             last = []
             for i, layer in enumerate(self.layers):
                 x, h = layer(x, None if state is None else state[i], None, scan)

@@ -46,9 +46,7 @@ class NgramModel(SequenceModel):
         *,
         vocab_size: int,
         num_outputs: int,
-        task: str,
-        pad_id: int = 0,
-        max_len: Optional[int] = None,
+        head: str,
         n: int = 3,  # uni-, bi- and trigrams
         max_features: int = 1_000_000,  # the most frequent n-grams of the training reviews
         min_count: int = 2,  # seen at least this often in training (rarer ones only memorise)
@@ -57,7 +55,7 @@ class NgramModel(SequenceModel):
         r_adj: float = 10.0,
     ):
         super().__init__()
-        if task != "classify":
+        if head != "classify":
             raise ValueError("the n-gram model is a classifier; it has no language-model head")
         # its naive Bayes ratios count each class's sequences: no real-valued target (data=adding)
         require(num_outputs >= 2, f"model=ngram classifies into classes; this data asks for {num_outputs} output "
@@ -79,8 +77,12 @@ class NgramModel(SequenceModel):
             self.w.weight[0] = 0.0
 
     @classmethod
-    def check_config(cls, cfg, task: str) -> None:
-        require(task == "classify", "model=ngram is a bag of n-grams: it classifies (data=imdb) and cannot "
+    def describe(cls, m: dict) -> str:
+        return f"{m['n']}-gram bag (NBSVM)"
+
+    @classmethod
+    def check_config(cls, cfg, head: str) -> None:
+        require(head == "classify", "model=ngram is a bag of n-grams: it classifies (data=imdb) and cannot "
                 "model language.")
         require(1 <= cfg.n <= 5, f"model.n must be in 1..5, got {cfg.n}.")
         require(cfg.max_features > 0 and cfg.min_count > 0, "model.max_features and model.min_count must be positive.")

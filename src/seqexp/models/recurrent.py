@@ -56,9 +56,7 @@ class RecurrentModel(SequenceModel):
         *,
         vocab_size: int,
         num_outputs: int,
-        task: str,
-        pad_id: int = 0,
-        max_len: Optional[int] = None,  # unused: recurrence has no context limit
+        head: str,
         cell: Literal["rnn", "lstm", "gru"] = "lstm",  # rnn: Elman, tanh
         embed_dim: int = 64,
         hidden_size: int = 256,
@@ -70,14 +68,14 @@ class RecurrentModel(SequenceModel):
         tie_weights: bool = False,  # language modelling; needs embed_dim == hidden_size
     ):
         super().__init__()
-        assert task in ("lm", "classify"), task
-        self.task, self.cell, self.pooling = task, str(cell), str(pooling)
+        assert head in ("lm", "classify"), head
+        self.lm, self.cell, self.pooling = head == "lm", str(cell), str(pooling)
         self.word_dropout = float(word_dropout)
-        self.bidirectional = bool(bidirectional) and task == "classify"
+        self.bidirectional = bool(bidirectional) and head == "classify"
         self.pack: Optional[bool] = None  # classification: None packs on CUDA only (see above)
         self.embed = nn.Embedding(vocab_size, embed_dim)
         self.drop = nn.Dropout(dropout)
-        if task == "lm":
+        if head == "lm":
             self.rnn = CELLS[self.cell](
                 embed_dim, hidden_size, num_layers, batch_first=True,
                 dropout=dropout if num_layers > 1 else 0.0,  # torch applies it between layers only
@@ -107,14 +105,20 @@ class RecurrentModel(SequenceModel):
         self.head = nn.Linear(out_dim, num_outputs)
 
     @classmethod
-    def check_config(cls, cfg, task: str) -> None:
+    def check_config(cls, cfg, head: str) -> None:
         check_positive(cfg, "embed_dim", "hidden_size", "num_layers")
         check_fraction(cfg, "dropout", "word_dropout")
-        require(not (cfg.bidirectional and task == "lm"), "model.bidirectional=true lets a language model see "
+        require(not (cfg.bidirectional and head == "lm"), "model.bidirectional=true lets a language model see "
                 "the next character; use it only with a classification dataset (data=imdb).")
-        require(not (cfg.tie_weights and task == "lm") or cfg.embed_dim == cfg.hidden_size,
+        require(not (cfg.tie_weights and head == "lm") or cfg.embed_dim == cfg.hidden_size,
                 f"model.tie_weights=true needs model.embed_dim ({cfg.embed_dim}) == model.hidden_size "
                 f"({cfg.hidden_size}).")
+
+    @classmethod
+    def describe(cls, m: dict) -> str:
+        bi = "Bi" if m["bidirectional"] else ""
+        per = " per direction" if bi else ""
+        return f"{bi}{m['cell'].upper()} {m['num_layers']} x {m['hidden_size']}{per}, {m['pooling']} pooling"
 
     def input_embedding(self) -> nn.Module:
         return self.embed  # (B, T, E)
@@ -122,7 +126,7 @@ class RecurrentModel(SequenceModel):
     def forward(self, tokens: torch.Tensor, lengths: Optional[torch.Tensor] = None, state: State = None):
         """tokens (B, T) -> (logits, state). logits: (B, T, V) for lm, (B, C) for classify."""
         x = self.drop(embed_words(self.embed, tokens, self.word_dropout))  # (B, T, E)
-        if self.task == "lm":
+        if self.lm:
             out, state = self.rnn(x, state)  # (B, T, H)
             return self.head(self.drop(out)), state
 

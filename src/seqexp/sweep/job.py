@@ -1,14 +1,14 @@
 """One job of a multirun (`-m`): what happens around `train()` so that a sweep outlives its jobs.
 
 - A job that fails (a bad combination, a missing file, non-finite loss, out of memory) is
-  recorded in its metrics.json as `status: failed` with the error, and the sweep goes on;
+  recorded in its record (metrics.json) as `status: failed` with the error, and the sweep goes on;
   `sweep.fail_fast=true` stops the sweep instead. (Left to Hydra, a job's `sys.exit` ends the
   whole sweep at once, and a job's exception ends it after its batch with no summary.)
 - Re-running a sweep into the same `hydra.sweep.dir` skips jobs that finished with the same
   config (their objective is returned again, so Optuna sees it) and continues unfinished ones
-  from checkpoints/last.pt (`continue_or_restart`, the seam with `resume=RUN_DIR`).
+  from their last checkpoint (`continue_or_restart`, the seam with `resume=RUN_DIR`).
 - A stop signal (Ctrl-C, SIGTERM, submitit's time-limit signal; preempt.py) stops the running
-  job as it stops a single run, after saving checkpoints/last.pt; the job is recorded as
+  job as it stops a single run, after saving its last checkpoint; the job is recorded as
   `interrupted`, no further job starts, and re-running the sweep continues it. In the sweep's own
   process (basic launcher) the sweep ends at once (callback.end_sweep: summary, exit 75); a job
   process (joblib worker) returns, and so does every job it is given after. Under submitit the
@@ -34,17 +34,17 @@ from typing import Optional
 from omegaconf import DictConfig
 
 from seqexp import distributed, preempt
-from seqexp.checkpoint import write_json
 from seqexp.config import to_container
 from seqexp.errors import UserError
+from seqexp.files import read_json, write_json
+from seqexp.hparams import hparam_values, write_hparams
 from seqexp.preempt import Preempted
+from seqexp.rundir import RunDir
 from seqexp.sweep.callback import end_sweep, stopped
-from seqexp.sweep.hparams import hparam_values, write_hparams
 from seqexp.sweep.resources import configure_job, parallel_jobs
 
 log = logging.getLogger("seqexp")
 
-JOB_FILE = "job.json"  # the config hash and overrides the directory's results belong to
 NOT_HASHED = ("sweep", "resume")  # how to run a job, not what it computes
 
 
@@ -55,36 +55,21 @@ def config_hash(cfg: DictConfig) -> str:
     return hashlib.sha256(json.dumps(c, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def read_json(path: Path) -> Optional[dict]:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def clear_results(run_dir: Path) -> None:
-    """Before a job starts over: no old checkpoint, metrics or events to mix with the new ones."""
-    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-    (run_dir / "metrics.json").unlink(missing_ok=True)
-    for f in run_dir.glob("events.out.tfevents.*"):
-        f.unlink()
-
-
-def continue_or_restart(cfg: DictConfig, run_dir: Path, may_continue: bool) -> dict:
-    """Run the job; an unfinished one continues from checkpoints/last.pt (`resume=RUN_DIR`:
+def continue_or_restart(cfg: DictConfig, run: RunDir, may_continue: bool) -> dict:
+    """Run the job; an unfinished one continues from its last checkpoint (`resume=RUN_DIR`:
     continue the run in RUN_DIR from its last checkpoint). This is the one place that knows
     about resuming."""
     from seqexp.train import train  # torch
 
-    unfinished = may_continue and (run_dir / "checkpoints" / "last.pt").is_file()
+    unfinished = may_continue and run.last.is_file()
     distributed.barrier()  # DDP: every rank has looked before rank 0 clears anything
     if unfinished:
-        log.info("%s: continuing from checkpoints/last.pt", run_dir.name)
-        cfg.resume = str(run_dir)
-        return train(cfg, run_dir, in_sweep=True)
+        log.info("%s: continuing from %s", run.path.name, run.last.relative_to(run.path))
+        cfg.resume = str(run.path)
+        return train(cfg, run.path, in_sweep=True)
     if distributed.is_main():
-        clear_results(run_dir)
-    return train(cfg, run_dir, in_sweep=True)  # (in_sweep: HParams from here; no sample printed per job)
+        run.clear_results()  # no old checkpoint, record or events to mix with the new ones
+    return train(cfg, run.path, in_sweep=True)  # (in_sweep: HParams from here; no sample printed per job)
 
 
 def describe(e: BaseException) -> str:
@@ -94,21 +79,21 @@ def describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {first}"[:500]
 
 
-def record(run_dir: Path, status: str, error: str) -> dict:
-    """Mark the job in its metrics.json, keeping whatever the trainer wrote at its last evaluation."""
-    metrics = read_json(run_dir / "metrics.json") or {}
+def record(run: RunDir, status: str, error: str) -> dict:
+    """Mark the job in its record, keeping whatever the trainer wrote at its last evaluation."""
+    metrics = run.read_metrics() or {}
     metrics.update(status=status, error=error)
     if distributed.is_main():
-        write_json(run_dir / "metrics.json", metrics)
+        run.write_metrics(metrics)
     return metrics
 
 
-def drop_if_unused(run_dir: Path) -> None:
+def drop_if_unused(run: RunDir) -> None:
     """A job that never started: remove the directory Hydra just made for it, unless it holds
     anything besides Hydra's own files (results of an earlier run of the sweep stay)."""
     try:
-        if distributed.is_main() and all(p.name in (".hydra", "seqexp.log") for p in run_dir.iterdir()):
-            shutil.rmtree(run_dir)
+        if distributed.is_main() and run.only_hydra_files():
+            shutil.rmtree(run.path)
     except OSError:
         pass
 
@@ -120,11 +105,11 @@ def end_sweep_here(sweep_dir: Path) -> None:
         end_sweep(sweep_dir)
 
 
-def safe_write_hparams(cfg: DictConfig, run_dir: Path, name: str, overrides: list[str], metrics: dict) -> None:
+def safe_write_hparams(cfg: DictConfig, run: RunDir, name: str, overrides: list[str], metrics: dict) -> None:
     if not cfg.logging.tensorboard or not distributed.is_main():
         return
     try:
-        write_hparams(run_dir, name, hparam_values(cfg, overrides), metrics, metrics.get("status", ""))
+        write_hparams(run.path, name, hparam_values(cfg, overrides), metrics, metrics.get("status", ""))
     except Exception as e:  # the job's results matter more than its HParams entry
         log.warning("%s: HParams not written (%s)", name, describe(e))
 
@@ -132,6 +117,7 @@ def safe_write_hparams(cfg: DictConfig, run_dir: Path, name: str, overrides: lis
 def run_sweep_job(cfg: DictConfig, hydra_cfg: DictConfig) -> Optional[float]:
     """Returns the job's objective (best validation metric), or None when it failed."""
     run_dir = Path(hydra_cfg.runtime.output_dir)
+    run = RunDir(run_dir)
     sweep_dir = Path(hydra_cfg.sweep.dir)
     name = run_dir.relative_to(sweep_dir).as_posix() if run_dir.is_relative_to(sweep_dir) else run_dir.name
     overrides = list(hydra_cfg.overrides.task)
@@ -139,12 +125,12 @@ def run_sweep_job(cfg: DictConfig, hydra_cfg: DictConfig) -> Optional[float]:
     why = stopped(sweep_dir)
     if why:  # the sweep was stopped: no further job starts
         log.info("%s: not started (%s)", name, why)
-        drop_if_unused(run_dir)
+        drop_if_unused(run)
         end_sweep_here(sweep_dir)
         return None
 
-    previous, metrics = read_json(run_dir / JOB_FILE), read_json(run_dir / "metrics.json")
-    has_results = metrics is not None or (run_dir / "checkpoints").exists()
+    previous, metrics = read_json(run.job), run.read_metrics()
+    has_results = run.holds_results()
     if has_results and (previous or {}).get("config_hash") != digest:
         # Same overrides, different config: the YAML files changed since. Never mix the two.
         message = (f"{run_dir} holds results of another config (config files changed since it ran); "
@@ -162,20 +148,20 @@ def run_sweep_job(cfg: DictConfig, hydra_cfg: DictConfig) -> Optional[float]:
     resources = configure_job(parallel_jobs(hydra_cfg.get("launcher")), int(hydra_cfg.job.num),
                               sweep_dir / ".locks", str(cfg.trainer.device))
     if distributed.is_main():
-        write_json(run_dir / JOB_FILE, {"config_hash": digest, "overrides": overrides, "resources": resources})
+        write_json(run.job, {"config_hash": digest, "overrides": overrides, "resources": resources})
     try:
-        metrics = continue_or_restart(cfg, run_dir, may_continue=cfg.sweep.skip_finished)
-    except Preempted:  # saved checkpoints/last.pt; a re-run of the sweep continues from it
-        steps = (read_json(run_dir / "metrics.json") or {}).get("steps")
+        metrics = continue_or_restart(cfg, run, may_continue=cfg.sweep.skip_finished)
+    except Preempted:  # saved its last checkpoint; a re-run of the sweep continues from it
+        steps = (run.read_metrics() or {}).get("steps")
         reason = stopped(sweep_dir) or "a stop signal to another rank"
-        metrics = record(run_dir, "interrupted", f"{reason}, after step {steps}")
+        metrics = record(run, "interrupted", f"{reason}, after step {steps}")
         log.warning("%s interrupted: %s; re-run the sweep to continue it", name, metrics["error"])
-        safe_write_hparams(cfg, run_dir, name, overrides, metrics)
+        safe_write_hparams(cfg, run, name, overrides, metrics)
         preempt.hand_over()  # under submitit, after its signal: it requeues the job (and exits)
         end_sweep_here(sweep_dir)
         return None
     except KeyboardInterrupt:
-        safe_write_hparams(cfg, run_dir, name, overrides, record(run_dir, "interrupted", "KeyboardInterrupt"))
+        safe_write_hparams(cfg, run, name, overrides, record(run, "interrupted", "KeyboardInterrupt"))
         raise
     except Exception as e:
         if os.environ.get("SEQEXP_DEBUG"):
@@ -183,7 +169,7 @@ def run_sweep_job(cfg: DictConfig, hydra_cfg: DictConfig) -> Optional[float]:
         message = describe(e)
         log.error("%s failed: %s", name, message, exc_info=not isinstance(e, UserError))
     else:
-        safe_write_hparams(cfg, run_dir, name, overrides, metrics)
+        safe_write_hparams(cfg, run, name, overrides, metrics)
         if preempt.received():  # came after training (test split, sample): the job is done, the sweep is not
             end_sweep_here(sweep_dir)
         return metrics["objective"]["best"]
@@ -191,8 +177,8 @@ def run_sweep_job(cfg: DictConfig, hydra_cfg: DictConfig) -> Optional[float]:
     # out of the except block, so the traceback no longer holds the failed job's tensors
     gc.collect()
     _empty_cuda_cache()
-    metrics = record(run_dir, "failed", message)
-    safe_write_hparams(cfg, run_dir, name, overrides, metrics)
+    metrics = record(run, "failed", message)
+    safe_write_hparams(cfg, run, name, overrides, metrics)
     if cfg.sweep.fail_fast:
         print(f"error: {name}: {message}\nsweep stopped (sweep.fail_fast=true)", file=sys.stderr, flush=True)
         end_sweep_here(sweep_dir)  # the summary first

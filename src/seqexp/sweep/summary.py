@@ -1,6 +1,6 @@
 """A sweep's results: summary.md and summary.csv (one row per job, best first) and two plots.
 
-Everything is read back from the job directories -- `.hydra/overrides.yaml`, `metrics.json`,
+Everything is read back from the job directories (rundir.py) -- the overrides Hydra saved, the record,
 the TensorBoard events -- so the summary can be rebuilt at any time, also while a sweep runs
 (`python scripts/summarize.py SWEEP_DIR`) or after it was interrupted.
 """
@@ -8,7 +8,6 @@ the TensorBoard events -- so the summary can be rebuilt at any time, also while 
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
 import re
@@ -17,12 +16,14 @@ from typing import Optional
 
 from omegaconf import OmegaConf
 
+from seqexp.rundir import RunDir
+
 log = logging.getLogger("seqexp")
 
 
 def find_jobs(sweep_dir: Path) -> list[Path]:
     """Directories Hydra made a job in, in job-number order."""
-    dirs = [p.parent.parent for p in Path(sweep_dir).rglob(".hydra/overrides.yaml")]
+    dirs = [run.path for run in RunDir.jobs(sweep_dir)]
 
     def order(d: Path):
         m = re.match(r"(\d+)_", d.name)
@@ -32,14 +33,12 @@ def find_jobs(sweep_dir: Path) -> list[Path]:
 
 
 def load_job(job_dir: Path, sweep_dir: Path) -> dict:
-    try:
-        metrics = json.loads((job_dir / "metrics.json").read_text())
-    except (OSError, ValueError):
-        metrics = {}
+    run = RunDir(job_dir)
+    metrics = run.read_metrics() or {}
     return {
         "dir": job_dir,
         "job": job_dir.relative_to(sweep_dir).as_posix() if job_dir != sweep_dir else job_dir.name,
-        "overrides": [str(o) for o in OmegaConf.load(job_dir / ".hydra" / "overrides.yaml")],
+        "overrides": [str(o) for o in OmegaConf.load(run.overrides)],
         "metrics": metrics,
         # Hydra made the directory but the job has not evaluated yet (or was killed before)
         "status": metrics.get("status", "running"),

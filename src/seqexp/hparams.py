@@ -8,18 +8,23 @@ named by the job directory, which says its overrides. No experiment summary is w
 one TensorBoard takes the hparams from every session and the metrics from every scalar tag, so
 jobs with other hparams (a later re-run, an Optuna search) still show.
 
-A single run (no `-m`) writes the same entry into its run directory when it ends (train.py),
-with every value of its config that shapes the result (`config_hparams`) as its hparams, so
-`tensorboard --logdir outputs` compares single runs in the HParams tab too.
+A single run (no `-m`) writes the same entry into its run directory when it ends
+(`write_run_hparams`), with every value of its config that shapes the result (`config_hparams`)
+as its hparams, so `tensorboard --logdir outputs` compares single runs in the HParams tab too.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
+
+from seqexp.rundir import RunDir
+
+log = logging.getLogger("seqexp")
 
 SUFFIX = ".hparams"  # events file name suffix, so a re-run replaces only this file
 
@@ -88,7 +93,7 @@ def write_hparams(run_dir: Path, name: str, hparams: dict, metrics: dict, status
     from torch.utils.tensorboard import SummaryWriter
 
     run_dir = Path(run_dir)
-    for old in run_dir.glob(f"events.out.tfevents.*{SUFFIX}"):
+    for old in run_dir.glob(f"{RunDir.EVENTS}{SUFFIX}"):
         old.unlink()  # a re-run (retry, resume) replaces the job's session
     step = int(metrics.get("steps") or 0)
     writer = SummaryWriter(str(run_dir), filename_suffix=SUFFIX)
@@ -106,3 +111,13 @@ def write_hparams(run_dir: Path, name: str, hparams: dict, metrics: dict, status
         writer.file_writer.add_summary(summary, step)
     finally:
         writer.close()
+
+
+def write_run_hparams(cfg: DictConfig, run: RunDir) -> None:
+    """TensorBoard HParams for a single run, however it ended: its hyper-parameters (the config's
+    values) and the metrics its record holds. Never fails the run."""
+    try:
+        metrics = run.read_metrics() or {}
+        write_hparams(run.path, run.path.name, config_hparams(cfg), metrics, metrics.get("status", ""))
+    except Exception as e:  # the run's results matter more than its HParams entry
+        log.warning("HParams not written (%s: %s)", type(e).__name__, e)

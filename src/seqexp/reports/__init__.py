@@ -1,0 +1,1 @@
+"""Reports: what a run shows around its evaluations (base.py states the contract; one module per report)."""

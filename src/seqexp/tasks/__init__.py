@@ -1,0 +1,1 @@
+"""Tasks: how a dataset's examples are scored (base.py states the contract; one module per task)."""
