@@ -1,12 +1,13 @@
 # Set-up in two commands (README "Quick start"):
 #   make train [ARGS="model=gru optimizer.lr=3e-3"]   # sets up .venv if needed, then scripts/train.py
-#   make test  [ARGS="-x tests/test_train.py"]         # sets up .venv if needed, then pytest -q
+#   make test  [ARGS="-x tests/test_train.py"]         # sets up .venv if needed, then pytest on JOBS processes
 # The environment is made once: it is redone only when pyproject.toml changes (the stamp file).
 #
 # Variables:
 #   VENV         where the virtual environment lives (default .venv; CI: a fresh one per run)
 #   PYTHON       the interpreter that creates it (Python 3.11+)
 #   TORCH        the pinned PyTorch release (README "Install")
+#   JOBS         test processes (pytest-xdist; default 2: a 2-core machine runs the suite in ~4 min)
 #   TORCH_INDEX  an index for PyTorch only, e.g. https://download.pytorch.org/whl/cpu on a CPU-only
 #                machine with internet (skips PyPI's multi-GB CUDA build); empty: PyPI's default build
 #                (CUDA on Linux), or a local wheel where pip is configured with one
@@ -15,6 +16,7 @@ VENV ?= .venv
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
+JOBS ?= 2
 ARGS ?=
 
 BIN := $(VENV)/bin
@@ -26,7 +28,7 @@ train: $(STAMP)
 	$(BIN)/python scripts/train.py $(ARGS)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/python -m pytest -q -n $(JOBS) --dist worksteal --durations=15 $(ARGS)
 
 setup: $(STAMP)
 

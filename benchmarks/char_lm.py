@@ -22,7 +22,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from seqexp.config import CONFIG_DIR
+from seqexp.configs import CONFIG_DIR
 from seqexp.train import train
 
 # Per-model overrides on top of each model's YAML and data=shakespeare.
@@ -57,7 +57,7 @@ def scalars(run_dir: str, tag: str):
 
 def run_model(name: str, overrides: list[str], a) -> dict:
     common = ["data=shakespeare", f"data.path={a.data_path}", "trainer.progress=false",
-              "logging.sample_chars=0", f"trainer.device={a.device}", *overrides]
+              "logging.sample.chars=0", f"trainer.device={a.device}", *overrides]
     # 1. calibrate: characters per second of this config on this machine
     with tempfile.TemporaryDirectory() as tmp:
         train(config([*common, "trainer.max_steps=60", "trainer.eval_every=1000000",

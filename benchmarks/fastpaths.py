@@ -70,14 +70,14 @@ def compare(name, a, b, steps, rounds, device, warmup=2) -> dict:
 
 def attention_model(T, device):
     torch.manual_seed(0)
-    return AttentionModel(vocab_size=V, num_outputs=V, task="lm", max_len=T, d_model=128, n_heads=4,
+    return AttentionModel(vocab_size=V, num_outputs=V, head="lm", max_len=T, d_model=128, n_heads=4,
                           n_layers=4, dropout=0.0).to(device)
 
 
-def lstm_model(device, task="lm", bidirectional=False):
+def lstm_model(device, head="lm", bidirectional=False):
     torch.manual_seed(0)
-    return RecurrentModel(vocab_size=V, num_outputs=V if task == "lm" else 2, task=task, cell="lstm",
-                          embed_dim=64, hidden_size=256, num_layers=2 if task == "lm" else 1,
+    return RecurrentModel(vocab_size=V, num_outputs=V if head == "lm" else 2, head=head, cell="lstm",
+                          embed_dim=64, hidden_size=256, num_layers=2 if head == "lm" else 1,
                           bidirectional=bidirectional, pooling="max").to(device)
 
 
@@ -121,7 +121,7 @@ def main() -> None:
         # Both paths compute the same logits (tests/test_models.py); which is faster depends on
         # the device: packing lets cuDNN skip the padding, while torch's CPU recurrence slices a
         # packed batch once per step and pays O(T^2) in the backward pass.
-        m = lstm_model(device, task="classify", bidirectional=True)
+        m = lstm_model(device, head="classify", bidirectional=True)
         opt = torch.optim.AdamW(m.parameters(), 1e-3)
         g = torch.Generator().manual_seed(0)
         # IMDB-like lengths within one length bucket: similar, not equal

@@ -31,7 +31,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from seqexp.config import CONFIG_DIR
+from seqexp.build import locate
+from seqexp.configs import CONFIG_DIR
+from seqexp.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 # one row per model family: every model config (configs/model/NAME.yaml) that has an IMDB
@@ -45,7 +47,7 @@ QUICK = ["trainer.max_steps=4", "trainer.eval_every=2", "trainer.checkpoint_ever
 def overrides(name: str, a) -> list[str]:
     # wrong_examples=0: listing the worst validation reviews costs a pass and is not measured here
     return [f"experiment={name}", f"data.path={a.data_path}", "trainer.progress=false",
-            "logging.wrong_examples=0", f"trainer.device={a.device}", *(QUICK if a.quick else []), *a.overrides]
+            "logging.wrong_examples.count=0", f"trainer.device={a.device}", *(QUICK if a.quick else []), *a.overrides]
 
 
 def comparable(cfg) -> dict:
@@ -82,8 +84,8 @@ def same_config(saved, wanted) -> bool:
 def finished_with(run: Path, args: list[str]) -> bool:
     """Did `run` finish, trained with the config these overrides compose to now?"""
     try:
-        done = json.loads((run / "metrics.json").read_text())["status"] == "finished"
-        saved = comparable(OmegaConf.load(run / ".hydra" / "config.yaml"))
+        done = (RunDir(run).read_metrics() or {}).get("status") == "finished"
+        saved = comparable(OmegaConf.load(RunDir(run).config))
     except (OSError, KeyError, ValueError):
         return False
     return done and same_config(saved, composed(args))
@@ -133,26 +135,13 @@ def train_all(names: list[str], a) -> dict[str, Path]:
 
 
 def describe(cfg: dict) -> str:
-    m = cfg["model"]
-    target = m["_target_"].rsplit(".", 1)[-1]
-    if target == "RecurrentModel":
-        bi = "Bi" if m["bidirectional"] else ""
-        per = " per direction" if bi else ""
-        return f"{bi}{m['cell'].upper()} {m['num_layers']} x {m['hidden_size']}{per}, {m['pooling']} pooling"
-    if target == "AttentionModel":
-        conv = f", convolution {m['conv_kernel']} wide" if m.get("conv_kernel") else ""
-        return f"attention {m['n_layers']} x {m['d_model']}, {m['n_heads']} heads{conv}, {m['pooling']} pooling"
-    if target == "MinRNNModel":  # the paper's blocks (norm, residual, feed-forward) or the bare stack
-        bi = "Bi-" if m["bidirectional"] else ""
-        per = " per direction" if bi else ""
-        kind = "blocks" if m["blocks"] else "bare"
-        return f"{bi}min{m['cell'].upper()} {m['num_layers']} x {m['hidden_size']}{per} ({kind}), {m['pooling']} pooling"
-    return f"{m['n']}-gram bag (NBSVM)" if target == "NgramModel" else target
+    """The model in one line, as its family describes a config of itself (SequenceModel.describe)."""
+    return locate(cfg["model"]["_target_"]).describe(cfg["model"])
 
 
 def read_run(name: str, run: Path) -> dict:
-    metrics = json.loads((run / "metrics.json").read_text())
-    cfg = OmegaConf.to_container(OmegaConf.load(run / ".hydra" / "config.yaml"), resolve=True)
+    metrics = RunDir(run).read_metrics()
+    cfg = OmegaConf.to_container(OmegaConf.load(RunDir(run).config), resolve=True)
     events = EventAccumulator(str(run)).Reload()
     clock = {e.step: e.value for e in events.Scalars("time/train_s")}  # logged at every evaluation
     curve = [(round(clock[e.step], 1), e.step, e.value) for e in events.Scalars("val/acc") if e.step in clock]

@@ -40,7 +40,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from seqexp.build import build_data, build_model
-from seqexp.config import CONFIG_DIR, validate
+from seqexp.config import validate
+from seqexp.configs import CONFIG_DIR
 from seqexp.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 
 from seqexp.build import instantiate
-from seqexp.config import CONFIG_DIR
+from seqexp.configs import CONFIG_DIR
 from seqexp.sweep.resources import cpu_name
 
 VOCAB = 100
@@ -44,7 +44,7 @@ def build(name: str, T: int) -> torch.nn.Module:
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         node = compose("train", overrides=overrides).model
     torch.manual_seed(0)
-    return instantiate(node, vocab_size=VOCAB, num_outputs=VOCAB, task="lm", pad_id=0, max_len=T)
+    return instantiate(node, vocab_size=VOCAB, num_outputs=VOCAB, head="lm", max_len=T)
 
 
 def trainer_step(model: torch.nn.Module, B: int, T: int) -> Callable[[], float]:

@@ -37,7 +37,7 @@ spec, T, B, device, reps = json.loads(sys.argv[1])
 module, _, name = spec.pop("cls").rpartition(".")
 V = 96
 torch.manual_seed(0)
-model = getattr(importlib.import_module(module), name)(vocab_size=V, num_outputs=V, task="lm", max_len=T, **spec).to(device)
+model = getattr(importlib.import_module(module), name)(vocab_size=V, num_outputs=V, head="lm", max_len=T, **spec).to(device)
 opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
 x = torch.randint(V, (B, T + 1), device=device)
 def step():

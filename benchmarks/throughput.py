@@ -20,7 +20,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from seqexp.config import CONFIG_DIR
+from seqexp.configs import CONFIG_DIR
 from seqexp.sweep.resources import cpu_name
 from seqexp.train import train
 
@@ -30,7 +30,7 @@ def run(model: str, steps: int, extra: list[str]) -> float:
         cfg = compose("train", overrides=[f"model={model}", f"trainer.max_steps={steps}",
                                           "trainer.eval_every=1000000", "trainer.checkpoint_every=1000000",
                                           "trainer.log_every=10", "trainer.progress=false",
-                                          "logging.sample_chars=0", *extra])
+                                          "logging.sample.chars=0", *extra])
     with tempfile.TemporaryDirectory() as tmp:
         train(cfg, tmp)
         rates = [e.value for e in EventAccumulator(tmp).Reload().Scalars("train/tokens_per_s")]

@@ -6,21 +6,23 @@ from __future__ import annotations
 
 import json
 import shutil
-from types import SimpleNamespace
 
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from seqexp.build import build_model, build_optimizer, instantiate
-from seqexp.checkpoint import load_checkpoint
+from seqexp.build import build_model, instantiate
+from seqexp.checkpoint import read as read_checkpoint
+from seqexp.distributed import Dist, Local
 from seqexp.errors import UserError
-from seqexp.logger import Logger
-from seqexp.tasks import IGNORE, Classification, LanguageModeling
+from seqexp.tasks.base import IGNORE
+from seqexp.tasks.classify import Classification
+from seqexp.tasks.lm import LanguageModeling
 from seqexp.train import train
 from seqexp.trainer import Trainer
-from tests.conftest import TINY, make_cfg, tiny_overrides
-from tests.test_resume import assert_same_training, resume_run, run_until_signal
+from tests.helpers import (TINY, assert_same_training, close, close_weights, ddp_overrides_for, final_state,
+                           hand_trainer, make_cfg, resume_run, run_until_signal, scalars, take, tiny_overrides,
+                           torchrun)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -66,18 +68,12 @@ def steps_of(task: str, seed: int) -> list[list[dict]]:
 def make_trainer(model_name: str, task, accumulate: int, tmp_path) -> Trainer:
     cfg = make_cfg(*TINY[model_name], "model.dropout=0.0", "trainer.device=cpu", "trainer.progress=false",
                    f"trainer.accumulate={accumulate}", "scheduler=constant")
-    kwargs = dict(vocab_size=V, num_outputs=V if task.name == "lm" else 2, task=task.name, pad_id=0, max_len=T)
+    kwargs = dict(vocab_size=V, num_outputs=V if task.head == "lm" else 2, head=task.head, max_len=T)
     torch.manual_seed(0)
-    model = build_model(cfg.model, kwargs)
-    optimizer = build_optimizer(cfg.optimizer, model)
-    data = SimpleNamespace(task=task, num_batches=lambda split, stateful: 6)
-    return Trainer(cfg.trainer, model=model, data=data, optimizer=optimizer,
-                   scheduler=instantiate(cfg.scheduler, optimizer=optimizer, total_steps=3),
-                   logger=Logger(tmp_path, enabled=False), logging_cfg=cfg.logging, run_dir=tmp_path,
-                   device=torch.device("cpu"), total_steps=3, recipe={})
+    return hand_trainer(cfg, build_model(cfg.model, kwargs), task, tmp_path, total_steps=3, batches=6)
 
 
-def close_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+def close_models(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     # atol: Adam turns float noise in gradients that are zero in exact arithmetic into ~lr x 1e-3
     return all(torch.allclose(x, y, rtol=1e-4, atol=1e-5) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
@@ -85,19 +81,19 @@ def close_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 @pytest.mark.parametrize("task", [LanguageModeling(), Classification()], ids=["lm", "classify"])
 @pytest.mark.parametrize("model", ["rnn", "lstm", "attention"])
 def test_k_micro_batches_update_as_one_batch_of_all_their_rows(model, task, tmp_path, monkeypatch):
-    steps = steps_of(task.name, seed=1)
+    steps = steps_of(task.head, seed=1)
     accumulated, whole = make_trainer(model, task, 2, tmp_path), make_trainer(model, task, 1, tmp_path)
     for micro in steps:
-        accumulated.train_step(micro)
-        whole.train_step([concat(micro)])
-    assert close_weights(accumulated.model, whole.model)
+        take(accumulated, micro)
+        take(whole, [concat(micro)])
+    assert close_models(accumulated.model, whole.model)
 
     # the weighting matters: the mean of the micro-batches' mean losses is another update
     monkeypatch.setattr(type(task), "loss_terms", lambda self, batch: 1)
     naive = make_trainer(model, task, 2, tmp_path)
     for micro in steps:
-        naive.train_step(micro)
-    assert not close_weights(naive.model, whole.model)
+        take(naive, micro)
+    assert not close_models(naive.model, whole.model)
 
 
 def test_stateful_micro_batches_are_consecutive_chunks_and_steps_count_updates(tiny_text, tmp_path, monkeypatch):
@@ -134,7 +130,7 @@ def test_stateful_micro_batches_are_consecutive_chunks_and_steps_count_updates(t
     assert [e.step for e in events.Scalars("train/loss")] == [3, 6, 9, 12]
     assert json.loads((tmp_path / "metrics.json").read_text())["steps"] == 12
     assert sorted(f.name for f in (tmp_path / "checkpoints").glob("step_*.pt")) == ["step_000006.pt", "step_000012.pt"]
-    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")["trainer"]
+    state = read_checkpoint(tmp_path / "checkpoints" / "last.pt")["trainer"]
     assert state["scheduler"]["last_epoch"] == 12  # the schedule advanced once per optimizer step
     per_epoch = len(chunks) // K
     assert state["batch_in_epoch"] % K == 0  # in micro-batches, always at a step's end
@@ -177,9 +173,13 @@ def test_ddp_synchronises_gradients_once_per_step(tmp_path):
         entered.append(True)
         yield
 
-    trainer.ddp = SimpleNamespace(no_sync=no_sync)
+    class OneRank(Local):  # one process, with DDP's choice of when to synchronise (the real method)
+        no_sync = Dist.no_sync
+
+    trainer.update.dist = OneRank(device=torch.device("cpu"))
+    trainer.update.net.no_sync = no_sync  # what the DDP wrapper offers
     g = torch.Generator().manual_seed(0)
-    trainer.train_step([lm_batch(g, 2, 0) for _ in range(3)])
+    take(trainer, [lm_batch(g, 2, 0) for _ in range(3)])
     assert len(entered) == 2
 
 
@@ -187,9 +187,7 @@ def test_ddp_synchronises_gradients_once_per_step(tmp_path):
 def test_two_processes_accumulate_as_one(kind, request, tmp_path):
     """gloo, 2 processes, K=2: the same weights as 1 process with K=2 (IMDB: padded reviews and a
     short last batch, so each rank's share of the loss terms differs)."""
-    from tests.test_distributed import close, close_weights, overrides_for, scalars, torchrun
-    from tests.test_resume import final_state
-    overrides = overrides_for(kind, "lstm", request, "trainer.accumulate=2", "trainer.max_steps=6",
+    overrides = ddp_overrides_for(kind, "lstm", request, "trainer.accumulate=2", "trainer.max_steps=6",
                               "trainer.eval_every=3", "trainer.checkpoint_every=3")
     ddp = tmp_path / "ddp"
     torchrun([*overrides, f"hydra.run.dir={ddp}"], tmp_path)

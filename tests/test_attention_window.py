@@ -10,16 +10,16 @@ import torch
 
 from seqexp.models.attention import AttentionModel
 from seqexp.train import train
-from tests.conftest import make_cfg
+from tests.helpers import make_cfg
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 V, T = 11, 24
 
 
-def model(task: str, window: int, n_layers: int = 2, **kw) -> AttentionModel:
+def model(head: str, window: int, n_layers: int = 2, **kw) -> AttentionModel:
     torch.manual_seed(0)
-    return AttentionModel(vocab_size=V, num_outputs=V if task == "lm" else 3, task=task, max_len=T, d_model=16,
+    return AttentionModel(vocab_size=V, num_outputs=V if head == "lm" else 3, head=head, max_len=T, d_model=16,
                           n_heads=2, n_layers=n_layers, window=window, **kw).eval()
 
 
@@ -46,9 +46,9 @@ def test_a_causal_window_reads_exactly_n_layers_x_window_back_and_nothing_ahead(
 
 def test_a_window_as_wide_as_the_sequence_is_global_attention():
     x = torch.randint(1, V, (2, T))
-    for task in ("lm", "classify"):
+    for head in ("lm", "classify"):
         with torch.no_grad():
-            torch.testing.assert_close(model(task, T)(x)[0], model(task, 0)(x)[0], rtol=0, atol=1e-5)
+            torch.testing.assert_close(model(head, T)(x)[0], model(head, 0)(x)[0], rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("positional", ["learned", "alibi"])

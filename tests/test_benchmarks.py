@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from seqexp.config import CONFIG_DIR
-from tests.conftest import ROOT, TINY
+from tests.helpers import ROOT, TINY
 
 
 def load(name: str):
@@ -186,7 +186,7 @@ def test_imdb_benchmark_trains_reads_and_reuses_runs(imdb_archive, tmp_path, cap
     assert (tmp_path / "runs" / "imdb_rnn" / "metrics.json").stat().st_mtime_ns == stamp
 
     GlobalHydra.instance().clear()  # how the run is watched is no change to what it trained
-    imdb.main([*cli[:3], "imdb_rnn", *cli[4:], "logging.wrong_examples=3", "trainer.progress=true"])
+    imdb.main([*cli[:3], "imdb_rnn", *cli[4:], "logging.wrong_examples.count=3", "trainer.progress=true"])
     assert "imdb_rnn: reusing" in capsys.readouterr().out
 
     GlobalHydra.instance().clear()

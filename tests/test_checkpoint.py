@@ -9,18 +9,18 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-import seqexp.checkpoint
+import seqexp.files
 from seqexp.build import instantiate
-from seqexp.checkpoint import FORMAT, load_checkpoint, load_model_state, write
+from seqexp.checkpoint import FORMAT, load_model_state, write
+from seqexp.checkpoint import read as read_checkpoint
 from seqexp.errors import UserError
 from seqexp.train import train
-from tests.conftest import ROOT, make_cfg, tiny_overrides
+from tests.helpers import ROOT, make_cfg, tiny_overrides, wait_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -35,7 +35,7 @@ def temporaries(directory: Path) -> list[str]:
 KILLED_WRITER = """
 import io, sys, threading
 from pathlib import Path
-import seqexp.checkpoint as c
+import seqexp.files as c
 original, marker = c.atomic_write, Path(sys.argv[1])
 
 def atomic_write(path, write, mode="wb"):
@@ -57,17 +57,6 @@ train_main()
 """
 
 
-def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if proc.poll() is not None:
-            raise AssertionError(f"exited with {proc.returncode} first: {proc.stderr.read()[-3000:]}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError(f"{path} did not appear in {timeout} s")
-        time.sleep(0.05)
-
-
 def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one(tiny_text, tmp_path):
     overrides = tiny_overrides("lstm", tiny_text)
     run, marker = tmp_path / "run", tmp_path / "writing"
@@ -80,7 +69,7 @@ def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one(tiny_text, tm
     proc.wait(timeout=60)
     ckpts = run / "checkpoints"
     assert len(temporaries(ckpts)) == 1  # the half-written file is there...
-    ckpt = load_checkpoint(ckpts / "last.pt")  # ...and the previous checkpoint is whole
+    ckpt = read_checkpoint(ckpts / "last.pt")  # ...and the previous checkpoint is whole
     assert ckpt["trainer"]["step"] == 6
     assert json.loads((run / "metrics.json").read_text())["steps"] == 6
     # resuming ignores the stray file, removes it, and finishes the run
@@ -115,10 +104,10 @@ def test_disk_full_while_writing_a_checkpoint_keeps_the_previous_one(tiny_text, 
         replacing = Path(file).parent / "last.pt"
         return FullDisk(f) if ".last.pt.tmp-" in str(file) and replacing.exists() else f
 
-    monkeypatch.setattr(seqexp.checkpoint, "open", open_, raising=False)
+    monkeypatch.setattr(seqexp.files, "open", open_, raising=False)
     with pytest.raises(UserError, match=r"could not write .*last\.pt \(No space left on device\); free disk space"):
         train(make_cfg(*tiny_overrides("rnn", tiny_text)), tmp_path)
-    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["trainer"]["step"] == 6
+    assert read_checkpoint(tmp_path / "checkpoints" / "last.pt")["trainer"]["step"] == 6
     assert temporaries(tmp_path / "checkpoints") == []
 
 
@@ -132,30 +121,31 @@ def good_checkpoint(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.mark.parametrize("damage,match", [
-    (lambda b: b[: len(b) // 2], "truncated or corrupt"),
-    (lambda b: b[:100], "truncated or corrupt"),
-    (lambda b: os.urandom(len(b)), "truncated or corrupt"),
-    (lambda b: b"", "truncated or corrupt"),
-    (lambda b: b[:300] + bytes(len(b) - 600) + b[-300:], "truncated or corrupt"),  # index intact, data not
+@pytest.mark.parametrize("damage", [
+    lambda b: b[: len(b) // 2],
+    lambda b: b[:100],
+    lambda b: os.urandom(len(b)),
+    lambda b: b"",
+    lambda b: b[:300] + bytes(len(b) - 600) + b[-300:],  # index intact, data not
 ])
-def test_damaged_checkpoint_is_a_clear_error(good_checkpoint, tmp_path, damage, match):
+def test_damaged_checkpoint_is_a_clear_error(good_checkpoint, tmp_path, damage):
     path = tmp_path / "last.pt"
     path.write_bytes(damage(good_checkpoint.read_bytes()))
-    with pytest.raises(UserError, match=match) as e:
-        load_checkpoint(path)
+    with pytest.raises(UserError, match=r"is corrupt \(.+\); not loaded\. No other checkpoint of the run") as e:
+        read_checkpoint(path)
     assert str(path) in str(e.value)
+    assert "weights_only" not in str(e.value)  # torch's advice to unpickle it fully is never passed on
 
 
 def test_not_a_seqexp_checkpoint(tmp_path):
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
     with pytest.raises(UserError, match="not a seqexp checkpoint"):
-        load_checkpoint(tmp_path / "other.pt")
+        read_checkpoint(tmp_path / "other.pt")
 
 
 def test_checkpoint_of_another_model_config_names_the_mismatch(tiny_text, tmp_path):
     train(make_cfg(*tiny_overrides("lstm", tiny_text, "trainer.max_steps=2")), tmp_path)
-    ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    ckpt = read_checkpoint(tmp_path / "checkpoints" / "last.pt")
     cfg = make_cfg(*tiny_overrides("lstm", tiny_text, "model.hidden_size=48"))
     model = instantiate(cfg.model, **ckpt["model_kwargs"])
     mismatch = r"different model config: .*weight_hh_l0 is \(128, 32\) in the file but \(192, 48\)"
@@ -180,7 +170,7 @@ def test_pickle_payload_is_rejected_without_running(tmp_path):
     marker, path = tmp_path / "pwned", tmp_path / "last.pt"
     torch.save({"format": FORMAT, "model": {}, "trainer": Payload(marker)}, path)
     with pytest.raises(UserError, match=r"\(Unsupported global: GLOBAL io.open\).*nothing in it ran") as e:
-        load_checkpoint(path)
+        read_checkpoint(path)
     assert "weights_only=False" not in str(e.value)  # torch's advice to run it is not passed on
     assert not marker.exists()
     torch.load(path, weights_only=False)  # the payload is live: a full unpickle runs it
@@ -219,13 +209,13 @@ def test_atomic_write_fsyncs_the_file_then_its_directory(tmp_path, monkeypatch):
         real(fd)
 
     monkeypatch.setattr(os, "fsync", fsync)
-    seqexp.checkpoint.atomic_write(tmp_path / "f.bin", lambda f: f.write(b"x"))
+    seqexp.files.atomic_write(tmp_path / "f.bin", lambda f: f.write(b"x"))
     assert synced == ["file", "dir"] and (tmp_path / "f.bin").read_bytes() == b"x"
 
 
 def test_write_json_is_strict_json(tmp_path):
     """Python's json writes bare NaN/Infinity, which strict parsers reject: they become null."""
-    seqexp.checkpoint.write_json(tmp_path / "m.json", {"a": float("nan"), "b": [float("inf"), 1.5], "c": {"d": -float("inf")}})
+    seqexp.files.write_json(tmp_path / "m.json", {"a": float("nan"), "b": [float("inf"), 1.5], "c": {"d": -float("inf")}})
     assert json.loads((tmp_path / "m.json").read_text(), parse_constant=refuse) == {"a": None, "b": [None, 1.5],
                                                                                    "c": {"d": None}}
 
@@ -289,7 +279,7 @@ def test_corrupt_bytes_in_a_checkpoint_are_detected(tiny_text, tmp_path, capsys)
 
     run = tmp_path / "run"
     train(make_cfg(*tiny_overrides("rnn", tiny_text, "trainer.max_steps=4", "trainer.eval_every=2",
-                                   "trainer.checkpoint_every=2", "logging.sample_chars=0")), run)
+                                   "trainer.checkpoint_every=2", "logging.sample.chars=0")), run)
     ckpts = run / "checkpoints"
     assert sorted(p.name for p in ckpts.glob("*.pt")) == ["best.pt", "last.pt", "step_000002.pt", "step_000004.pt"]
     assert damage_tensor(ckpts / "best.pt", "model.")
@@ -297,13 +287,17 @@ def test_corrupt_bytes_in_a_checkpoint_are_detected(tiny_text, tmp_path, capsys)
         evaluate.main([str(run)])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1, err
-    assert "corrupt" in err and str(ckpts / "best.pt") in err
-    assert "last.pt, step_000002.pt, step_000004.pt" in err  # the others, not best.pt itself
+    assert f"{ckpts / 'best.pt'} is corrupt (" in err and "weights_only" not in err
+    # the others that load, in the form to use them (all three hold the training state)
+    others = "; ".join(f"resume={ckpts / name}" for name in ("last.pt", "step_000004.pt", "step_000002.pt"))
+    assert f"Checkpoints of the run that load: {others}." in err
 
     assert damage_tensor(ckpts / "last.pt", "trainer.optimizer.")  # never used by evaluate: caught all the same
-    with pytest.raises(UserError, match=r"last\.pt is not a readable checkpoint \(truncated or corrupt: its content") as e:
-        load_checkpoint(ckpts / "last.pt")
-    assert "best.pt, step_000002.pt, step_000004.pt" in str(e.value)
+    with pytest.raises(UserError, match=r"last\.pt is corrupt \(") as e:
+        read_checkpoint(ckpts / "last.pt")
+    # best.pt is damaged too: only the step checkpoints load
+    others = "; ".join(f"resume={ckpts / name}" for name in ("step_000004.pt", "step_000002.pt"))
+    assert str(e.value).endswith(f"Checkpoints of the run that load: {others}.")
     with pytest.raises(UserError, match="corrupt"):  # a resume says so too, not "lower optimizer.lr" later
         train(make_cfg(*tiny_overrides("rnn", tiny_text, f"resume={run}")))
 
@@ -312,7 +306,7 @@ def test_checkpoints_without_a_digest_still_load(tmp_path):
     """Files written before the digest existed (tests/fixtures/legacy) load as they are; one saved
     with the weight average says so by trainer["weights"] alone, and is read as "averaged"."""
     legacy = Path(__file__).parent / "fixtures" / "legacy" / "runs"
-    plain, averaged = (load_checkpoint(legacy / name / "checkpoints" / "last.pt") for name in ("lm_rnn", "lm_lstm"))
+    plain, averaged = (read_checkpoint(legacy / name / "checkpoints" / "last.pt") for name in ("lm_rnn", "lm_lstm"))
     assert "digest" not in plain and "digest" not in averaged
     assert plain["averaged"] is False and averaged["averaged"] is True
     from seqexp.checkpoint import ema_state, trained_weights

@@ -10,20 +10,50 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf, open_dict
 
-from seqexp.build import build_optimizer, instantiate
+import torch
+
+from seqexp.build import build_optimizer, instantiate, locate
 from seqexp.config import CONFIG_DIR, validate
 from seqexp.errors import UserError
-from tests.conftest import ROOT, make_cfg
+from tests.helpers import EXTENSION, ROOT, SEARCH, lm_capable, make_cfg
 
+# discovered, not listed: a new YAML file of a group is tested by being there
 GROUPS = {g: sorted(p.stem for p in (CONFIG_DIR / g).glob("*.yaml"))
-          for g in ("model", "optimizer", "scheduler")}
-LM_MODELS = [m for m in GROUPS["model"] if m != "ngram"]  # ngram classifies only (test_ngram.py)
+          for g in ("model", "optimizer", "scheduler", "data", "recipe", "experiment")}
+LM_MODELS = [m for m in GROUPS["model"] if lm_capable(m)]  # the model's own check_config decides
+# every model: shipped, and found through the search path (tests/extension)
+ALL_MODELS = sorted({*GROUPS["model"], *(p.stem for p in (EXTENSION / "configs" / "model").glob("*.yaml"))})
+HEAD_DATA = {"lm": "char", "classify": "imdb"}  # a dataset whose task asks each head of models
 
 
-def test_groups_are_complete():
-    assert GROUPS["model"] == ["attention", "gru", "lstm", "mingru", "minlstm", "ngram", "rnn"]
-    assert GROUPS["optimizer"] == ["adagrad", "adam", "adamw", "rmsprop", "sgd"]
-    assert GROUPS["scheduler"] == ["constant", "cosine", "step"]
+def test_every_group_offers_what_a_run_needs():
+    for group in ("model", "optimizer", "scheduler", "data"):
+        assert GROUPS[group], f"configs/{group}/ is empty"
+    assert LM_MODELS, "no model models language: the default data (a character corpus) needs one"
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_every_model_composes_and_builds_for_every_head_it_accepts(name):
+    """Each model YAML, with a dataset of each head its check_config accepts: the composed config
+    validates, and the model builds from it and gives that head's logits."""
+    accepted = []
+    for head, data in HEAD_DATA.items():
+        cfg = make_cfg(SEARCH, f"model={name}", f"data={data}")
+        try:
+            locate(cfg.model._target_).check_config(cfg.model, head)
+        except UserError as e:
+            assert "\n" not in str(e), e  # refused in one line
+            continue
+        accepted.append(head)
+        validate(cfg)
+        torch.manual_seed(0)
+        V, C = 50, 2
+        model = instantiate(cfg.model, vocab_size=V, num_outputs=V if head == "lm" else C, head=head, max_len=16)
+        tokens, lengths = torch.randint(1, V, (3, 16)), torch.tensor([16, 9, 2])
+        model.prepare(lambda: [{"tokens": tokens, "lengths": lengths, "targets": torch.tensor([0, 1, 0])}])
+        logits, _ = model(tokens, lengths if head == "classify" else None)
+        assert logits.shape == ((3, 16, V) if head == "lm" else (3, C)), head
+    assert accepted, f"model={name} accepts no head"
 
 
 @pytest.mark.parametrize("model,optimizer,scheduler",
@@ -75,6 +105,7 @@ def test_bad_override_fails_at_compose_time(override, match):
     (["model=attention", "model.conv_kernel=-1"], "model.conv_kernel"),
     (["optimizer.lr=0"], "optimizer.lr"),
     (["trainer.max_steps=0"], "max_steps"),
+    (["trainer.precision=fp16", "trainer.device=cpu"], "fp16 needs a GPU"),
 ])
 def test_cross_field_checks(overrides, match):
     with pytest.raises(UserError, match=match):
@@ -113,22 +144,52 @@ def plain(*overrides: str) -> dict:
     return OmegaConf.to_container(make_cfg(*overrides), resolve=True)
 
 
-RECIPES = sorted(p.stem.removeprefix("imdb_") for p in (CONFIG_DIR / "recipe").glob("imdb_*.yaml"))
+def data_and_model(recipe: str) -> tuple[str, str]:
+    """recipe/<data>_<model>.yaml: what `data=<data> model=<model>` brings."""
+    found = [(d, recipe[len(d) + 1:]) for d in GROUPS["data"] if recipe.startswith(f"{d}_")]
+    found = [(d, m) for d, m in found if m in GROUPS["model"]]
+    assert len(found) == 1, f"recipe/{recipe}.yaml is not named <data>_<model>"
+    return found[0]
 
 
-def test_every_imdb_experiment_of_a_model_has_its_recipe():
-    experiments = {p.stem.removeprefix("imdb_") for p in (CONFIG_DIR / "experiment").glob("imdb_*.yaml")}
-    assert set(RECIPES) == experiments & set(GROUPS["model"]) == set(GROUPS["model"])  # every shipped model
+def leaves(node: dict, prefix: str = "") -> dict:
+    """{"optimizer.lr": 0.003, ...}: the values a YAML file writes (not its defaults list)."""
+    out = {}
+    for key, value in node.items():
+        if key == "defaults":
+            continue
+        out.update(leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
+    return out
 
 
-@pytest.mark.parametrize("model", RECIPES)
-def test_model_and_data_compose_to_the_experiment(model):
-    """`model=X data=imdb` is `experiment=imdb_X`: the measured settings, written once (recipe/),
-    the experiment file only choosing the data and the model."""
-    assert plain(f"model={model}", "data=imdb") == plain(f"experiment=imdb_{model}")
-    assert set(OmegaConf.load(CONFIG_DIR / "experiment" / f"imdb_{model}.yaml")) == {"defaults"}
-    t = make_cfg(f"model={model}", "data=imdb").trainer
-    assert t.max_steps == -1 and t.max_epochs >= 1 and t.keep_last == 0  # epochs, not char's 600 steps
+@pytest.mark.parametrize("recipe", GROUPS["recipe"])
+def test_every_recipe_is_chosen_by_its_data_and_model(recipe):
+    """Recipes are optional; one that exists is what `data=D model=M` brings, on top of
+    data_defaults/D.yaml: it validates, and the values its file writes are the run's."""
+    data, model = data_and_model(recipe)
+    cfg = make_cfg(f"data={data}", f"model={model}")
+    validate(cfg)
+    assert plain(f"data={data}", f"model={model}") != plain(f"data={data}", f"model={model}", "~recipe")
+    own = leaves(OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "recipe" / f"{recipe}.yaml")))
+    composed = plain(f"data={data}", f"model={model}")
+    assert own, recipe
+    for key, value in own.items():
+        node = composed
+        for part in key.split("."):
+            node = node[part]
+        assert node == value, key
+
+
+@pytest.mark.parametrize("experiment", sorted(set(GROUPS["experiment"]) & set(GROUPS["recipe"])))
+def test_model_and_data_compose_to_the_experiment(experiment):
+    """`model=X data=D` is `experiment=D_X` where both exist: the measured settings, written once
+    (recipe/), the experiment file only choosing the data and the model."""
+    data, model = data_and_model(experiment)
+    assert plain(f"model={model}", f"data={data}") == plain(f"experiment={experiment}")
+    assert set(OmegaConf.load(CONFIG_DIR / "experiment" / f"{experiment}.yaml")) == {"defaults"}
+    if data == "imdb":
+        t = make_cfg(f"model={model}", "data=imdb").trainer
+        assert t.max_steps == -1 and t.max_epochs >= 1 and t.keep_last == 0  # epochs, not char's 600 steps
 
 
 def test_the_recipe_is_the_measured_one():
@@ -142,11 +203,10 @@ def test_the_recipe_is_the_measured_one():
     assert make_cfg("model=ngram", "data=imdb", "optimizer=adamw").optimizer._target_ == "torch.optim.AdamW"
 
 
-def test_a_model_without_a_recipe_gets_the_datasets_trainer_defaults():
-    # every shipped model has one: a model added through the search path (tests/extension) has none
-    from tests.test_extension import SEARCH
-
-    c, alone = plain(SEARCH, "model=conv", "data=imdb"), plain(SEARCH, "model=conv")
+@pytest.mark.parametrize("model", [m for m in ALL_MODELS if f"imdb_{m}" not in GROUPS["recipe"]])
+def test_a_model_without_a_recipe_gets_the_datasets_trainer_defaults(model):
+    # e.g. the model added through the search path (tests/extension): no recipe, no edit anywhere
+    c, alone = plain(SEARCH, f"model={model}", "data=imdb"), plain(SEARCH, f"model={model}")
     assert c["model"] == alone["model"] and c["optimizer"] == alone["optimizer"]
     t = c["trainer"]
     assert (t["max_steps"], t["max_epochs"], t["eval_every"], t["keep_last"], c["data"]["batch_size"]) == (-1, 4, 176, 0, 64)

@@ -2,7 +2,7 @@
 global batch; one run directory, written by rank 0 alone; resume under 2 and under 1 process;
 a submitit_local sweep whose job is a 2-process DDP run.
 
-A data kind plugs in as in test_resume.py: add it to KINDS and to `overrides_for`.
+A data kind plugs in as in test_resume.py: add it to KINDS and to `ddp_overrides_for` (tests/helpers.py).
 """
 
 from __future__ import annotations
@@ -17,52 +17,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from seqexp.checkpoint import load_checkpoint
+from seqexp.checkpoint import read as read_checkpoint
 from seqexp.distributed import Dist
 from seqexp.errors import UserError
 from seqexp.models.base import SequenceModel
 from seqexp.models.minrnn import MinRNNModel
 from seqexp.models.recurrent import RecurrentModel
 from seqexp.train import train
-from tests.conftest import ROOT, imdb_overrides, make_cfg, tiny_overrides
-from tests.test_resume import final_state, same_tensors, scalars
+from tests.helpers import (DDP_TIMEOUT, KINDS, ROOT, close, close_weights, ddp_overrides_for, final_state, make_cfg,
+                           same_tensors, scalars, tiny_overrides, torchrun)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-KINDS = ["char", "imdb"]
-TIMEOUT = 240  # s per command; a hung collective fails the test instead of the suite
-
-
-def overrides_for(kind: str, model: str, request, *extra: str) -> list[str]:
-    """Tiny; batch 4 = 2 rows per process; 12 steps, evaluated and checkpointed at 6 and 12."""
-    if kind == "char":
-        return tiny_overrides(model, request.getfixturevalue("tiny_text"), "model.dropout=0.0",
-                              "logging.sample_chars=0", *extra)
-    if kind == "imdb":  # batch 8 = 4 reviews per process; the last batch of an epoch is short (3)
-        return imdb_overrides(model, request.getfixturevalue("imdb_archive"), request.getfixturevalue("tmp_path") / "cache",
-                              "model.dropout=0.0", "logging.wrong_examples=0", *extra)
-    raise ValueError(kind)
-
-
-def torchrun(args: list[str], cwd: Path, nproc: int = 2) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(ROOT / "scripts" / "train.py"), *args]
-    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT)
-    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
-    return r
-
-
-def close(a: list[tuple[int, float]], b: list[tuple[int, float]], rtol: float = 1e-5) -> bool:
-    return [s for s, _ in a] == [s for s, _ in b] and all(abs(x - y) <= rtol * abs(y) for (_, x), (_, y) in zip(a, b))
-
-
-def close_weights(a: dict, b: dict) -> bool:
-    # atol: Adam turns the float noise in gradients that are zero in exact arithmetic (an attention
-    # key's bias, the position rows only padding reaches) into updates of ~lr x 1e-3; fused AdamW's
-    # arithmetic (the default) leaves 2.4e-5 of it after 12 steps where the foreach one left < 1e-5
-    return a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=5e-5) for k in a)
-
 
 def files(run: Path) -> set[str]:
     return {p.relative_to(run).as_posix() for p in run.rglob("*") if p.is_file()}
@@ -72,7 +37,7 @@ def files(run: Path) -> set[str]:
 @pytest.mark.parametrize("model", ["lstm", "attention"])
 def test_two_processes_train_as_one_with_the_same_global_batch(kind, model, request, tmp_path):
     # attention with weight averaging: the averaged "model" and the trained "weights" both agree
-    overrides = overrides_for(kind, model, request, *(["trainer.ema=0.5"] if model == "attention" else []))
+    overrides = ddp_overrides_for(kind, model, request, *(["trainer.ema=0.5"] if model == "attention" else []))
     torchrun(overrides, tmp_path)
     runs = list((tmp_path / "outputs").glob("*/*"))
     assert len(runs) == 1, runs  # one run directory, not one per rank
@@ -110,10 +75,10 @@ def test_two_processes_train_as_one_with_the_same_global_batch(kind, model, requ
 @pytest.mark.parametrize("kind", KINDS)
 def test_resume_of_a_two_process_run_is_exact(kind, request, tmp_path):
     """Dropout: each rank's RNG state must come back; carried LSTM state (char) across the resume."""
-    overrides = overrides_for(kind, "lstm", request, "model.dropout=0.2")
+    overrides = ddp_overrides_for(kind, "lstm", request, "model.dropout=0.2")
     straight = tmp_path / "straight"
     torchrun([*overrides, f"hydra.run.dir={straight}"], tmp_path)
-    ckpt = load_checkpoint(straight / "checkpoints" / "step_000006.pt")["trainer"]
+    ckpt = read_checkpoint(straight / "checkpoints" / "step_000006.pt")["trainer"]
     assert len(ckpt["ranks"]) == 2 and not torch.equal(ckpt["ranks"][0]["rng"]["torch"], ckpt["ranks"][1]["rng"]["torch"])
     if kind == "char":  # stateful BPTT; a classifier carries nothing between batches
         assert ckpt["carried"][0].shape[1] == 4  # (layers, global batch, hidden)
@@ -131,11 +96,11 @@ def test_submitit_local_sweep_runs_each_job_as_two_process_ddp(tiny_text, tmp_pa
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     sweep = tmp_path / "sweep"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}"}
-    overrides = tiny_overrides("lstm", tiny_text, "logging.sample_chars=0", "trainer.max_steps=6")
+    overrides = tiny_overrides("lstm", tiny_text, "logging.sample.chars=0", "trainer.max_steps=6")
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), "-m", "hydra/launcher=local",
                         "hydra.launcher.tasks_per_node=2", "optimizer.lr=1e-3,3e-3", *overrides,
                         f"hydra.sweep.dir={sweep}"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                       timeout=TIMEOUT)
+                       timeout=DDP_TIMEOUT)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
     assert len(jobs) == 2

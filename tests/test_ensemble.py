@@ -13,7 +13,7 @@ from seqexp.commands.ensemble import Options, ensemble, fit_weights, mix, simple
 from seqexp.errors import UserError
 from seqexp.inference import build_data, load_run
 from seqexp.train import train
-from tests.conftest import imdb_overrides, make_cfg
+from tests.helpers import imdb_overrides, make_cfg
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def test_members_are_scored_on_every_review_in_split_order(members):
     assert lp.shape == (24, 2) and torch.equal(labels, data.splits["test"].labels)
     # the same numbers as a plain evaluation, which serves the reviews sorted by length
     m = ens.metrics(lp, labels)
-    from seqexp.tasks import Classification
+    from seqexp.tasks.classify import Classification
     direct = Classification().evaluate(run.model, data.batches("test"), run.device,
                                        lambda: torch.autocast("cpu", enabled=False))
     assert m["acc"] == direct["acc"] and m["loss"] == pytest.approx(direct["loss"], rel=1e-6)

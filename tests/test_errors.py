@@ -14,8 +14,7 @@ import pytest
 from seqexp.errors import user_errors
 from seqexp.errors import UserError
 from seqexp.train import train
-from tests.conftest import ROOT, make_cfg, tiny_overrides
-from tests.test_resume import snapshot
+from tests.helpers import ROOT, make_cfg, snapshot, tiny_overrides
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -15,16 +15,13 @@ import pytest
 from seqexp import trust
 from seqexp.commands import evaluate, predict
 from seqexp.train import train
-from tests.conftest import make_cfg
-from tests.test_resume import STOP, TOTAL, assert_same_training, resume_run, run_until_signal
+from tests.helpers import SEARCH, STOP, TOTAL, assert_same_training, make_cfg, resume_run, run_until_signal
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-EXTENSION = Path(__file__).parent / "extension"
-SEARCH = f"hydra.searchpath=[file://{EXTENSION / 'configs'}]"
 TRAINER = [f"trainer.max_steps={TOTAL}", "trainer.eval_every=10", "trainer.checkpoint_every=10",
            "trainer.log_every=3", "trainer.progress=false", "trainer.device=cpu", "scheduler.warmup_steps=2",
-           "logging.sample_chars=20"]
+           "logging.sample.chars=20"]
 
 
 def overrides(task: str, request, *extra: str) -> list[str]:

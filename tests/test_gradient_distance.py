@@ -1,12 +1,14 @@
-"""The gradient-by-distance picture (seqexp/gradients.py): exact zeros where the answer cannot
-depend on an input, padding that never moves or joins the curve, an RNN that forgets where
-attention does not, the picture in TensorBoard, and training left exactly as it was.
+"""The gradient-by-distance picture (seqexp/gradients.py, its report reports/gradient_distance.py):
+exact zeros where the answer cannot depend on an input, padding that never moves or joins the
+curve, an RNN that forgets where attention does not, the picture in TensorBoard, and training
+left exactly as it was.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,16 +17,18 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from seqexp.build import build_data, build_model
 from seqexp.config import CONFIG_DIR, validate
 from seqexp.errors import UserError
-from seqexp.gradients import GradientProbe, add, by_distance, input_gradient_norms, mean
-from seqexp.lab_tasks import AnswerPositions
+from seqexp.gradients import add, by_distance, fixed_rows, input_gradient_norms, mean, measure
 from seqexp.models.attention import AttentionModel
 from seqexp.models.ngram import NgramModel
 from seqexp.models.recurrent import RecurrentModel
-from seqexp.tasks import IGNORE, Classification, LanguageModeling
+from seqexp.reports.base import Context
+from seqexp.reports.gradient_distance import GradientDistance
+from seqexp.tasks.answer import AnswerPositions
+from seqexp.tasks.base import IGNORE
+from seqexp.tasks.classify import Classification
+from seqexp.tasks.lm import LanguageModeling
 from seqexp.train import train
-from tests.conftest import make_cfg, tiny_overrides
-from tests.extension.conv_model import ConvModel
-from tests.test_resume import final_state, same_tensors
+from tests.helpers import EXTENSION, SEARCH, final_state, lm_capable, make_cfg, same_tensors, tiny_overrides
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -45,7 +49,7 @@ def lm_batch(B: int, T: int, last: int) -> dict:
 def test_one_window_layer_has_exactly_zero_gradient_beyond_its_window_and_after_the_answer(window):
     torch.manual_seed(0)
     T, last = 32, 24
-    model = AttentionModel(vocab_size=V, num_outputs=V, task="lm", max_len=T, d_model=16, n_heads=2, n_layers=1,
+    model = AttentionModel(vocab_size=V, num_outputs=V, head="lm", max_len=T, d_model=16, n_heads=2, n_layers=1,
                            window=window)
     norms, anchor = input_gradient_norms(model, LanguageModeling(), lm_batch(3, T, last))
     assert anchor.tolist() == [last] * 3  # the last position with a target
@@ -59,7 +63,7 @@ def test_one_window_layer_has_exactly_zero_gradient_beyond_its_window_and_after_
 
 def test_a_causal_recurrent_lm_has_exactly_zero_gradient_after_the_answer():
     torch.manual_seed(0)
-    model = RecurrentModel(vocab_size=V, num_outputs=V, task="lm", cell="lstm", embed_dim=8, hidden_size=16,
+    model = RecurrentModel(vocab_size=V, num_outputs=V, head="lm", cell="lstm", embed_dim=8, hidden_size=16,
                            num_layers=2, dropout=0.3)
     norms, anchor = input_gradient_norms(model, LanguageModeling(), lm_batch(2, 20, 12))
     assert (norms[:, 13:] == 0.0).all() and (norms[:, :13] > 0).all()
@@ -80,9 +84,9 @@ def test_the_lab_anchor_is_the_first_answer_position():
 # ----------------------------------------------------------------------------- padding
 def classifiers():
     torch.manual_seed(0)
-    yield AttentionModel(vocab_size=V, num_outputs=2, task="classify", max_len=40, d_model=16, n_heads=2,
+    yield AttentionModel(vocab_size=V, num_outputs=2, head="classify", max_len=40, d_model=16, n_heads=2,
                          n_layers=2, conv_kernel=3)
-    yield RecurrentModel(vocab_size=V, num_outputs=2, task="classify", cell="gru", embed_dim=8, hidden_size=16,
+    yield RecurrentModel(vocab_size=V, num_outputs=2, head="classify", cell="gru", embed_dim=8, hidden_size=16,
                          num_layers=2, bidirectional=True, pooling="mean")
 
 
@@ -111,9 +115,9 @@ def test_a_review_gives_the_same_curve_alone_or_padded_in_a_batch(model):
 def test_a_vanilla_rnn_forgets_with_distance_at_init_and_attention_does_not():
     T = 64
     torch.manual_seed(0)
-    rnn = RecurrentModel(vocab_size=V, num_outputs=V, task="lm", cell="rnn", embed_dim=16, hidden_size=32,
+    rnn = RecurrentModel(vocab_size=V, num_outputs=V, head="lm", cell="rnn", embed_dim=16, hidden_size=32,
                          num_layers=1)
-    attention = AttentionModel(vocab_size=V, num_outputs=V, task="lm", max_len=T, d_model=32, n_heads=2,
+    attention = AttentionModel(vocab_size=V, num_outputs=V, head="lm", max_len=T, d_model=32, n_heads=2,
                                n_layers=2)
     batch = lm_batch(16, T, T - 1)
     far = slice(32, 64)
@@ -126,35 +130,39 @@ def test_a_vanilla_rnn_forgets_with_distance_at_init_and_attention_does_not():
 
 
 # ----------------------------------------------------------------------------- every family
-MODELS = sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml") if p.stem != "ngram")
+# every model config, shipped or found through the search path, that models language (the copy
+# task answers at positions): its own check_config says so
+LM_MODELS = [n for n in sorted({p.stem for d in (CONFIG_DIR, EXTENSION / "configs") for p in (d / "model").glob("*.yaml")})
+             if lm_capable(n, SEARCH)]
 
 
-@pytest.mark.parametrize("name", [*MODELS, "conv"])
+@pytest.mark.parametrize("name", LM_MODELS)
 def test_every_family_exposes_its_input_and_leaves_no_gradient_on_parameters(name):
-    cfg = make_cfg("data=copy", "data.length=6", "data.num_symbols=2", "data.size=16", "data.eval_size=24",
-                   "data.batch_size=8", *([f"model={name}"] if name != "conv" else []))
+    cfg = make_cfg(SEARCH, "data=copy", "data.length=6", "data.num_symbols=2", "data.size=16", "data.eval_size=24",
+                   "data.batch_size=8", f"model={name}")
     validate(cfg)
     data = build_data(cfg.data, seed=0)
-    model = (ConvModel(vocab_size=data.model_kwargs()["vocab_size"], num_outputs=data.model_kwargs()["num_outputs"],
-                       task="lm") if name == "conv" else build_model(cfg.model, data.model_kwargs()))
-    probe = GradientProbe(data, torch.device("cpu"), rows=12)
-    assert sum(len(b["tokens"]) for b in probe.batches) == 12  # every other row: 12 of 24, in two batches
-    sums, counts = probe(model)
+    model = build_model(cfg.model, data.model_kwargs())
+    batches = fixed_rows(data, 12)
+    assert sum(len(b["tokens"]) for b in batches) == 12  # every other row: 12 of 24, in two batches
+    sums, counts = measure(model, data.task, batches, torch.device("cpu"))
     assert counts[0] == 12 and torch.isfinite(sums).all() and sums[0] > 0
     assert all(p.grad is None for p in model.parameters())
 
 
 def test_a_model_without_per_position_inputs_is_skipped_in_one_info_line(caplog):
-    cfg = make_cfg("logging.gradient_distance=true")
-    model = NgramModel(vocab_size=V, num_outputs=2, task="classify")
+    cfg = make_cfg("logging.gradient_distance.enabled=true")
+    model = NgramModel(vocab_size=V, num_outputs=2, head="classify")
+    ctx = Context(model=model, data=None, logger=SimpleNamespace(enabled=True), device=torch.device("cpu"), seed=0,
+                  is_main=True, quiet=False, evaluate=None, report=None, best_weights=None)
     with caplog.at_level(logging.INFO, logger="seqexp"):
-        assert GradientProbe.make(cfg.logging, model=model, data=None, device=torch.device("cpu")) is None
+        assert not GradientDistance(**cfg.logging.gradient_distance).applies(ctx)
     assert [r.levelno for r in caplog.records] == [logging.INFO] and "NgramModel" in caplog.records[0].getMessage()
 
 
 def test_gradient_rows_below_one_is_refused_before_any_data():
-    with pytest.raises(UserError, match="logging.gradient_rows"):
-        validate(make_cfg("logging.gradient_rows=0"))
+    with pytest.raises(UserError, match="logging.gradient_distance.rows"):
+        validate(make_cfg("logging.gradient_distance.rows=0"))
 
 
 # ----------------------------------------------------------------------------- in a run
@@ -166,8 +174,8 @@ def lab(*extra: str) -> list[str]:
 
 def test_a_run_logs_the_picture_and_scalars_at_each_evaluation(tmp_path: Path, tiny_text):
     runs = {"lab": (tmp_path / "lab", lab("model=attention", "model.d_model=16", "model.n_heads=2",
-                                          "model.n_layers=1", "logging.attention_maps=false")),
-            "lm": (tmp_path / "lm", tiny_overrides("lstm", tiny_text, "logging.sample_chars=0"))}
+                                          "model.n_layers=1", "logging.attention_maps.enabled=false")),
+            "lm": (tmp_path / "lm", tiny_overrides("lstm", tiny_text, "logging.sample.chars=0"))}
     for name, (run, overrides) in runs.items():
         train(make_cfg(*overrides), run)
         events = EventAccumulator(str(run), size_guidance={"images": 0, "scalars": 0}).Reload()
@@ -184,7 +192,7 @@ def test_a_run_logs_the_picture_and_scalars_at_each_evaluation(tmp_path: Path, t
                                     "model.dropout=0.2"]], ids=["lstm", "attention"])
 def test_the_picture_changes_nothing_in_training(tmp_path: Path, model):
     on, off = tmp_path / "on", tmp_path / "off"
-    train(make_cfg(*lab(*model, "logging.gradient_distance=true")), on)
-    train(make_cfg(*lab(*model, "logging.gradient_distance=false")), off)
+    train(make_cfg(*lab(*model, "logging.gradient_distance.enabled=true")), on)
+    train(make_cfg(*lab(*model, "logging.gradient_distance.enabled=false")), off)
     assert "gradient_distance/plot" in EventAccumulator(str(on)).Reload().Tags()["images"]
     assert same_tensors(final_state(on), final_state(off)), "weights or optimizer state differ"

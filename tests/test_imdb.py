@@ -17,14 +17,14 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import seqexp.data.imdb as imdb
 from seqexp.build import instantiate
-from seqexp.checkpoint import load_checkpoint
+from seqexp.checkpoint import read as read_checkpoint
 from seqexp.config import CONFIG_DIR, validate
 from seqexp.data.imdb import VAL_BLOCK, ImdbData, encode_text, validation_split
 from seqexp.data.text import PAD, PAD_ID, UNK, UNK_ID, tokenize
 from seqexp.errors import UserError
-from seqexp.tasks import Classification
+from seqexp.tasks.classify import Classification
 from seqexp.train import train
-from tests.conftest import TINY, imdb_overrides, make_cfg, synthetic_reviews, write_archive
+from tests.helpers import TINY, imdb_overrides, make_cfg, synthetic_reviews, write_archive
 
 @pytest.fixture(scope="session")
 def archive(imdb_archive) -> Path:
@@ -344,7 +344,7 @@ def test_end_to_end_run_tests_the_best_checkpoint(name, archive, tmp_path):
     assert test["test/acc"] == pytest.approx((test["test/tn"] + test["test/tp"]) / 24)
     assert metrics["test"] == test
     # the recorded test metrics are those of best.pt, rebuilt from the checkpoint alone
-    ckpt = load_checkpoint(run / "checkpoints" / "best.pt")
+    ckpt = read_checkpoint(run / "checkpoints" / "best.pt")
     assert ckpt["trainer"]["step"] == saved["best_step"] and ckpt["data"]["kind"] == "imdb"
     model = instantiate(ckpt["config"]["model"], **ckpt["model_kwargs"])
     model.load_state_dict(ckpt["model"])
@@ -367,7 +367,7 @@ def test_the_classifier_fits_its_training_reviews(archive, tmp_path):
     train(make_cfg(*imdb_overrides("lstm", archive, tmp_path / "cache", "model.bidirectional=true",
                                    "model.pooling=max", "optimizer.lr=1e-2", "optimizer.weight_decay=0",
                                    "trainer.max_steps=150", "trainer.eval_every=75", "logging.tensorboard=false")), run)
-    ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
+    ckpt = read_checkpoint(run / "checkpoints" / "last.pt")
     model = instantiate(ckpt["config"]["model"], **ckpt["model_kwargs"])
     model.load_state_dict(ckpt["model"])
     d = data(archive, tmp_path / "cache", min_freq=1, max_len=64, saved=ckpt["data"],
@@ -389,7 +389,7 @@ def test_every_experiment_composes_validates_and_builds(experiment):
     cfg = make_cfg(f"experiment={experiment}")
     validate(cfg)
     assert cfg.data._target_ == "seqexp.data.imdb.ImdbData"
-    model = instantiate(cfg.model, vocab_size=50, num_outputs=2, task="classify", pad_id=0, max_len=cfg.data.max_len)
+    model = instantiate(cfg.model, vocab_size=50, num_outputs=2, head="classify", max_len=cfg.data.max_len)
     logits, _ = model(torch.randint(1, 50, (3, 7)), torch.tensor([7, 4, 1]))
     assert logits.shape == (3, 2)  # two logits for the softmax cross-entropy
 

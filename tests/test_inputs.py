@@ -18,7 +18,7 @@ import torch
 
 from seqexp.data.imdb import ImdbData
 from seqexp.errors import UserError
-from tests.conftest import ROOT, synthetic_reviews, write_archive
+from tests.helpers import ROOT, synthetic_reviews, write_archive
 
 # ----------------------------------------------------------------------------- one preparation
 PREPARE = textwrap.dedent("""
@@ -148,7 +148,7 @@ def test_size_check_matches_each_layout(tmp_path):
 
 def test_small_corpus_with_the_attention_model_is_refused_before_writing(tmp_path):
     from seqexp.train import train
-    from tests.conftest import make_cfg, tiny_overrides
+    from tests.helpers import make_cfg, tiny_overrides
 
     run = tmp_path / "run"
     with pytest.raises(UserError, match="at least 81 for 4 windows"):
@@ -267,7 +267,7 @@ def train_main_exit(monkeypatch, capsys, *argv: str) -> str:
 
 def test_a_run_directory_in_use_refuses_a_second_run(tmp_path, monkeypatch, capsys):
     from seqexp.locks import RUN_LOCK, file_lock
-    from tests.test_resume import snapshot
+    from tests.helpers import snapshot
 
     run = tmp_path / "run"
     run.mkdir()
@@ -317,7 +317,7 @@ def test_the_cli_releases_its_run_directory(tiny_text, tmp_path, monkeypatch):
 
     from seqexp.cli import train_main
     from seqexp.locks import RUN_LOCK
-    from tests.conftest import tiny_overrides
+    from tests.helpers import tiny_overrides
 
     run = tmp_path / "run"
     run.mkdir()  # an explicit, existing hydra.run.dir: locked before Hydra starts

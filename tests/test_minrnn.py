@@ -12,12 +12,10 @@ import torch.nn.functional as F
 
 from seqexp.errors import UserError
 from seqexp.models.minrnn import MinRNN, MinRNNModel, chunked_scan, log_scan, sequential_scan
-from tests import conftest
-from tests.conftest import make_cfg
-from tests.test_models import overfit_lm
 from seqexp.train import train
-from tests.test_resume import (STOP, assert_same_training, drop_carried_state, final_state, overrides_for,
-                               resume_run, run_until_signal, same_tensors)
+from tests import helpers
+from tests.helpers import (STOP, assert_same_training, drop_carried_state, final_state, make_cfg, overfit_lm,
+                           overrides_for, resume_run, run_until_signal, same_tensors)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -25,10 +23,10 @@ V, C = 23, 2
 CELLS = ["gru", "lstm"]
 
 
-def build(cell: str, task: str, **kw) -> MinRNNModel:
+def build(cell: str, head: str, **kw) -> MinRNNModel:
     torch.manual_seed(0)
     kw = {"hidden_size": 16, "num_layers": 2, **kw}
-    return MinRNNModel(vocab_size=V, num_outputs=V if task == "lm" else C, task=task, cell=cell, **kw)
+    return MinRNNModel(vocab_size=V, num_outputs=V if head == "lm" else C, head=head, cell=cell, **kw)
 
 
 def both_scans(rnn: MinRNN, x: torch.Tensor, h0, chunk: int, scan: str = "log"):
@@ -283,20 +281,20 @@ def test_backward_direction_reads_each_sequence_from_its_own_end():
 
 
 @pytest.mark.parametrize("blocks", [True, False])
-@pytest.mark.parametrize("task", ["lm", "classify"])
+@pytest.mark.parametrize("head", ["lm", "classify"])
 @pytest.mark.parametrize("cell", CELLS)
-def test_gradients_reach_every_parameter(cell, task, blocks):
-    kw = {"pooling": "attention", "bidirectional": True} if task == "classify" else {"tie_weights": True}
-    model = build(cell, task, blocks=blocks, **kw)
+def test_gradients_reach_every_parameter(cell, head, blocks):
+    kw = {"pooling": "attention", "bidirectional": True} if head == "classify" else {"tie_weights": True}
+    model = build(cell, head, blocks=blocks, **kw)
     x = torch.randint(V, (4, 80))
-    logits, _ = model(x, torch.tensor([80, 65, 5, 2]) if task == "classify" else None)
-    target = x if task == "lm" else torch.tensor([0, 1, 1, 0])
-    F.cross_entropy(logits.flatten(0, -2) if task == "lm" else logits, target.flatten()).backward()
+    logits, _ = model(x, torch.tensor([80, 65, 5, 2]) if head == "classify" else None)
+    target = x if head == "lm" else torch.tensor([0, 1, 1, 0])
+    F.cross_entropy(logits.flatten(0, -2) if head == "lm" else logits, target.flatten()).backward()
     for n, p in model.named_parameters():
         if n == "pool.score.bias":  # a softmax ignores a shift: layers.MaskedPooling's bias never learns
             continue
         assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient reaches {n}"
-    if task == "lm":
+    if head == "lm":
         assert model.head.weight is model.embed.weight
 
 
@@ -316,13 +314,13 @@ def test_config_refuses_a_bidirectional_language_model():
 # ----------------------------------------------------------------------------- through train()
 @pytest.mark.parametrize("kind", ["char", "imdb"])
 def test_resume_is_exact_and_needs_the_carried_state(kind, request, tmp_path, monkeypatch):
-    """N steps + SIGINT + resume = 2N steps, bitwise (tests/test_resume.py's protocol), for a
+    """N steps + SIGINT + resume = 2N steps, bitwise (tests/helpers.py's protocol, as tests/test_resume.py), for a
     stateful language model and a bidirectional classifier; resumed without the carried state,
     the language model's run differs."""
     tiny = ["model=mingru", "model.hidden_size=16", "model.num_layers=2"]
     if kind == "imdb":
         tiny += ["model.bidirectional=true", "model.pooling=mean"]
-    monkeypatch.setitem(conftest.TINY, "mingru", tiny)
+    monkeypatch.setitem(helpers.TINY, "mingru", tiny)
     overrides = overrides_for(kind, "mingru", request)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train(make_cfg(*overrides), straight)

@@ -1,12 +1,10 @@
 """Every model config -- shipped, or found through the search path -- keeps the model contract.
 
 Discovered, not listed: a new model family gets these checks from its YAML file alone. Each is
-built from its own config (the sizes its YAML chooses) for each task its `check_config` accepts.
+built from its own config (the sizes its YAML chooses) for each head its `check_config` accepts.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,22 +13,20 @@ import torch.nn.functional as F
 from seqexp.build import instantiate, locate
 from seqexp.config import CONFIG_DIR
 from seqexp.errors import UserError
-from tests.conftest import make_cfg
+from tests.helpers import EXTENSION, SEARCH, make_cfg
 
-EXTENSION = Path(__file__).parent / "extension" / "configs"
-SEARCH = f"hydra.searchpath=[file://{EXTENSION}]"
-NAMES = sorted({p.stem for d in (CONFIG_DIR, EXTENSION) for p in (d / "model").glob("*.yaml")})
+NAMES = sorted({p.stem for d in (CONFIG_DIR, EXTENSION / "configs") for p in (d / "model").glob("*.yaml")})
 V, C, T = 17, 2, 10
 
 
-def build(name: str, task: str) -> torch.nn.Module:
+def build(name: str, head: str) -> torch.nn.Module:
     node = make_cfg(SEARCH, f"model={name}").model
     try:
-        locate(node._target_).check_config(node, task)
+        locate(node._target_).check_config(node, head)
     except UserError:
-        pytest.skip(f"model={name} does not do {task}")
+        pytest.skip(f"model={name} does not do {head}")
     torch.manual_seed(0)
-    model = instantiate(node, vocab_size=V, num_outputs=V if task == "lm" else C, task=task, pad_id=0, max_len=32)
+    model = instantiate(node, vocab_size=V, num_outputs=V if head == "lm" else C, head=head, max_len=32)
     tokens = torch.randint(1, V, (8, T))
     model.prepare(lambda: [{"tokens": tokens, "lengths": torch.full((8,), T), "targets": torch.arange(8) % C}])
     return model.eval()
@@ -67,12 +63,12 @@ def test_classify_shapes_and_padding_never_changes_a_logit(name):
                                    atol=1e-5)
 
 
-@pytest.mark.parametrize("task", ["lm", "classify"])
+@pytest.mark.parametrize("head", ["lm", "classify"])
 @pytest.mark.parametrize("name", NAMES)
-def test_gradients_reach_every_parameter(name, task):
-    model = build(name, task).train()
+def test_gradients_reach_every_parameter(name, head):
+    model = build(name, head).train()
     x = torch.randint(1, V, (8, T))
-    if task == "lm":
+    if head == "lm":
         logits, _ = model(x)
         loss = F.cross_entropy(logits.flatten(0, 1), x.flatten())
     else:

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from seqexp.models.attention import AttentionModel, LocalConv
 from seqexp.models.layers import embed_words
 from seqexp.models.recurrent import RecurrentModel
+from tests.helpers import make_cfg, overfit_lm, tiny_overrides
 
 V, C = 23, 2
 # alibi: attention with positional=alibi; conv: attention with a convolution opening each block
@@ -16,15 +17,15 @@ MODELS = ["rnn", "lstm", "gru", "attention", "alibi", "conv"]
 ATTENTION = ("attention", "alibi", "conv")
 
 
-def build(name: str, task: str, **kw) -> torch.nn.Module:
+def build(name: str, head: str, **kw) -> torch.nn.Module:
     torch.manual_seed(0)
-    common = dict(vocab_size=V, num_outputs=V if task == "lm" else C, task=task, max_len=64)
+    common = dict(vocab_size=V, num_outputs=V if head == "lm" else C, head=head)
     if name == "alibi":
         name, kw = "attention", {"positional": "alibi", **kw}
     if name == "conv":
         name, kw = "attention", {"conv_kernel": 3, **kw}
     if name == "attention":
-        return AttentionModel(**common, d_model=32, n_heads=4, n_layers=2, dropout=0.0, **kw)
+        return AttentionModel(**common, max_len=64, d_model=32, n_heads=4, n_layers=2, dropout=0.0, **kw)
     return RecurrentModel(**common, cell=name, embed_dim=16, hidden_size=32, num_layers=2, **kw)
 
 
@@ -52,34 +53,20 @@ def test_lm_is_causal(name):
         assert not torch.allclose(out[:, t:], base[:, t:])  # and the change is seen from t on
 
 
-@pytest.mark.parametrize("task", ["lm", "classify"])
+@pytest.mark.parametrize("head", ["lm", "classify"])
 @pytest.mark.parametrize("name", MODELS)
-def test_gradients_reach_every_parameter(name, task):
-    kw = {"pooling": "attention"} if task == "classify" else {}
-    if task == "classify" and name not in ATTENTION:
+def test_gradients_reach_every_parameter(name, head):
+    kw = {"pooling": "attention"} if head == "classify" else {}
+    if head == "classify" and name not in ATTENTION:
         kw["bidirectional"] = True  # both directions' modules must learn
-    model = build(name, task, **kw)
+    model = build(name, head, **kw)
     x = torch.randint(V, (4, 12))
     lengths = torch.tensor([12, 9, 5, 2])
-    logits, _ = model(x, lengths if task == "classify" else None)
-    target = x if task == "lm" else torch.tensor([0, 1, 1, 0])
-    F.cross_entropy(logits.flatten(0, -2) if task == "lm" else logits, target.flatten()).backward()
+    logits, _ = model(x, lengths if head == "classify" else None)
+    target = x if head == "lm" else torch.tensor([0, 1, 1, 0])
+    F.cross_entropy(logits.flatten(0, -2) if head == "lm" else logits, target.flatten()).backward()
     for n, p in model.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient reaches {n}"
-
-
-def overfit_lm(model, vocab: int, steps: int) -> float:
-    """The language-modelling loss after `steps` Adam steps on one batch of 4 random rows."""
-    x = torch.randint(vocab, (4, 17))
-    x[:, 0] = torch.arange(4)  # distinct first tokens: every next token is predictable
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(steps):
-        logits, _ = model(x[:, :-1])
-        loss = F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return loss.item()
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -182,7 +169,7 @@ def test_tokens_are_not_drowned_by_positions(positional):
     """At initialisation the positional signal is no louder than the token embeddings, so the
     input of the first block still tells tokens apart (an unscaled sinusoid was 50x louder)."""
     torch.manual_seed(0)
-    model = AttentionModel(vocab_size=V, num_outputs=C, task="classify", max_len=64, d_model=32, n_heads=4,
+    model = AttentionModel(vocab_size=V, num_outputs=C, head="classify", max_len=64, d_model=32, n_heads=4,
                            n_layers=1, positional=positional)
     pos_rms = model.pos_emb.pow(2).mean().sqrt()
     tok_rms = model.tok_emb.weight.pow(2).mean().sqrt()
@@ -204,20 +191,20 @@ def test_convolution_reads_its_window_only(kernel, causal):
     assert changed.nonzero().flatten().tolist() == list(range(first, first + kernel))
 
 
-@pytest.mark.parametrize("task", ["lm", "classify"])
-def test_alibi_penalises_attention_by_distance(task):
+@pytest.mark.parametrize("head", ["lm", "classify"])
+def test_alibi_penalises_attention_by_distance(head):
     """With every query-key score equal, ALiBi's attention weights fall off as exp(-slope * |i - j|)
     over the keys a query may see: head h with slope 2^(-8(h+1)/nh); nothing else knows positions."""
-    model = build("alibi", task).eval()
+    model = build("alibi", head).eval()
     assert not any("pos" in n for n, _ in model.named_parameters())
     torch.nn.init.zeros_(model.blocks[0].attn.qkv.weight)  # equal scores: only the bias remains
     torch.nn.init.zeros_(model.blocks[0].attn.qkv.bias)
     T = 9
-    _, maps = model(torch.randint(V, (1, T)), torch.tensor([T]) if task == "classify" else None, need_weights=True)
+    _, maps = model(torch.randint(V, (1, T)), torch.tensor([T]) if head == "classify" else None, need_weights=True)
     dist = (torch.arange(T)[None, :] - torch.arange(T)[:, None]).abs().float()  # (T, T)
     for h in range(4):
         expect = torch.exp(-(2.0 ** (-8.0 * (h + 1) / 4)) * dist)
-        if task == "lm":
+        if head == "lm":
             expect = expect.tril()
         torch.testing.assert_close(maps[0][0, h], expect / expect.sum(-1, keepdim=True), rtol=1e-5, atol=1e-6)
 
@@ -256,7 +243,7 @@ def test_word_dropout_is_off_in_eval_mode(name):
 def test_attention_dropout_at_zero_is_identity_with_the_same_state_dict():
     """p = 0 builds no dropout module (no F.dropout call each step); the keys are those of p > 0, so a
     checkpoint of either loads into the other, and training mode computes what eval mode does."""
-    kw = dict(vocab_size=V, num_outputs=V, task="lm", max_len=16, d_model=32, n_heads=4, n_layers=2,
+    kw = dict(vocab_size=V, num_outputs=V, head="lm", max_len=16, d_model=32, n_heads=4, n_layers=2,
               conv_kernel=3)
     off, on = AttentionModel(**kw, dropout=0.0), AttentionModel(**kw, dropout=0.1)
     assert not any(isinstance(m, torch.nn.Dropout) for m in off.modules())
@@ -271,24 +258,23 @@ def test_every_training_step_runs_in_training_mode_after_evaluations(tiny_text, 
     """The trainer switches the model back to training mode only when it is not (train() walks every
     module): after each evaluation and text sample every module trains again, so dropout > 0 applies."""
     from seqexp.train import train
-    from seqexp.trainer import Trainer
-    from tests.conftest import make_cfg, tiny_overrides
+    from seqexp.update import Update
 
-    seen, in_step, forward, train_step = [], [False], AttentionModel.forward, Trainer.train_step
+    seen, in_step, forward, update = [], [False], AttentionModel.forward, Update.__call__
 
     def spy(self, *args, **kw):  # (in a training step?, every module in training mode?)
         seen.append((in_step[0], all(m.training for m in self.modules())))
         return forward(self, *args, **kw)
 
-    def step(self, micro):
+    def step(self, *args):
         in_step[0] = True
         try:
-            return train_step(self, micro)
+            return update(self, *args)
         finally:
             in_step[0] = False
 
     monkeypatch.setattr(AttentionModel, "forward", spy)
-    monkeypatch.setattr(Trainer, "train_step", step)
+    monkeypatch.setattr(Update, "__call__", step)
     train(make_cfg(*tiny_overrides("attention", tiny_text, "model.dropout=0.1", "trainer.max_steps=4",
                                    "trainer.eval_every=2", "trainer.checkpoint_every=2",
                                    "logging.tensorboard=false")), tmp_path)  # (no figures: faster)

@@ -13,10 +13,11 @@ from omegaconf import OmegaConf
 from seqexp.config import validate
 from seqexp.errors import UserError
 from seqexp.monitor import metric_and_mode
-from seqexp.tasks import Classification, LanguageModeling
+from seqexp.tasks.classify import Classification
+from seqexp.tasks.lm import LanguageModeling
 from seqexp.train import train
-from tests.conftest import imdb_overrides, make_cfg, tiny_overrides
-from tests.test_resume import assert_same_training, resume_run, run_until_signal, scalars
+from tests.helpers import (assert_same_training, imdb_overrides, make_cfg, resume_run, run_until_signal, scalars,
+                           tiny_overrides)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -58,7 +59,7 @@ def test_the_monitored_metric_chooses_best_and_the_objective(imdb_archive, tmp_p
     """A classifier monitored on val/loss: best.pt is the evaluation with the lowest loss."""
     run = tmp_path / "run"
     metrics = train(make_cfg(*imdb_overrides("rnn", imdb_archive, tmp_path / "cache", "trainer.monitor=val/loss",
-                                             "trainer.eval_every=3", "logging.wrong_examples=0")), run)
+                                             "trainer.eval_every=3", "logging.wrong_examples.count=0")), run)
     assert metrics["objective"]["metric"] == "val/loss" and metrics["objective"]["mode"] == "min"
     losses = scalars(run, "val/loss")
     step, low = min(losses, key=lambda sv: sv[1])
@@ -88,7 +89,7 @@ def test_patience_stops_the_run_and_metrics_say_when(tiny_text, tmp_path):
 
 def test_patience_stops_a_classifier_and_tests_the_best_checkpoint(imdb_archive, tmp_path):
     metrics = train(make_cfg(*imdb_overrides("rnn", imdb_archive, tmp_path / "cache", "trainer.eval_every=2",
-                                             "trainer.patience=1", "trainer.min_delta=2", "logging.wrong_examples=0")),
+                                             "trainer.patience=1", "trainer.min_delta=2", "logging.wrong_examples.count=0")),
                     tmp_path / "run")
     assert metrics["steps"] == 4 and metrics["stopped_early"]["step"] == 4
     assert metrics["test"]["test/count"] == 24  # the test split, on best.pt, as usual

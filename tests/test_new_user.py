@@ -17,7 +17,7 @@ from seqexp.errors import UserError
 from seqexp.inference import find_checkpoint
 from seqexp.resume import nearest_runs, resolve
 from seqexp.train import closing_line, train
-from tests.conftest import ROOT, make_cfg, tiny_overrides
+from tests.helpers import ROOT, make_cfg, tiny_overrides
 
 
 def script(*args: str, cwd) -> subprocess.CompletedProcess:
@@ -40,7 +40,7 @@ def test_keys_outside_the_schema_are_refused_after_composition_too():
         check_keys(make_cfg("+seed=3"))
     with pytest.raises(UserError, match="'trainer.sed' is not a key of 'trainer'. Did you mean trainer.seed"):
         check_keys(make_cfg("+trainer.sed=3"))
-    assert did_you_mean("logging.sample_char") == " Did you mean logging.sample_chars?"
+    assert did_you_mean("logging.sample_char") == " Did you mean logging.sample.chars?"
     assert did_you_mean("zzz") == ""
     check_keys(make_cfg("model=gru", "experiment=imdb_lstm"))  # groups and experiments are fine
 
@@ -106,7 +106,7 @@ def test_model_summary_counts_each_module_once_and_says_what_trains(tiny_text, t
     from seqexp.build import build_model
     from seqexp.train import model_summary
     model = build_model(make_cfg("model=attention", "model.d_model=32", "model.n_heads=2", "model.n_layers=1").model,
-                        dict(vocab_size=50, num_outputs=50, task="lm", pad_id=0, max_len=16))
+                        dict(vocab_size=50, num_outputs=50, head="lm", max_len=16))
     model.ln_f.weight.requires_grad_(False)
     lines = model_summary(model).splitlines()
     total = sum(p.numel() for p in model.parameters())  # tied weights once

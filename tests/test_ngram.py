@@ -9,14 +9,14 @@ import torch
 from seqexp.config import validate
 from seqexp.errors import UserError
 from seqexp.models.ngram import NONE, NgramModel
-from tests.conftest import make_cfg
+from tests.helpers import make_cfg
 
 V = 10
 
 
 def model(**kw) -> NgramModel:
     torch.manual_seed(0)
-    return NgramModel(vocab_size=V, num_outputs=2, task="classify", **{"max_features": 50, "min_count": 1, **kw})
+    return NgramModel(vocab_size=V, num_outputs=2, head="classify", **{"max_features": 50, "min_count": 1, **kw})
 
 
 def batch(rows: list[list[int]], labels: list[int]) -> dict:
@@ -92,7 +92,7 @@ def test_gradients_reach_the_votes_and_gates():
 
 def test_keys_that_would_overflow_are_refused():
     with pytest.raises(ValueError, match="64-bit"):
-        NgramModel(vocab_size=2_000_000, num_outputs=2, task="classify", n=3)
+        NgramModel(vocab_size=2_000_000, num_outputs=2, head="classify", n=3)
 
 
 def test_the_ngram_model_refuses_language_modelling_at_compose_time():

@@ -11,11 +11,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from seqexp.build import build_model, build_optimizer, instantiate
-from seqexp.logger import Logger
-from seqexp.tasks import LanguageModeling
-from seqexp.trainer import NonFiniteError, Trainer
-from tests.conftest import TINY, make_cfg
+from seqexp.build import build_model
+from seqexp.guard import NonFiniteError
+from seqexp.tasks.lm import LanguageModeling
+from seqexp.trainer import Trainer
+from tests.helpers import TINY, hand_trainer, make_cfg, take
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -41,20 +41,8 @@ def make_trainer(tmp_path, optimizer: str = "adamw", *extra: str) -> Trainer:
     cfg = make_cfg(*TINY["rnn"], "model.dropout=0.0", f"optimizer={optimizer}", "scheduler=constant",
                    "trainer.device=cpu", "trainer.progress=false", "trainer.log_every=5", *extra)
     torch.manual_seed(0)
-    model = build_model(cfg.model, dict(vocab_size=V, num_outputs=V, task="lm", pad_id=0, max_len=T))
-    opt = build_optimizer(cfg.optimizer, model)
-    data = SimpleNamespace(task=NaNLoss(), num_batches=lambda split, stateful: 100)
-    return Trainer(cfg.trainer, model=model, data=data, optimizer=opt,
-                   scheduler=instantiate(cfg.scheduler, optimizer=opt, total_steps=100),
-                   logger=Logger(tmp_path, enabled=False), logging_cfg=cfg.logging, run_dir=tmp_path,
-                   device=torch.device("cpu"), total_steps=100, recipe={})
-
-
-def take(trainer: Trainer, *steps: list[dict]) -> None:
-    """fit()'s step without its periodic work: the step, then the count."""
-    for micro in steps:
-        trainer.train_step(micro)
-        trainer.step += 1
+    model = build_model(cfg.model, dict(vocab_size=V, num_outputs=V, head="lm", max_len=T))
+    return hand_trainer(cfg, model, NaNLoss(), tmp_path, total_steps=100, batches=100)
 
 
 def snapshot(trainer: Trainer) -> tuple[dict, dict]:
@@ -91,7 +79,7 @@ def test_a_nonfinite_step_changes_neither_weights_nor_optimizer_state(optimizer,
     """Bit for bit: the bad step leaves weights and optimizer state (moments, step count) as they
     were, so the next good step is the one a run that never saw the bad batch takes."""
     skipping, clean = make_trainer(tmp_path, optimizer, "trainer.nonfinite=skip"), make_trainer(tmp_path, optimizer)
-    assert skipping.skips_on_device == (optimizer in FUSED)
+    assert skipping.guard.skips_on_device == (optimizer in FUSED)
     take(skipping, batch(1), batch(2))
     take(clean, batch(1), batch(2))
     before = snapshot(skipping)
@@ -101,8 +89,8 @@ def test_a_nonfinite_step_changes_neither_weights_nor_optimizer_state(optimizer,
     take(clean, batch(4))
     assert same(snapshot(skipping)[0], snapshot(clean)[0])
     assert same(snapshot(skipping)[1]["state"], snapshot(clean)[1]["state"])
-    skipping.settle()
-    assert skipping.skipped == 1 and skipping.step == 4
+    skipping.guard.settle()
+    assert skipping.guard.skipped == 1 and skipping.p.step == 4
 
 
 def test_no_host_read_between_log_windows_with_a_fused_optimizer(tmp_path, monkeypatch):
@@ -110,10 +98,10 @@ def test_no_host_read_between_log_windows_with_a_fused_optimizer(tmp_path, monke
     take(trainer, batch(0))  # the first step creates the optimizer's state (and reads its verdict)
     reads = HostReads(monkeypatch)
     take(trainer, batch(1), batch(2, poisoned=True), batch(3), batch(4))
-    assert reads.count == 0 and trainer.skipped == 0  # not known yet
+    assert reads.count == 0 and trainer.guard.skipped == 0  # not known yet
     bar = SimpleNamespace(n=0, set_postfix_str=lambda *a, **k: None, update=lambda n: None)
     trainer.log_window(bar, 1.0)  # the window's one read: losses and verdicts together
-    assert reads.count == 1 and trainer.skipped == 1
+    assert reads.count == 1 and trainer.guard.skipped == 1
 
 
 def test_an_optimizer_that_cannot_skip_on_the_device_reads_each_verdict(tmp_path, monkeypatch):
@@ -122,7 +110,7 @@ def test_an_optimizer_that_cannot_skip_on_the_device_reads_each_verdict(tmp_path
     reads = HostReads(monkeypatch)
     take(trainer, batch(1), batch(2, poisoned=True), batch(3))
     # a verdict read each step, and the bad step's loss and gradient norm: acted on at once
-    assert reads.count == 3 + 1 and trainer.skipped == 1
+    assert reads.count == 3 + 1 and trainer.guard.skipped == 1
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "rmsprop"])
@@ -136,7 +124,7 @@ def test_stop_policy_stops_with_the_bad_step_and_writes_nothing(optimizer, tmp_p
         take(trainer, batch(3))
         with pytest.raises(NonFiniteError, match=r"non-finite values at step 3 \(loss=nan, grad_norm=nan\); "
                                                  r"weights were not updated"):
-            trainer.save("last.pt")  # a save reads first: nothing is written
+            trainer.save()  # a save reads first: nothing is written
         assert not (tmp_path / "checkpoints" / "last.pt").exists()
     else:  # read at the step itself, as it always was
         with pytest.raises(NonFiniteError, match="non-finite values at step 3"):
@@ -150,21 +138,22 @@ def test_skip_resumes_exactly(tmp_path):
     steps = [batch(i, poisoned=i in (2, 6)) for i in range(9)]
     whole = make_trainer(tmp_path, "adamw", "trainer.nonfinite=skip", "trainer.ema=0.9")
     take(whole, *steps)
-    whole.settle()
+    whole.guard.settle()
     first = make_trainer(tmp_path, "adamw", "trainer.nonfinite=skip", "trainer.ema=0.9")
     take(first, *steps[:4])
-    first.settle()  # what save() does first
-    state, weights, ema = copy.deepcopy(first.state_dict()), copy.deepcopy(first.model.state_dict()), first.ema.state_dict()
+    first.guard.settle()  # what save() does first
+    state, weights = copy.deepcopy(first.state_dict()), copy.deepcopy(first.model.state_dict())
+    ema = first.average.state_dict()
     resumed = make_trainer(tmp_path, "adamw", "trainer.nonfinite=skip", "trainer.ema=0.9")
     resumed.model.load_state_dict(weights)
     resumed.load_state_dict(state)
-    resumed.ema.load_state_dict(copy.deepcopy(ema))
+    resumed.average.load_state_dict(copy.deepcopy(ema))
     take(resumed, *steps[4:])
-    resumed.settle()
-    assert resumed.skipped == whole.skipped == 2 and resumed.step == whole.step == 9
+    resumed.guard.settle()
+    assert resumed.guard.skipped == whole.guard.skipped == 2 and resumed.p.step == whole.p.step == 9
     assert same(resumed.model.state_dict(), whole.model.state_dict())
     assert same(resumed.optimizer.state_dict()["state"], whole.optimizer.state_dict()["state"])
-    assert same(resumed.ema.average, whole.ema.average)
+    assert same(resumed.average.average, whole.average.average)
 
 
 def test_fp16_skips_a_nonfinite_loss_through_the_grad_scaler(tmp_path):
@@ -174,8 +163,8 @@ def test_fp16_skips_a_nonfinite_loss_through_the_grad_scaler(tmp_path):
     take(trainer, batch(1, poisoned=True))
     assert same(snapshot(trainer)[0], before[0])
     take(trainer, batch(2))  # (the scaler is ready for the next step)
-    trainer.settle()
-    assert trainer.skipped == 1
+    trainer.guard.settle()
+    assert trainer.guard.skipped == 1
 
 
 def test_a_model_that_does_not_compile_trains_eager_with_one_warning(tmp_path, monkeypatch, caplog):
@@ -190,11 +179,10 @@ def test_a_model_that_does_not_compile_trains_eager_with_one_warning(tmp_path, m
     trainer = make_trainer(tmp_path, "adamw", "trainer.compile=true")
     before = snapshot(trainer)[0]
     with caplog.at_level(logging.WARNING, logger="seqexp"):
-        trainer.first_compiled_step(batch(0))
-        trainer.train_step(batch(1))
+        take(trainer, batch(0), batch(1))  # the first step compiles, and falls back
     warnings = [r.getMessage() for r in caplog.records if "compile" in r.getMessage()]
     assert warnings == ["trainer.compile: RecurrentModel does not compile (RuntimeError: backend said no); training eager"]
-    assert trainer.net is trainer.model and not same(snapshot(trainer)[0], before)  # it trained
+    assert trainer.update.net is trainer.model and not same(snapshot(trainer)[0], before)  # it trained
 
 
 def test_a_model_that_compiles_keeps_the_compiled_forward(tmp_path, monkeypatch, caplog):
@@ -215,5 +203,5 @@ def test_a_model_that_compiles_keeps_the_compiled_forward(tmp_path, monkeypatch,
     monkeypatch.setattr(torch, "compile", compile)
     trainer = make_trainer(tmp_path, "adamw", "trainer.compile=true")
     with caplog.at_level(logging.WARNING, logger="seqexp"):
-        trainer.first_compiled_step(batch(0))
-    assert calls == [1] and trainer.net is not trainer.model and not caplog.records
+        take(trainer, batch(0))
+    assert calls == [1] and trainer.update.net is not trainer.model and not caplog.records

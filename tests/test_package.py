@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 CONFIGS = ROOT / "src" / "seqexp" / "configs"
 TINY_RUN = ["trainer.max_steps=2", "trainer.eval_every=2", "trainer.device=cpu", "trainer.progress=false",
             "data.max_chars=20000", "data.batch_size=4", "data.seq_len=16",
-            "model.hidden_size=16", "model.embed_dim=8", "logging.sample_chars=10"]
+            "model.hidden_size=16", "model.embed_dim=8", "logging.sample.chars=10"]
 
 
 # In one process (torch is imported once): where seqexp and its configs are imported from, and

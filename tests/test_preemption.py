@@ -16,11 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from seqexp.checkpoint import load_checkpoint
+from seqexp.checkpoint import read as read_checkpoint
 from seqexp.train import train
-from tests.conftest import ROOT, make_cfg, tiny_overrides
-from tests.test_checkpoint import wait_for
-from tests.test_resume import assert_same_training, scalars
+from tests.helpers import ROOT, assert_same_training, make_cfg, scalars, tiny_overrides, wait_for
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -41,7 +39,7 @@ def test_sigterm_saves_and_resume_continues_exactly(tiny_text, tmp_path):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 75, err[-3000:]
-    step = load_checkpoint(run / "checkpoints" / "last.pt")["trainer"]["step"]
+    step = read_checkpoint(run / "checkpoints" / "last.pt")["trainer"]["step"]
     assert f"stopped: SIGTERM after step {step}; saved {run}" in err and f"resume={run}" in err
     assert "Traceback" not in err
     assert json.loads((run / "metrics.json").read_text())["status"] == "preempted"
@@ -174,7 +172,7 @@ def no_default_stop(monkeypatch):
 def test_a_signal_during_the_test_evaluation_stops_resumably_and_resume_evaluates(
         imdb_archive, tmp_path, monkeypatch, capsys, no_default_stop):
     from seqexp.errors import user_errors
-    from tests.conftest import imdb_overrides
+    from tests.helpers import imdb_overrides
 
     overrides = imdb_overrides("rnn", imdb_archive, tmp_path / "cache")
     run = tmp_path / "run"
@@ -187,7 +185,7 @@ def test_a_signal_during_the_test_evaluation_stops_resumably_and_resume_evaluate
             f"{run / 'checkpoints' / 'last.pt'}. Continue with: python scripts/train.py resume={run}") in err
     m = json.loads((run / "metrics.json").read_text())
     assert m["status"] == "preempted" and m["steps"] == 12 and "test" not in m
-    assert load_checkpoint(run / "checkpoints" / "last.pt")["trainer"]["step"] == 12
+    assert read_checkpoint(run / "checkpoints" / "last.pt")["trainer"]["step"] == 12
 
     monkeypatch.undo()  # no more signals
     resumed = train(make_cfg(*overrides, f"resume={run}"), run)
@@ -201,7 +199,7 @@ def test_a_signal_during_a_validation_finishes_it_saves_and_stops(imdb_archive, 
     """The validation's result goes into the checkpoint: it runs to its end, then last.pt is saved
     at that step and the run stops; resuming continues exactly."""
     from seqexp.preempt import Preempted
-    from tests.conftest import imdb_overrides
+    from tests.helpers import imdb_overrides
 
     overrides = imdb_overrides("rnn", imdb_archive, tmp_path / "cache")
     run = tmp_path / "run"

@@ -1,100 +1,28 @@
 """Resume: N steps + resume + N steps equals 2N steps, bitwise; and every ingredient matters.
 
-The helpers take a list of overrides, so any data kind plugs in: add it to KINDS and to
-`overrides_for` (IMDB: a tiny labelled subset).
+The protocol's helpers (tests/helpers.py) take a list of overrides, so any data kind plugs in:
+add it to KINDS and to `overrides_for` (IMDB: a tiny labelled subset).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-import signal
 from pathlib import Path
 
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-from seqexp.checkpoint import load_checkpoint
+from seqexp.checkpoint import read as read_checkpoint
 from seqexp.errors import UserError
-from seqexp.preempt import Preempted
 from seqexp.resume import config_for_resume, resolve, resume_argv
 from seqexp.train import train
 from seqexp.trainer import Trainer
-from tests.conftest import imdb_overrides, make_cfg, tiny_overrides
+from seqexp.update import Update
+from tests.helpers import (KINDS, STOP, TOTAL, assert_same_training, drop_carried_state, final_state,
+                           imdb_overrides, make_cfg, overrides_for, resume_run, run_until_signal, same_tensors,
+                           scalars, snapshot, tiny_overrides)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-KINDS = ["char", "imdb"]
-STOP, TOTAL = 13, 28  # mid-epoch (20 batches each), mid logging window (every 3)
-
-
-def overrides_for(kind: str, model: str, request, *extra: str) -> list[str]:
-    """A tiny config of `kind`: dropout, so that the RNG state matters; log_every=3 (tiny_overrides);
-    fewer than TOTAL - STOP batches per epoch, so that the resumed part crosses an epoch."""
-    if kind == "char":
-        return tiny_overrides(model, request.getfixturevalue("tiny_text"), "data.batch_size=16", "data.seq_len=32",
-                              "model.dropout=0.2", f"trainer.max_steps={TOTAL}", "trainer.eval_every=10",
-                              "trainer.checkpoint_every=10", *extra)
-    if kind == "imdb":  # 43 training reviews in batches of 8: 6 per epoch
-        return imdb_overrides(model, request.getfixturevalue("imdb_archive"), request.getfixturevalue("tmp_path") / "cache",
-                              "model.dropout=0.2", f"trainer.max_steps={TOTAL}", "trainer.eval_every=10",
-                              "trainer.checkpoint_every=10", *extra)
-    raise ValueError(kind)
-
-
-# ----------------------------------------------------------------------------- helpers
-def run_until_signal(overrides: list[str], run_dir: Path, stop_at: int) -> None:
-    """Train, and stop after step `stop_at` with a real SIGINT (as Ctrl-C would)."""
-    original = Trainer.train_step
-
-    def train_step(self, batch):
-        original(self, batch)
-        if self.step + 1 == stop_at:  # self.step counts completed steps; it is bumped after this
-            signal.raise_signal(signal.SIGINT)
-
-    Trainer.train_step = train_step
-    try:
-        with pytest.raises(Preempted, match=f"SIGINT after step {stop_at}; saved"):
-            train(make_cfg(*overrides), run_dir)
-    finally:
-        Trainer.train_step = original
-
-
-def resume_run(overrides: list[str], run_dir: Path, *extra: str) -> dict:
-    return train(make_cfg(*overrides, f"resume={run_dir}", *extra), run_dir)
-
-
-def final_state(run_dir: Path) -> dict[str, torch.Tensor]:
-    """Model weights and optimizer state of checkpoints/last.pt, flattened."""
-    ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt")
-    out = {f"model.{k}": v for k, v in ckpt["model"].items()}
-    out.update({f"weights.{k}": v for k, v in ckpt["trainer"].get("weights", {}).items()})  # trainer.ema
-    for i, s in ckpt["trainer"]["optimizer"]["state"].items():
-        out.update({f"opt.{i}.{k}": v for k, v in s.items()})
-    return out
-
-
-def same_tensors(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
-    """What TensorBoard shows: events after a resumed run's purge_step are dropped."""
-    return [(e.step, e.value) for e in EventAccumulator(str(run_dir)).Reload().Scalars(tag)]
-
-
-def metrics(run_dir: Path) -> dict:
-    m = json.loads((run_dir / "metrics.json").read_text())
-    m.pop("timing")
-    return m
-
-
-def assert_same_training(a: Path, b: Path) -> None:
-    assert same_tensors(final_state(a), final_state(b)), "final weights or optimizer state differ"
-    for tag in ("train/loss", "train/grad_norm", "train/lr", "val/loss"):
-        assert scalars(a, tag) == scalars(b, tag), tag
-    assert metrics(a) == metrics(b)
 
 
 # ----------------------------------------------------------------------------- exactness
@@ -107,17 +35,7 @@ def drop_position(monkeypatch):
 
     def load(self, sd):
         original(self, sd)
-        self.batch_in_epoch = 0  # as if only the epoch were known
-
-    monkeypatch.setattr(Trainer, "load_state_dict", load)
-
-
-def drop_carried_state(monkeypatch):
-    original = Trainer.load_state_dict
-
-    def load(self, sd):
-        original(self, sd)
-        self.carried = None
+        self.p.batch_in_epoch = 0  # as if only the epoch were known
 
     monkeypatch.setattr(Trainer, "load_state_dict", load)
 
@@ -129,7 +47,7 @@ def test_resume_is_bitwise_exact_and_every_ingredient_matters(kind, model, reque
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train(make_cfg(*overrides), straight)
     run_until_signal(overrides, resumed, STOP)
-    stopped = load_checkpoint(resumed / "checkpoints" / "last.pt")["trainer"]
+    stopped = read_checkpoint(resumed / "checkpoints" / "last.pt")["trainer"]
     progress = json.loads((resumed / "metrics.json").read_text())
     assert stopped["step"] == STOP and progress["status"] == "preempted"
     assert stopped["batch_in_epoch"] > 0 and progress["epochs"] % 1 != 0  # mid-epoch
@@ -169,7 +87,7 @@ def test_resume_with_weight_averaging_is_exact_and_needs_the_average(request, tm
 
     def restore_without_average(self, ckpt, path):
         original(self, ckpt, path)
-        self.ema.average = [p.detach().clone() for p in self.params]
+        self.average.average = [p.detach().clone() for p in self.average.params]
 
     monkeypatch.setattr(Trainer, "restore", restore_without_average)
     resume_run(overrides, partial)
@@ -210,20 +128,20 @@ def test_keep_last_prunes_step_checkpoints_but_never_best_or_the_resumed_one(tin
     train(make_cfg(*overrides), tmp_path)
     ckpts = tmp_path / "checkpoints"
     assert sorted(p.name for p in ckpts.glob("*.pt")) == ["best.pt", "last.pt", "step_000010.pt", "step_000012.pt"]
-    assert load_checkpoint(ckpts / "best.pt")["trainer"]["step"] == 12
+    assert read_checkpoint(ckpts / "best.pt")["trainer"]["step"] == 12
     # resume from step 10 with keep_last=1: it keeps step 10 all along, and the newest
     train(make_cfg(*overrides, "trainer.keep_last=1", "trainer.max_steps=18", "trainer.eval_every=100",
                    f"resume={ckpts / 'step_000010.pt'}"), tmp_path)
     assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_000010.pt", "step_000018.pt"]
-    assert load_checkpoint(ckpts / "last.pt")["trainer"]["step"] == 18
-    assert load_checkpoint(ckpts / "best.pt")["trainer"]["step"] in (12, 18)  # replaced only by a better one
+    assert read_checkpoint(ckpts / "last.pt")["trainer"]["step"] == 18
+    assert read_checkpoint(ckpts / "best.pt")["trainer"]["step"] in (12, 18)  # replaced only by a better one
 
 
 def test_deterministic_flag_turns_on_deterministic_algorithms(tiny_text, tmp_path, monkeypatch):
     seen = []
-    original = Trainer.train_step
-    monkeypatch.setattr(Trainer, "train_step",
-                        lambda self, b: (seen.append(torch.are_deterministic_algorithms_enabled()), original(self, b)))
+    original = Update.step
+    monkeypatch.setattr(Update, "step", lambda self, *a: (seen.append(torch.are_deterministic_algorithms_enabled()),
+                                                          original(self, *a))[1])
     assert not torch.are_deterministic_algorithms_enabled()
     try:
         train(make_cfg(*tiny_overrides("attention", tiny_text, "trainer.max_steps=2", "trainer.deterministic=true")),
@@ -240,10 +158,6 @@ def finished_rnn(tmp_path_factory, tiny_text) -> tuple[list[str], Path]:
     run = tmp_path_factory.mktemp("finished") / "run"
     train(make_cfg(*overrides), run)
     return overrides, run
-
-
-def snapshot(run_dir: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
 
 
 @pytest.mark.parametrize("override,named", [
@@ -264,10 +178,10 @@ def test_resume_refuses_changes_to_what_is_learned(finished_rnn, override, named
 def test_cli_config_is_the_saved_one_plus_allowed_overrides(finished_rnn):
     _, run = finished_rnn
     # what Hydra composes for `resume=RUN trainer.max_steps=20`: default model (lstm), ...
-    command = [f"resume={run}", "trainer.max_steps=20", "logging.sample_chars=5"]
+    command = [f"resume={run}", "trainer.max_steps=20", "logging.sample.chars=5"]
     cfg = config_for_resume(make_cfg(*command), command)
     assert cfg.model.cell == "rnn" and cfg.model.hidden_size == 32  # ... but the run's own model
-    assert cfg.trainer.max_steps == 20 and cfg.logging.sample_chars == 5 and cfg.trainer.eval_every == 6
+    assert cfg.trainer.max_steps == 20 and cfg.logging.sample.chars == 5 and cfg.trainer.eval_every == 6
     command = [f"resume={run}", "model.hidden_size=64"]
     with pytest.raises(UserError, match="model.hidden_size: 32 -> 64"):
         train(config_for_resume(make_cfg(*command), command), run)
@@ -287,8 +201,8 @@ def test_data_may_move_but_not_change(tmp_path, tiny_text):
     metrics = train(make_cfg(*overrides, f"data.path={moved}", "trainer.max_steps=4", f"resume={tmp_path / 'run'}"))
     assert metrics["steps"] == 4
     moved.write_text(moved.read_text().replace("the", "teh"))
-    with pytest.raises(UserError, match="not the data"):
-        train(make_cfg(*overrides, f"data.path={moved}", f"resume={tmp_path / 'run'}"))
+    with pytest.raises(UserError, match="not the data"):  # (more steps: a finished run's resume reads no data)
+        train(make_cfg(*overrides, f"data.path={moved}", "trainer.max_steps=5", f"resume={tmp_path / 'run'}"))
 
 
 def test_resolve_run_dir_checkpoint_and_latest(tmp_path, monkeypatch):

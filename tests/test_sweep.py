@@ -26,7 +26,7 @@ from tensorboard.plugins.hparams import api_pb2, metadata
 from seqexp.config import safe_dirname
 from seqexp.sweep import resources
 from seqexp.sweep.summary import write_summary
-from tests.conftest import ROOT, make_cfg, tiny_overrides
+from tests.helpers import ROOT, make_cfg, tiny_overrides
 
 # The tiny settings as an experiment file: `experiment` is left out of job directory names, so
 # jobs are named by what the sweep varies (`0_model=rnn,optimizer.lr=0.001`).
@@ -274,7 +274,7 @@ def test_fail_fast_stops_the_sweep_at_the_first_failure(conf_dir, tiny_text, tmp
 
 def test_a_job_failing_mid_training_keeps_its_last_evaluation(tiny_text, tmp_path, monkeypatch):
     from seqexp.sweep.job import run_sweep_job
-    from tests.test_train import poison_loss_at
+    from tests.helpers import poison_loss_at
 
     def hydra_cfg(name, overrides):
         return OmegaConf.create({"runtime": {"output_dir": str(tmp_path / name)}, "sweep": {"dir": str(tmp_path)},
@@ -301,7 +301,7 @@ def test_a_sweep_job_keeps_its_text_samples_in_tensorboard_and_prints_none(tiny_
     job = tmp_path / "0_model=rnn"
     hydra_cfg = OmegaConf.create({"runtime": {"output_dir": str(job)}, "sweep": {"dir": str(tmp_path)},
                                   "overrides": {"task": ["model=rnn"]}, "job": {"num": 0}, "launcher": {}})
-    assert run_sweep_job(make_cfg(*tiny_overrides("rnn", tiny_text, "logging.sample_chars=20")), hydra_cfg) > 0
+    assert run_sweep_job(make_cfg(*tiny_overrides("rnn", tiny_text, "logging.sample.chars=20")), hydra_cfg) > 0
     assert "sample" not in capsys.readouterr().out
     samples = EventAccumulator(str(job)).Reload().Tensors("samples/text_summary")
     assert [e.step for e in samples] == [6, 12]  # one per evaluation, the last one on the final weights
@@ -342,7 +342,7 @@ def finish(proc: subprocess.Popen, sweep_dir: Path) -> str:
 def check_interrupted(sweep_dir: Path, jobs: list[Path], err: str) -> None:
     """Each job saved last.pt at the step it stopped after, and is `interrupted` in its metrics.json,
     its HParams entry, the summary and the sweep's last words; no other job directory exists."""
-    from seqexp.checkpoint import load_checkpoint
+    from seqexp.checkpoint import read as read_checkpoint
 
     assert job_dirs(sweep_dir) == jobs
     rows = {r["job"]: r for r in summary_rows(sweep_dir)}
@@ -350,7 +350,7 @@ def check_interrupted(sweep_dir: Path, jobs: list[Path], err: str) -> None:
     for job in jobs:
         m = metrics(job)
         assert m["status"] == "interrupted" and rows[job.name]["status"] == "interrupted"
-        assert load_checkpoint(job / "checkpoints" / "last.pt")["trainer"]["step"] == m["steps"] < 100000
+        assert read_checkpoint(job / "checkpoints" / "last.pt")["trainer"]["step"] == m["steps"] < 100000
         assert f"after step {m['steps']}" in m["error"]
         assert hparams_of(job)[1] == api_pb2.STATUS_FAILURE
         assert job.name in err.splitlines()[-1]

@@ -11,14 +11,15 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from seqexp.build import instantiate
-from seqexp.checkpoint import load_checkpoint
+from seqexp.checkpoint import read as read_checkpoint
 from seqexp.ema import EMA
 from seqexp.errors import UserError
 from seqexp.inference import build_model
-from seqexp.tasks import LanguageModeling
+from seqexp.tasks.lm import LanguageModeling
 from seqexp.train import train
 from seqexp.trainer import Trainer
-from tests.conftest import ROOT, make_cfg, tiny_overrides
+from seqexp.update import Update
+from tests.helpers import ROOT, make_cfg, poison_loss_at, tiny_overrides
 
 
 @pytest.mark.parametrize("model", ["rnn", "lstm", "gru", "attention"])
@@ -50,7 +51,7 @@ def test_checkpoint_rebuilds_the_model_alone(ema, tiny_text, tmp_path):
     """best.pt loads with weights_only=True and, with nothing but itself, reproduces the val loss
     (with weight averaging: the val loss of the averaged weights, which are its "model")."""
     metrics = train(make_cfg(*tiny_overrides("lstm", tiny_text, ema)), tmp_path)
-    ckpt = load_checkpoint(tmp_path / "checkpoints" / "best.pt")
+    ckpt = read_checkpoint(tmp_path / "checkpoints" / "best.pt")
     torch.load(tmp_path / "checkpoints" / "best.pt", weights_only=True)  # plain values only
     cfg = ckpt["config"]
     model = instantiate(cfg["model"], **ckpt["model_kwargs"])
@@ -74,14 +75,14 @@ def test_weight_averaging_saves_the_average_and_trains_the_weights(tiny_text, tm
         update(self, *args)
 
     def spy_fit(self):
-        initial.extend(e.clone() for e in self.ema.average)  # the average starts at the initial weights
+        initial.extend(e.clone() for e in self.average.average)  # the average starts at the initial weights
         return fit(self)
 
     monkeypatch.setattr(EMA, "update", update_ema)
     monkeypatch.setattr(Trainer, "fit", spy_fit)
     run = tmp_path / "run"
     train(make_cfg(*tiny_overrides("attention", tiny_text, f"trainer.ema={decay}")), run)
-    ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
+    ckpt = read_checkpoint(run / "checkpoints" / "last.pt")
     names = [n for n, _ in build_model(ckpt).named_parameters()]
     assert len(seen) == 12 and ckpt["trainer"]["ema_updates"] == 12
 
@@ -136,26 +137,13 @@ def test_trainer_carries_state_between_chunks_and_resets_each_epoch(tiny_text, t
             assert not state_in.requires_grad  # truncated: no gradient into earlier chunks
 
 
-def poison_loss_at(monkeypatch, calls: set[int]):
-    """Make the task's loss NaN on the given (1-based) training calls."""
-    from seqexp.tasks import LanguageModeling
-    original, count = LanguageModeling.loss, [0]
-
-    def loss(self, logits, batch):
-        count[0] += 1
-        out = original(self, logits, batch)
-        return out * float("nan") if count[0] in calls else out
-
-    monkeypatch.setattr(LanguageModeling, "loss", loss)
-
-
 def test_nonfinite_loss_stops_before_the_update(tiny_text, tmp_path, monkeypatch):
-    from seqexp.trainer import NonFiniteError
+    from seqexp.guard import NonFiniteError
     poison_loss_at(monkeypatch, {8})
     with pytest.raises(NonFiniteError, match="non-finite values at step 8") as e:
         train(make_cfg(*tiny_overrides("lstm", tiny_text)), tmp_path)
     assert str(tmp_path / "checkpoints" / "last.pt") in str(e.value)  # the last good one, step 6
-    ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    ckpt = read_checkpoint(tmp_path / "checkpoints" / "last.pt")
     assert ckpt["trainer"]["step"] == 6
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
@@ -164,7 +152,7 @@ def test_nonfinite_skip_policy_drops_the_batch(tiny_text, tmp_path, monkeypatch)
     poison_loss_at(monkeypatch, {4, 5})
     metrics = train(make_cfg(*tiny_overrides("lstm", tiny_text, "trainer.nonfinite=skip")), tmp_path)
     assert metrics["skipped_batches"] == 2 and metrics["steps"] == 12
-    ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    ckpt = read_checkpoint(tmp_path / "checkpoints" / "last.pt")
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
     events = EventAccumulator(str(tmp_path)).Reload()
     assert [(e.step, e.value) for e in events.Scalars("train/skipped_batches")] == [(4, 1.0), (5, 2.0)]
@@ -183,8 +171,8 @@ class InfiniteGradient(torch.autograd.Function):
 
 
 def test_nonfinite_gradient_with_a_finite_loss_stops_too(tiny_text, tmp_path, monkeypatch):
-    from seqexp.tasks import LanguageModeling
-    from seqexp.trainer import NonFiniteError
+    from seqexp.tasks.lm import LanguageModeling
+    from seqexp.guard import NonFiniteError
     original, count = LanguageModeling.loss, [0]
 
     def loss(self, logits, batch):
@@ -195,7 +183,7 @@ def test_nonfinite_gradient_with_a_finite_loss_stops_too(tiny_text, tmp_path, mo
     monkeypatch.setattr(LanguageModeling, "loss", loss)
     with pytest.raises(NonFiniteError, match=r"at step 9 \(loss=[\d.]+, grad_norm=(inf|nan)\)"):
         train(make_cfg(*tiny_overrides("attention", tiny_text)), tmp_path)
-    ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    ckpt = read_checkpoint(tmp_path / "checkpoints" / "last.pt")
     assert ckpt["trainer"]["step"] == 6 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
@@ -226,14 +214,14 @@ def test_an_update_that_makes_the_weights_infinite_is_never_evaluated_or_saved(p
     at the step whose update makes the weights infinite (decoupled weight decay alone multiplies
     them by lr x wd). Neither policy may evaluate, save or call them good; skip cannot undo it."""
     from seqexp.checkpoint import nonfinite
-    from seqexp.trainer import NonFiniteError
+    from seqexp.guard import NonFiniteError
 
     overrides = tiny_overrides("rnn", tiny_text, "optimizer.lr=1e30", "trainer.checkpoint_every=2",
                                "trainer.eval_every=2", f"trainer.nonfinite={policy}")
     with pytest.raises(NonFiniteError, match=r"the update at step \d+ made the weights non-finite"):
         train(make_cfg(*overrides), tmp_path)
     for f in (tmp_path / "checkpoints").glob("*.pt"):
-        assert nonfinite(load_checkpoint(f)) == [], f
+        assert nonfinite(read_checkpoint(f)) == [], f
     metrics = saved_metrics(tmp_path)
     assert metrics["status"] == "stopped: nonfinite" and "made the weights non-finite" in metrics["error"]
 
@@ -241,7 +229,7 @@ def test_an_update_that_makes_the_weights_infinite_is_never_evaluated_or_saved(p
 def test_weights_made_infinite_by_a_later_update_stop_at_the_last_good_checkpoint(tiny_text, tmp_path, monkeypatch):
     """The update of step 8 leaves an infinite weight (a finite loss and gradient): the next step's
     finiteness read sees it, even with nonfinite=skip, and last.pt (step 6) is named as good."""
-    from seqexp.trainer import NonFiniteError
+    from seqexp.guard import NonFiniteError
 
     original, calls = torch.amp.GradScaler.step, [0]
 
@@ -257,7 +245,7 @@ def test_weights_made_infinite_by_a_later_update_stop_at_the_last_good_checkpoin
     with pytest.raises(NonFiniteError, match="the update at step 8 made the weights non-finite") as e:
         train(make_cfg(*tiny_overrides("lstm", tiny_text, "trainer.nonfinite=skip")), tmp_path)
     assert f"Last good checkpoint: {tmp_path / 'checkpoints' / 'last.pt'}" in str(e.value)
-    ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    ckpt = read_checkpoint(tmp_path / "checkpoints" / "last.pt")
     assert ckpt["trainer"]["step"] == 6 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
     assert saved_metrics(tmp_path)["status"] == "stopped: nonfinite"
 
@@ -271,8 +259,8 @@ def test_a_nonfinite_validation_result_is_never_best(tiny_text, tmp_path, monkey
         return {**metrics, "loss": float("nan")} if calls[0] == 2 else metrics  # the evaluation at step 12
 
     monkeypatch.setattr(Trainer, "evaluate", evaluate)
-    metrics = train(make_cfg(*tiny_overrides("rnn", tiny_text, "logging.sample_chars=0")), tmp_path)
-    assert metrics["best_step"] == 6 and load_checkpoint(tmp_path / "checkpoints" / "best.pt")["trainer"]["step"] == 6
+    metrics = train(make_cfg(*tiny_overrides("rnn", tiny_text, "logging.sample.chars=0")), tmp_path)
+    assert metrics["best_step"] == 6 and read_checkpoint(tmp_path / "checkpoints" / "best.pt")["trainer"]["step"] == 6
     saved = saved_metrics(tmp_path)  # strict JSON: the NaN is written as null
     assert saved["final"]["val/loss"] is None and saved["objective"]["best"] == metrics["best"]["val/loss"] > 0
 
@@ -280,14 +268,14 @@ def test_a_nonfinite_validation_result_is_never_best(tiny_text, tmp_path, monkey
 @pytest.mark.parametrize("failure", [UserError("could not write last.pt (Permission denied)"), RuntimeError("boom")])
 def test_a_run_that_fails_says_so_in_metrics_json(failure, tiny_text, tmp_path, monkeypatch):
     """Issue 22 item 5: a user error (exit 2) or a crash leaves "failed" and the error, not "running"."""
-    original = Trainer.train_step
+    original = Update.__call__
 
-    def train_step(self, batch):
-        if self.step == 8:
+    def update(self, micro, carried, step):
+        if step == 9:  # after 8 steps
             raise failure
-        original(self, batch)
+        return original(self, micro, carried, step)
 
-    monkeypatch.setattr(Trainer, "train_step", train_step)
+    monkeypatch.setattr(Update, "__call__", update)
     with pytest.raises(type(failure)):
         train(make_cfg(*tiny_overrides("rnn", tiny_text)), tmp_path)
     saved = saved_metrics(tmp_path)
@@ -300,11 +288,11 @@ def test_the_plan_counts_optimizer_steps_epochs_evaluations_and_what_is_left():
     from seqexp.plan import plan_line
 
     base = dict(start=0, steps_per_epoch=352, accumulate=1, eval_every=200, checkpoint_every=200, keep_last=3,
-                max_time_s=0, test=False)
+                max_time_s=0)
     every = "a checkpoint every 200 steps (the newest 3 kept)"
     # max_epochs-bound, with the test split after training
-    assert plan_line(**{**base, "total": 1408, "test": True}) == \
-        f"plan: 1,408 steps (4 epochs of 352), 8 evaluations, {every}, then the test split on best.pt"
+    assert plan_line(**{**base, "total": 1408, "after": ("test",)}) == \
+        f"plan: 1,408 steps (4 epochs of 352), 8 evaluations, {every}, then the test split on the best checkpoint"
     # max_steps-bound, less than an epoch
     assert plan_line(**{**base, "total": 600, "steps_per_epoch": 1390}) == \
         f"plan: 600 steps (0.43 of an epoch of 1,390), 3 evaluations, {every}"
@@ -322,7 +310,7 @@ def test_the_plan_counts_optimizer_steps_epochs_evaluations_and_what_is_left():
 
 def test_a_run_logs_its_plan_then_estimates_training_and_evaluation_time(tiny_text, tmp_path, caplog):
     import logging
-    overrides = tiny_overrides("rnn", tiny_text, "logging.sample_chars=0")
+    overrides = tiny_overrides("rnn", tiny_text, "logging.sample.chars=0")
     with caplog.at_level(logging.INFO, logger="seqexp"):
         train(make_cfg(*overrides), tmp_path)
     lines = [r.getMessage() for r in caplog.records]

@@ -22,7 +22,7 @@ from seqexp.errors import UserError
 from seqexp.resume import config_for_resume
 from seqexp.train import train
 from seqexp.trust import check_file_config
-from tests.conftest import ROOT, imdb_overrides, make_cfg, tiny_overrides
+from tests.helpers import ROOT, imdb_overrides, make_cfg, tiny_overrides
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -18,12 +18,12 @@ from omegaconf import open_dict
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.util import tensor_util
 
-from seqexp.checkpoint import load_checkpoint
+from seqexp.checkpoint import read as read_checkpoint
 from seqexp.commands import evaluate, predict, sample
 from seqexp.inference import find_checkpoint, load_run, text_encoder
 from seqexp.sampling import generate
 from seqexp.train import train
-from tests.conftest import ROOT, TINY, make_cfg, tiny_overrides
+from tests.helpers import ROOT, TINY, make_cfg, tiny_overrides
 
 TRAINER = ["trainer.max_steps=12", "trainer.eval_every=6", "trainer.log_every=3", "trainer.progress=false",
            "trainer.device=cpu", "scheduler.warmup_steps=2"]
@@ -34,7 +34,7 @@ def runs(tiny_text, tmp_path_factory) -> dict:
     """Three short runs: a recurrent LM, an attention LM (with histograms), an attention classifier."""
     root = tmp_path_factory.mktemp("runs")
     train(make_cfg(*tiny_overrides("lstm", tiny_text)), root / "lstm")
-    train(make_cfg(*tiny_overrides("attention", tiny_text, "logging.histograms=true")), root / "attention")
+    train(make_cfg(*tiny_overrides("attention", tiny_text, "logging.histograms.enabled=true")), root / "attention")
     cfg = make_cfg(*TINY["attention"], *TRAINER)
     with open_dict(cfg):
         cfg.data = {"_target_": "tests.toy_classify.ToySentiment", "batch_size": 8}
@@ -79,7 +79,7 @@ def test_evaluate_reproduces_the_best_metrics(runs, name, tmp_path, capsys):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_a_checkpoint_written_on_cuda_evaluates_on_the_cpu(runs, tmp_path, monkeypatch):
-    ckpt = load_checkpoint(runs["lstm"] / "checkpoints" / "best.pt")
+    ckpt = read_checkpoint(runs["lstm"] / "checkpoints" / "best.pt")
     # save as a CUDA process would: every storage tagged with device cuda:0
     with monkeypatch.context() as m:
         m.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
@@ -211,7 +211,7 @@ def test_predict_errors(runs, tmp_path, capsys):
 
 def test_unknown_data_kind_has_no_text_encoder(runs):
     from seqexp.errors import UserError
-    ckpt = load_checkpoint(runs["classifier"] / "checkpoints" / "best.pt")
+    ckpt = read_checkpoint(runs["classifier"] / "checkpoints" / "best.pt")
     ckpt["data"] = {"kind": "imdb-v9"}
     with pytest.raises(UserError, match="cannot encode text for data kind 'imdb-v9'"):
         text_encoder(ckpt)
@@ -267,7 +267,7 @@ def env() -> dict:
 def test_predict_on_an_imdb_run_encodes_reviews_as_training_did(tmp_path, capsys):
     """A raw review through predict.py gets the probabilities the model gives the same review
     through the training pipeline (tokenizer, vocabulary, head+tail truncation, padding)."""
-    from tests.conftest import imdb_overrides, synthetic_reviews, write_archive
+    from tests.helpers import imdb_overrides, synthetic_reviews, write_archive
 
     review = ("An <b>AWFUL</b>, boring film!<br /><br />" + " the plot was dull" * 30 + " but the actor was great.")
     files = synthetic_reviews(n_test=0)

@@ -11,7 +11,7 @@ import torch
 
 from seqexp.data.base import Dataset
 from seqexp.data.char import CharVocab
-from seqexp.tasks import Classification
+from seqexp.tasks.classify import Classification
 
 POSITIVE = "good great fine nice".split()
 NEGATIVE = "bad awful poor dull".split()
@@ -46,7 +46,7 @@ class ToySentiment(Dataset):
         return self.vocab.decode(ids)
 
     def model_kwargs(self) -> dict:
-        return dict(vocab_size=self.vocab_size, num_outputs=2, task=self.task.name, pad_id=0, max_len=self.max_len)
+        return dict(vocab_size=self.vocab_size, num_outputs=2, head=self.task.head, max_len=self.max_len)
 
     def state(self) -> dict:
         return {"kind": "char", "itos": self.vocab.itos, "classes": self.classes}

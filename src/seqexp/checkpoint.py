@@ -66,6 +66,9 @@ class TrainerState(TypedDict):
     rng: dict  # rng_state(): python, numpy, torch, cuda
     monitor: NotRequired[dict]  # early stopping: {"reference", "wait"} (seqexp/monitor.py)
     stopped_early: NotRequired[Optional[int]]  # the step at which patience ran out, or None
+    target: NotRequired[Optional[float]]  # trainer.target when the checkpoint was written
+    target_step: NotRequired[Optional[int]]  # the step whose evaluation reached it, or None
+    target_train_s: NotRequired[Optional[float]]  # the training time to it
     ranks: NotRequired[list]  # DDP: each rank's {"rng", "window"}, in rank order (distributed.py)
     weights: NotRequired[dict]  # averaged checkpoints: the trained weights (model.state_dict())
 

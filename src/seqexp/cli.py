@@ -27,7 +27,8 @@ from hydra.core.override_parser.types import Override, OverrideType
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from seqexp.config import CONFIG_DIR, check_keys, did_you_mean, schema_keys
+from seqexp.config import check_keys, did_you_mean, schema_keys
+from seqexp.configs import CONFIG_DIR
 from seqexp.errors import UserError, user_errors
 from seqexp.locks import claim_output_dir, hydra_dir, release_run_dir
 from seqexp.resume import config_for_resume, read_early, resume_argv

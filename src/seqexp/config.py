@@ -14,13 +14,13 @@ import difflib
 import hashlib
 from dataclasses import dataclass, field
 from enum import StrEnum
-from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from seqexp.build import RUNTIME, check_optimization, locate, parameters
+from seqexp.configs import CONFIG_DIR  # noqa: F401 (the commands' and the tests' way to it)
 from seqexp.data.base import Dataset
 from seqexp.errors import UserError
 from seqexp.models.base import SequenceModel
@@ -29,7 +29,6 @@ from seqexp.reports.base import report_classes
 from seqexp.schema import defaults, settings_schema
 from seqexp.trust import GROUPS
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # package data: installed with seqexp
 
 
 class Device(StrEnum):
@@ -77,6 +76,9 @@ class TrainerConfig:
     mode: Optional[Mode] = None
     patience: int = 0  # stop after this many evaluations without improvement (0: never)
     min_delta: float = 0.0  # what counts as an improvement for patience: better by more than this
+    # stop at the first evaluation where the monitored metric reaches this value (null: none), e.g.
+    # trainer.target=0.99 with trainer.monitor=val/exact: time-to-target, recorded in metrics.json
+    target: Optional[float] = None
     keep_last: int = 3  # step checkpoints kept (never best.pt, nor the one resumed from); 0: none written
     log_every: int = 25  # steps between reads of loss/grad norm (each read syncs the device)
     precision: Precision = Precision.fp32  # bf16/fp16 run the forward pass under autocast
@@ -292,7 +294,7 @@ def upgrade(config: dict) -> dict:
         section, key = old.split(".", 1)
         if section == "logging" and key in logging and not isinstance(logging[key], dict):
             report, setting = new.split(".")[1:]
-            logging.setdefault(report, {})
-            logging[report] = {**logging[report], setting: logging.pop(key)}
+            value = logging.pop(key)  # first: the old key may be the report's own name (attention_maps)
+            logging[report] = {**logging.get(report, {}), setting: value}
     config["logging"] = logging
     return config

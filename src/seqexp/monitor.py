@@ -1,5 +1,6 @@
 """The monitored validation metric: which one (`trainer.monitor`), which way is better
-(`trainer.mode`), and early stopping (`trainer.patience`, `trainer.min_delta`).
+(`trainer.mode`), early stopping (`trainer.patience`, `trainer.min_delta`), and the target
+(`trainer.target`).
 
 The monitored metric chooses best.pt, is what metrics.json's "objective" reports (and so what
 sweeps summarise and the Optuna sweeper optimises). Its name is checked against what the task
@@ -67,6 +68,12 @@ class Monitor:
     @property
     def exhausted(self) -> bool:
         return self.patience > 0 and self.wait >= self.patience
+
+    def reaches(self, value: float, target: Optional[float]) -> bool:
+        """Whether `value` is at the target or beyond it, the good way (never for a NaN)."""
+        if target is None or not math.isfinite(value):
+            return False
+        return value <= target if self.mode == "min" else value >= target
 
     def state_dict(self) -> dict:
         return {"reference": self.reference, "wait": self.wait}

@@ -46,8 +46,10 @@ def evaluations(start: int, total: int, every: int) -> int:
 
 
 def plan_line(*, start: int, total: int, steps_per_epoch: int, accumulate: int, eval_every: int,
-              checkpoint_every: int, keep_last: int, max_time_s: float, after: tuple[str, ...] = ()) -> str:
-    """`after`: the splits evaluated once training is over (reports.base.Report.splits_after_training)."""
+              checkpoint_every: int, keep_last: int, max_time_s: float, after: tuple[str, ...] = (),
+              target: str = "") -> str:
+    """`after`: the splits evaluated once training is over (reports.base.Report.splits_after_training);
+    `target`: "val/exact 0.99" when training stops once the monitored metric reaches it."""
     micro = f" of {accumulate} micro-batches" if accumulate > 1 else ""  # steps are optimizer steps
     if start:  # a resumed run: what is left
         steps = f"{total - start:,} more steps{micro} ({start:,} -> {total:,}; {epochs(total, steps_per_epoch)})"
@@ -63,6 +65,8 @@ def plan_line(*, start: int, total: int, steps_per_epoch: int, accumulate: int, 
     if checkpoint_every < total:
         parts.append(f"a checkpoint every {checkpoint_every:,} steps" + (f" (the newest {keep_last} kept)"
                                                                         if keep_last else ""))
+    if target:
+        parts[0] = ("until " if not max_time_s else "") + f"{target} or " + parts[0]
     line = "plan: " + ", ".join(parts)
     return line + "".join(f", then the {split} split on the best checkpoint" for split in after)
 

@@ -33,14 +33,16 @@ class Progress:
     best_metrics: dict = field(default_factory=dict)  # "val/..." at best_step
     last_metrics: dict = field(default_factory=dict)  # "val/..." of the latest evaluation
     stopped_early: Optional[int] = None  # the step at which patience ran out
+    target_step: Optional[int] = None  # the step of the first evaluation that reached trainer.target
+    target_train_s: Optional[float] = None  # and the training time (evaluation left out) to it
     elapsed: float = 0.0  # wall seconds in fit() before this process
     eval_s: float = 0.0  # of which evaluating and checkpointing (not training)
 
 
 class RunRecord:
     def __init__(self, run_dir: RunDir, *, is_main: bool, task: str, num_params: int, steps_per_epoch: int,
-                 monitor):
-        self.run_dir, self.is_main, self.task = run_dir, is_main, task
+                 monitor, target: Optional[float] = None):
+        self.run_dir, self.is_main, self.task, self.target = run_dir, is_main, task, target
         self.num_params, self.steps_per_epoch, self.monitor = num_params, steps_per_epoch, monitor
         self.extra: dict = {}  # what the reports add after training (e.g. test metrics)
         self.written: Optional[dict] = None  # the record last written by this process
@@ -54,6 +56,10 @@ class RunRecord:
             "stopped_early": (None if p.stopped_early is None else
                               {"step": p.stopped_early, "patience": self.monitor.patience,
                                "min_delta": self.monitor.min_delta}),
+            # trainer.target: whether the monitored metric reached it, and at which step (timing: after how long)
+            "target": (None if self.target is None else
+                       {"metric": self.monitor.metric, "value": self.target, "reached": p.target_step is not None,
+                        "step": p.target_step}),
             "final": p.last_metrics,
             "best": p.best_metrics,
             "best_step": p.best_step,
@@ -63,7 +69,8 @@ class RunRecord:
             "num_params": self.num_params,
             **self.extra,
             # the only entries that differ between two runs of the same config
-            "timing": {"wall_time_s": round(wall_s, 3), "train_time_s": round(train_s, 3)},
+            "timing": {"wall_time_s": round(wall_s, 3), "train_time_s": round(train_s, 3),
+                       **({} if p.target_train_s is None else {"target_train_time_s": round(p.target_train_s, 3)})},
         }
 
     def write(self, summary: dict) -> None:
@@ -101,6 +108,11 @@ def closing_line(summary: dict, run_dir) -> str:
     key = "test/" + metric.partition("/")[2]
     if isinstance(test, dict) and isinstance(test.get(key), float):
         line += f"; {key} {test[key]:.4f} (best checkpoint)"
+    target = summary.get("target")
+    if target:
+        line += (f"; reached {target['metric']} {target['value']:g} at step {target['step']} "
+                 f"({summary['timing']['target_train_time_s']:.1f} s of training)" if target["reached"] else
+                 f"; did not reach {target['metric']} {target['value']:g}")
     if summary.get("stopped_early"):
         line += f"; stopped early at step {summary['stopped_early']['step']}"
     return f"{line}; run directory {run_dir}"

@@ -125,7 +125,8 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, *, in_sweep: bool 
         log.info(plan_line(start=trainer.p.step, total=total_steps, steps_per_epoch=steps_per_epoch,
                            accumulate=t.accumulate, eval_every=t.eval_every, checkpoint_every=t.checkpoint_every,
                            keep_last=t.keep_last, max_time_s=t.max_time_s,
-                           after=trainer.reports.splits_after_training()))
+                           after=trainer.reports.splits_after_training(),
+                           target=f"{trainer.monitor.metric} {t.target:g}" if t.target is not None else ""))
     try:
         with trainer.record.ending(trainer.summary):  # however the run ends, metrics.json says how
             # a stop signal, while training or in the evaluation after it, saves and exits 75 (preempt.py)

@@ -79,7 +79,7 @@ class Trainer:
         # metric_modes: the names the data logs (Dataset.metric_modes), else the task's own
         self.monitor = Monitor(*metric_and_mode(cfg, self.task, metric_modes), cfg.patience, cfg.min_delta)
         self.record = RunRecord(run_dir, is_main=self.is_main, task=self.task.name, num_params=self.num_params,
-                                steps_per_epoch=self.steps_per_epoch, monitor=self.monitor)
+                                steps_per_epoch=self.steps_per_epoch, monitor=self.monitor, target=cfg.target)
         self.log_sums = torch.zeros(3, device=device)  # loss, grad norm, steps since the last log line
         self.stop_signal: Optional[str] = None  # set by a signal handler; honoured between steps
         self.resumed_from: Optional[Path] = None  # never pruned by keep_last
@@ -101,6 +101,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "scaler": self.update.scaler.state_dict(), "rng": rng_state(),
             "monitor": self.monitor.state_dict(), "stopped_early": p.stopped_early,
+            "target": self.cfg.target, "target_step": p.target_step, "target_train_s": p.target_train_s,
             # under DDP (a collective): the global carried state, each rank's RNG and window
             **self.dist.gather_trainer_state(self.carried, self.log_sums, self.model.state_batch_dim),
         }
@@ -109,7 +110,9 @@ class Trainer:
         for key in ("step", "epoch", "batch_in_epoch", "best", "best_step", "best_metrics", "last_metrics",
                     "elapsed", "eval_s"):
             setattr(self.p, key, sd[key])
-        self.p.stopped_early = sd.get("stopped_early")
+        self.p.stopped_early = sd.get("stopped_early")  # (checkpoints from before it: none)
+        if sd.get("target") == self.cfg.target:  # a resume with another target starts its count afresh
+            self.p.target_step, self.p.target_train_s = sd.get("target_step"), sd.get("target_train_s")
         self.guard.skipped = sd["skipped"]
         carried = sd["carried"]
         if isinstance(carried, (tuple, list)):
@@ -181,8 +184,10 @@ class Trainer:
 
     @property
     def done(self) -> bool:
-        """The last step is taken, or patience ran out (a decision saved with the checkpoint)."""
-        return self.p.step >= self.total_steps or self.p.stopped_early is not None
+        """The last step is taken, patience ran out or the target is reached (decisions saved with
+        the checkpoint: a resume from there is done too)."""
+        p = self.p
+        return p.step >= self.total_steps or p.stopped_early is not None or p.target_step is not None
 
     # ------------------------------------------------------------------ the loop
     def wall_s(self) -> float:
@@ -293,6 +298,10 @@ class Trainer:
         if better:
             p.best, p.best_step, p.best_metrics = value, p.step, dict(p.last_metrics)
         self.monitor.update(value)
+        if p.target_step is None and self.monitor.reaches(value, self.cfg.target):
+            p.target_step, p.target_train_s = p.step, self.train_s()  # decided before saving, as below
+            log.info("target reached at step %d: %s %.4f (trainer.target=%g), after %.1f s of training", p.step,
+                     self.monitor.metric, value, self.cfg.target, p.target_train_s)
         if self.monitor.exhausted and p.step < self.total_steps and p.stopped_early is None:
             p.stopped_early = p.step  # decided before saving: a resume from here stops too
             log.info("early stop at step %d: %s has not improved by more than %g for %d evaluations (best %.4f "

@@ -22,6 +22,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from seqexp.configs import CONFIG_DIR
 from seqexp.errors import UserError
 
 GROUPS = ("model", "data", "optimizer", "scheduler")  # the config groups that build an object
@@ -67,8 +68,6 @@ def trusted_prefixes() -> tuple[str, ...]:
 
 
 def is_allowed(group: str, target: Any) -> bool:
-    from seqexp.config import CONFIG_DIR
-
     if not isinstance(target, str):
         return False
     if target in shipped_targets(str(CONFIG_DIR))[group] or (group, target) in _session:

@@ -15,7 +15,7 @@ import torch
 
 from seqexp.data.base import Dataset
 from seqexp.errors import require
-from seqexp.tasks import Classification
+from seqexp.tasks.classify import Classification
 
 
 class Encoder:
@@ -50,7 +50,7 @@ class PresenceData(Dataset):
         return {"tokens": tokens, "lengths": lengths, "labels": labels}
 
     def model_kwargs(self) -> dict:
-        return dict(vocab_size=self.vocab, num_outputs=2, task=self.task.name, pad_id=0, max_len=self.max_len)
+        return dict(vocab_size=self.vocab, num_outputs=2, head=self.task.head, max_len=self.max_len)
 
     def state(self) -> dict:
         h = hashlib.sha256(b"".join(s["tokens"].numpy().tobytes() for s in self.splits.values()))

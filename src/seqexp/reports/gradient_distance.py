@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 
+from seqexp.errors import UserError
 from seqexp.gradients import DISTANCES, fixed_rows, mean, measure
 from seqexp.reports.base import Context, Report
 from seqexp.visuals import figure_to_array, gradient_distance_figure
@@ -21,6 +22,9 @@ class GradientDistance(Report):
     def __init__(self, enabled: bool = True,
                  rows: int = 64):  # validation rows it measures (spread over the split, the same each time)
         super().__init__(enabled)
+        if rows < 1:  # config.validate builds every report: refused before any data is read
+            raise UserError(f"logging.gradient_distance.rows must be >= 1 (logging.gradient_distance.enabled=false "
+                            f"turns the picture off), got {rows}.")
         self.rows = rows
 
     def applies(self, ctx: Context) -> bool:

@@ -71,6 +71,15 @@ def test_metrics(metrics: dict) -> dict:
             if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
+def target_columns(metrics: dict) -> dict:
+    """trainer.target: the step and training seconds to it (empty when not reached); nothing without one."""
+    target = metrics.get("target")
+    if not target:
+        return {}
+    return {"target step": target["step"] if target["reached"] else None,
+            "target train_s": (metrics.get("timing") or {}).get("target_train_time_s")}
+
+
 def build_rows(jobs: list[dict]) -> tuple[list[dict], str, str]:
     metric, mode = objective_of(jobs)
     params = swept_params(jobs)
@@ -85,6 +94,7 @@ def build_rows(jobs: list[dict]) -> tuple[list[dict], str, str]:
             f"best {metric}": (m.get("objective") or {}).get("best"),
             f"final {metric}": (m.get("final") or {}).get(metric),
             **test_metrics(m),
+            **target_columns(m),
             "best_step": m.get("best_step"),
             "steps": m.get("steps"),
             "wall_time_s": (m.get("timing") or {}).get("wall_time_s"),
@@ -92,7 +102,9 @@ def build_rows(jobs: list[dict]) -> tuple[list[dict], str, str]:
             "error": m.get("error", ""),
         })
 
-    def key(row):  # best objective first; jobs without one (failed early, running) last
+    def key(row):  # trainer.target: the fastest to it first; then best objective; jobs without one last
+        if row.get("target step") is not None:
+            return (-1, row["target step"])
         v = row[f"best {metric}"]
         if not isinstance(v, (int, float)) or not math.isfinite(v):
             return (1, 0.0)
@@ -126,7 +138,8 @@ def write_markdown(rows: list[dict], path: Path, sweep_dir: Path, metric: str, m
     cols = [c for c in cols if c != "error" or any(r["error"] for r in rows)]
     lines = [f"# Sweep {sweep_dir}", "",
              f"{len(rows)} jobs ({', '.join(f'{n} {s}' for s, n in counts.items())}); "
-             f"sorted by best {metric} ({'lower' if mode == 'min' else 'higher'} is better).", "",
+             ("sorted by the steps to trainer.target, then " if any(r.get("target step") for r in rows) else "sorted by ")
+             + f"best {metric} ({'lower' if mode == 'min' else 'higher'} is better).", "",
              "| " + " | ".join(["#", *cols]) + " |", "|" + "---|" * (len(cols) + 1)]
     for rank, r in enumerate(rows, 1):
         cells = [fmt(r.get(c)).replace("|", "\\|").replace("\n", " ")[:120] for c in cols]
