@@ -176,9 +176,9 @@ def overrides_for(kind: str, model: str, request, *extra: str) -> list[str]:
                               "model.dropout=0.2", f"trainer.max_steps={TOTAL}", "trainer.eval_every=10",
                               "trainer.checkpoint_every=10", *extra)
     if kind == "imdb":  # 43 training reviews in batches of 8: 6 per epoch
-        return imdb_overrides(model, request.getfixturevalue("imdb_archive"), request.getfixturevalue("tmp_path") / "cache",
-                              "model.dropout=0.2", f"trainer.max_steps={TOTAL}", "trainer.eval_every=10",
-                              "trainer.checkpoint_every=10", *extra)
+        archive, cache = request.getfixturevalue("imdb_archive"), request.getfixturevalue("tmp_path") / "cache"
+        return imdb_overrides(model, archive, cache, "model.dropout=0.2", f"trainer.max_steps={TOTAL}",
+                              "trainer.eval_every=10", "trainer.checkpoint_every=10", *extra)
     raise ValueError(kind)
 
 
@@ -260,10 +260,11 @@ def hand_trainer(cfg, model: torch.nn.Module, task, run_dir: Path, *, total_step
     optimizer = build_optimizer(cfg.optimizer, model)
     data = SimpleNamespace(task=task, splits={}, can=lambda capability: False,
                            num_batches=lambda split, stateful: batches)
+    cpu = torch.device("cpu")
     return Trainer(cfg.trainer, model=model, data=data, optimizer=optimizer,
                    scheduler=instantiate(cfg.scheduler, optimizer=optimizer, total_steps=total_steps),
                    logger=Logger(run_dir, enabled=False), reports=cfg.logging, run_dir=RunDir(run_dir),
-                   device=torch.device("cpu"), total_steps=total_steps, recipe={}, dist=Local(device=torch.device("cpu")))
+                   device=cpu, total_steps=total_steps, recipe={}, dist=Local(device=cpu))
 
 
 def take(trainer, *steps: list[dict]) -> None:
@@ -298,8 +299,8 @@ def ddp_overrides_for(kind: str, model: str, request, *extra: str) -> list[str]:
         return tiny_overrides(model, request.getfixturevalue("tiny_text"), "model.dropout=0.0",
                               "logging.sample.chars=0", *extra)
     if kind == "imdb":  # batch 8 = 4 reviews per process; the last batch of an epoch is short (3)
-        return imdb_overrides(model, request.getfixturevalue("imdb_archive"), request.getfixturevalue("tmp_path") / "cache",
-                              "model.dropout=0.0", "logging.wrong_examples.count=0", *extra)
+        archive, cache = request.getfixturevalue("imdb_archive"), request.getfixturevalue("tmp_path") / "cache"
+        return imdb_overrides(model, archive, cache, "model.dropout=0.0", "logging.wrong_examples.count=0", *extra)
     raise ValueError(kind)
 
 

@@ -187,13 +187,15 @@ def test_every_torch_load_in_seqexp_is_weights_only():
 
 
 def test_stale_temporaries_are_removed_at_start(tiny_text, tmp_path):
+    """What a killed writer left in a run's directory is cleared when the run starts again."""
+    overrides = tiny_overrides("rnn", tiny_text, "trainer.max_steps=2")
+    train(make_cfg(*overrides), tmp_path)
     ckpts = tmp_path / "checkpoints"
-    ckpts.mkdir(parents=True)
     (ckpts / ".last.pt.tmp-999").write_bytes(b"half a checkpoint")
     (tmp_path / ".metrics.json.tmp-999").write_text("{")
     keep = ckpts / "notes.txt"
     keep.write_text("mine")
-    train(make_cfg(*tiny_overrides("rnn", tiny_text, "trainer.max_steps=2")), tmp_path)
+    train(make_cfg(*overrides, "trainer.max_steps=4", f"resume={tmp_path}"), tmp_path)
     assert temporaries(ckpts) == [] and temporaries(tmp_path) == [] and keep.read_text() == "mine"
 
 

@@ -8,10 +8,12 @@ import json
 import pytest
 import torch
 
+from seqexp.checkpoint import write
 from seqexp.commands import ensemble as ens
 from seqexp.commands.ensemble import Options, ensemble, fit_weights, mix, simplex
 from seqexp.errors import UserError
 from seqexp.inference import build_data, load_run
+from seqexp.tasks.classify import Classification
 from seqexp.train import train
 from tests.helpers import imdb_overrides, make_cfg
 
@@ -34,8 +36,7 @@ def test_members_are_scored_on_every_review_in_split_order(members):
     lp, labels = ens.log_probs(run.model, data, "test", run.device)
     assert lp.shape == (24, 2) and torch.equal(labels, data.splits["test"].labels)
     # the same numbers as a plain evaluation, which serves the reviews sorted by length
-    m = ens.metrics(lp, labels)
-    from seqexp.tasks.classify import Classification
+    m = ens.metrics(data.task, lp, labels)
     direct = Classification().evaluate(run.model, data.batches("test"), run.device,
                                        lambda: torch.autocast("cpu", enabled=False))
     assert m["acc"] == direct["acc"] and m["loss"] == pytest.approx(direct["loss"], rel=1e-6)
@@ -48,10 +49,10 @@ def test_ensemble_of_two_runs_on_test_with_weights_from_val(members, tmp_path):
     assert sum(m["weight"] for m in result["members"]) == pytest.approx(1.0)
     # recompute the mixture from the members' own test predictions
     lps, labels = split_lps(members, "test")
-    expected = ens.metrics(mix(lps, tuple(m["weight"] for m in result["members"])), labels)
+    expected = ens.metrics(Classification(), mix(lps, tuple(m["weight"] for m in result["members"])), labels)
     assert result["metrics"]["test/acc"] == expected["acc"] and result["metrics"]["test/count"] == 24
     for m, lp in zip(result["members"], lps):
-        assert m["metrics"]["test/acc"] == ens.metrics(lp, labels)["acc"]
+        assert m["metrics"]["test/acc"] == ens.metrics(Classification(), lp, labels)["acc"]
 
 
 def split_lps(members, split: str):
@@ -109,7 +110,7 @@ def test_weights_are_on_the_simplex_and_the_fit_prefers_the_better_member():
     torch.testing.assert_close(mix([good, bad], (1.0, 0.0)), good)
 
 
-def test_a_run_saved_before_val_split_existed_gets_its_random_split_back(members):
+def test_a_run_saved_before_val_split_existed_gets_its_random_split_back(members, tmp_path):
     """Checkpoints from before `data.val_split` drew validation reviews at random; rebuilding
     their data must give that split, not today's default."""
     run = load_run(members["attention"])
@@ -117,7 +118,8 @@ def test_a_run_saved_before_val_split_existed_gets_its_random_split_back(members
     assert run.ckpt["config"]["data"]["val_split"] == "contiguous"
     old = {**run.ckpt, "config": {**run.ckpt["config"], "data": dict(run.ckpt["config"]["data"])}}
     del old["config"]["data"]["val_split"]
-    rebuilt = build_data(old)
+    write(tmp_path / "old.pt", old)  # as that seqexp saved it; reading it upgrades the config
+    rebuilt = build_data(load_run(tmp_path / "old.pt").ckpt)
     random = build_data(run.ckpt, {"data.val_split": "random"})
     assert torch.equal(rebuilt.splits["val"].offsets, random.splits["val"].offsets)
     assert not torch.equal(rebuilt.splits["val"].offsets, today.splits["val"].offsets)

@@ -36,11 +36,21 @@ def garble(path: Path) -> None:
 
 CASES = {
     # name: (what to break in a copy of a finished run, overrides, expected message, fix named)
-    "missing data file": (None, ["data.path={tmp}/nope.txt"], "no such file", "Point data.path"),
-    "empty text file": ("empty", ["data.path={tmp}/empty.txt"], "is empty", "Point data.path"),
+    # a new run in the run's directory: refused as such, or, allowed to move it aside, refused for
+    # its data before the old run is moved
+    "a directory that holds a run": (None, ["trainer.seed=3"], "holds a run already", "trainer.overwrite=true"),
+    "missing data file": (None, ["data.path={tmp}/nope.txt", "trainer.overwrite=true"], "no such file",
+                          "Point data.path"),
+    "empty text file": ("empty", ["data.path={tmp}/empty.txt", "trainer.overwrite=true"], "is empty",
+                        "Point data.path"),
     "resume of a missing run": (None, ["resume={tmp}/no-such-run"], "no such run directory", "resume=latest"),
-    "truncated checkpoint": (truncate, ["resume={run}"], "truncated or corrupt", "Use another checkpoint"),
-    "unreadable checkpoint": (garble, ["resume={run}"], "truncated or corrupt", "Use another checkpoint"),
+    # a damaged last.pt names the run's checkpoints that load, each in the form to use it
+    "truncated checkpoint": (truncate, ["resume={run}"], "last.pt is corrupt (", "Checkpoints of the run that load: "
+                             "{run}/checkpoints/best.pt (for evaluate, sample, predict); "
+                             "resume={run}/checkpoints/step_000006.pt."),
+    "unreadable checkpoint": (garble, ["resume={run}"], "last.pt is corrupt (", "Checkpoints of the run that load: "
+                              "{run}/checkpoints/best.pt (for evaluate, sample, predict); "
+                              "resume={run}/checkpoints/step_000006.pt."),
     "another model config": (None, ["resume={run}", "model.hidden_size=8"], "model.hidden_size: 32 -> 8",
                              "start a new run"),
 }
@@ -57,8 +67,10 @@ def test_bad_input_is_one_line_with_the_fix(case, finished, tiny_text, tmp_path,
         damage(run / "checkpoints" / "last.pt")
     before = snapshot(run)
     extra = [e.format(tmp=tmp_path, run=run) for e in extra]
+    fix = fix.format(run=run)
     with pytest.raises(SystemExit) as e, user_errors():
         train(make_cfg(*tiny_overrides("rnn", tiny_text), *extra), None if "resume" in extra[0] else run)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("run")) == ["run"]  # not moved aside
     err = capsys.readouterr().err
     assert e.value.code == 2
     assert err.startswith("error: ") and err.count("\n") == 1, err

@@ -322,8 +322,7 @@ def test_padding_invariance_through_the_pipeline(name, archive, tmp_path):
         name, ["model.dropout=0.0", "model.bidirectional=true", "model.pooling=mean"])
     cfg = make_cfg("data=imdb", *TINY[name], *extra)
     model = instantiate(cfg.model, **d.model_kwargs()).eval()
-    if name == "ngram":
-        model.prepare(lambda: d.batches("train"))
+    model.prepare(lambda: d.batches("train"))  # data-dependent set-up, where the model has one (n-grams)
     alone = d.collate(s, short)
     mixed = d.collate(s, torch.cat([longest[:1], short, longest[1:]]))
     assert mixed["tokens"].shape[1] > alone["tokens"].shape[1] * 4  # really padded

@@ -266,30 +266,32 @@ def train_main_exit(monkeypatch, capsys, *argv: str) -> str:
 
 
 def test_a_run_directory_in_use_refuses_a_second_run(tmp_path, monkeypatch, capsys):
-    from seqexp.locks import RUN_LOCK, file_lock
+    from seqexp.locks import file_lock
+    from seqexp.rundir import RunDir
     from tests.helpers import snapshot
 
     run = tmp_path / "run"
     run.mkdir()
     (run / "seqexp.log").write_text("the first run's log\n")
     before = snapshot(run)
-    with file_lock(run / RUN_LOCK, wait=False):  # as the first run holds it
+    with file_lock(run / RunDir.LOCK, wait=False):  # as the first run holds it
         err = train_main_exit(monkeypatch, capsys, f"hydra.run.dir={run}", "trainer.max_steps=1")
         assert f"{run} is in use by another run" in err
-        assert {k: v for k, v in snapshot(run).items() if k != RUN_LOCK} == before  # nothing touched
+        assert {k: v for k, v in snapshot(run).items() if k != RunDir.LOCK} == before  # nothing touched
     assert snapshot(run) == before  # and the lock file goes with its holder
 
 
 def test_run_directory_lock_is_reentrant_and_released(tmp_path):
-    from seqexp.locks import RUN_LOCK, Busy, file_lock, hold_run_dir, release_run_dir
+    from seqexp.locks import Busy, file_lock, hold_run_dir, release_run_dir
+    from seqexp.rundir import RunDir
 
     hold_run_dir(tmp_path)
     hold_run_dir(tmp_path)  # train() inside the CLI that already holds it
     release_run_dir(tmp_path)
-    with pytest.raises(Busy), file_lock(tmp_path / RUN_LOCK, wait=False):
+    with pytest.raises(Busy), file_lock(tmp_path / RunDir.LOCK, wait=False):
         pass
     release_run_dir(tmp_path)
-    with file_lock(tmp_path / RUN_LOCK, wait=False):
+    with file_lock(tmp_path / RunDir.LOCK, wait=False):
         pass
     assert list(tmp_path.iterdir()) == []
 
@@ -316,7 +318,7 @@ def test_the_cli_releases_its_run_directory(tiny_text, tmp_path, monkeypatch):
     from hydra.core.global_hydra import GlobalHydra
 
     from seqexp.cli import train_main
-    from seqexp.locks import RUN_LOCK
+    from seqexp.rundir import RunDir
     from tests.helpers import tiny_overrides
 
     run = tmp_path / "run"
@@ -325,4 +327,4 @@ def test_the_cli_releases_its_run_directory(tiny_text, tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["seqexp-train", f"hydra.run.dir={run}",
                                       *tiny_overrides("rnn", tiny_text, "trainer.max_steps=2")])
     train_main()
-    assert (run / "metrics.json").is_file() and not (run / RUN_LOCK).exists()
+    assert (run / "metrics.json").is_file() and not RunDir(run).lock.exists()

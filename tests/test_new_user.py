@@ -12,11 +12,13 @@ import sys
 import pytest
 
 from seqexp.cli import null_choices
-from seqexp.config import check_keys, did_you_mean
+from seqexp.config import CONFIG_DIR, check_keys, did_you_mean
 from seqexp.errors import UserError
 from seqexp.inference import find_checkpoint
+from seqexp.overrides import parse
+from seqexp.record import closing_line
 from seqexp.resume import nearest_runs, resolve
-from seqexp.train import closing_line, train
+from seqexp.train import train
 from tests.helpers import ROOT, make_cfg, tiny_overrides
 
 
@@ -40,7 +42,10 @@ def test_keys_outside_the_schema_are_refused_after_composition_too():
         check_keys(make_cfg("+seed=3"))
     with pytest.raises(UserError, match="'trainer.sed' is not a key of 'trainer'. Did you mean trainer.seed"):
         check_keys(make_cfg("+trainer.sed=3"))
-    assert did_you_mean("logging.sample_char") == " Did you mean logging.sample.chars?"
+    assert did_you_mean("logging.sampel") == " Did you mean logging.sample?"
+    assert did_you_mean("logging.sample_chars") == " It is logging.sample.chars now."  # renamed (config.RENAMED)
+    keys = ["logging.sample.chars", "logging.sample.prompt"]  # a node's own keys (the command line's check)
+    assert did_you_mean("logging.sample.char", keys) == " Did you mean logging.sample.chars?"
     assert did_you_mean("zzz") == ""
     check_keys(make_cfg("model=gru", "experiment=imdb_lstm"))  # groups and experiments are fine
 
@@ -146,11 +151,12 @@ def test_a_null_group_choice_leaves_an_optional_group_out_and_is_refused_for_a_n
     """`recipe=null` means what `~recipe` does (Hydra itself fails on it with a traceback, next to
     train.yaml's interpolated defaults); `model=null` is one line naming the choices."""
     monkeypatch.chdir(tmp_path)
-    assert null_choices(["data=imdb", "recipe=null", "experiment=null", "trainer.seed=null"]) == \
-        ["data=imdb", "~recipe", "~experiment", "trainer.seed=null"]
+    argv = ["data=imdb", "recipe=null", "experiment=null", "trainer.seed=null"]
+    assert null_choices(argv, parse(argv)) == ["data=imdb", "~recipe", "~experiment", "trainer.seed=null"]
     cli("model=lstm", "data=imdb", "recipe=null", "--cfg", "job")
     assert "hidden_size: 256" in capsys.readouterr().out  # model/lstm.yaml's, not the recipe's 128
-    for arg, says in [("model=null", "every run needs a model. Choices: attention, gru, lstm"),
+    models = ", ".join(sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml")))
+    for arg, says in [("model=null", f"every run needs a model. Choices: {models}."),
                       ("recipe=null,imdb_gru", "null cannot be one of a sweep's choices")]:
         with pytest.raises(SystemExit) as e:
             cli("data=imdb", arg)

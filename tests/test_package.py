@@ -110,3 +110,28 @@ def test_installed_seqexp_trains_and_runs_its_commands_anywhere(installed, tmp_p
     evaluate = run(site, tmp_path, str(site / "bin" / "seqexp-evaluate"), str(run_dir))
     assert evaluate.returncode == 0, evaluate.stderr[-3000:]
     assert (run_dir / "eval_val_best.json").is_file()
+
+
+def test_a_family_added_inside_an_installed_copy_is_one_module_and_one_yaml(installed, tmp_path):
+    """A new family in the package itself: its module in seqexp/models/, its YAML in
+    seqexp/configs/model/, nothing else touched -- no list to extend, no recipe, no trust setting:
+    it is chosen, checked, trained, evaluated and sampled like a shipped one."""
+    _, installed_site = installed
+    site = Path(shutil.copytree(installed_site, tmp_path / "site"))  # this test's own copy
+    shutil.copy(ROOT / "tests" / "extension" / "conv_model.py", site / "seqexp" / "models" / "conv.py")
+    (site / "seqexp" / "configs" / "model" / "conv.yaml").write_text(
+        "# A causal convolution over embeddings: a family added to an installed seqexp.\n"
+        "defaults:\n  - /schema/seqexp.models.conv.ConvModel@_here_\n  - _self_\n\ndim: 24\n")
+    work = tmp_path / "work"
+    work.mkdir()
+    run_dir = work / "run"
+    tiny = [a for a in TINY_RUN if not a.startswith(("model.hidden_size", "model.embed_dim"))]
+    train = run(site, work, str(site / "bin" / "seqexp-train"), "model=conv", *tiny, f"hydra.run.dir={run_dir}")
+    assert train.returncode == 0, train.stderr[-3000:]
+    saved = json.loads((run_dir / "metrics.json").read_text())
+    assert saved["status"] == "finished" and saved["num_params"] > 0
+    typo = run(site, work, str(site / "bin" / "seqexp-train"), "model=conv", "model.dimm=3")
+    assert typo.returncode == 2 and "model.dim" in typo.stderr  # its keys come from its constructor
+    for command in (["seqexp-evaluate", str(run_dir)], ["seqexp-sample", str(run_dir), "length=5"]):
+        done = run(site, work, str(site / "bin" / command[0]), *command[1:])  # no SEQEXP_TRUST: it ships
+        assert done.returncode == 0, (command, done.stderr[-3000:])

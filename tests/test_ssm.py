@@ -24,12 +24,9 @@ from seqexp.models.deltanet import CHUNK, DeltaNetModel, chunked_delta_rule, seq
 from seqexp.models.mamba import SCAN_CHUNK, MambaModel, selective_scan, sequential_scan
 from seqexp.sampling import generate
 from seqexp.train import train
-from tests import conftest
-from tests.conftest import imdb_overrides, make_cfg, tiny_overrides
-from tests.test_lab import KINDS, QUICK, SMALL
-from tests.test_models import overfit_lm
-from tests.test_resume import (STOP, assert_same_training, drop_carried_state, final_state, overrides_for,
-                               resume_run, run_until_signal, same_tensors)
+from tests import helpers
+from tests.helpers import (STOP, assert_same_training, drop_carried_state, final_state, imdb_overrides, make_cfg,
+                           overfit_lm, overrides_for, resume_run, run_until_signal, same_tensors, tiny_overrides)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -41,16 +38,22 @@ TINY = {"mamba": ["model=mamba", "model.d_model=16", "model.d_state=4"],
         "deltanet": ["model=deltanet", "model.d_model=16", "model.num_heads=2", "model.mlp_ratio=2"]}
 
 
+# the memory lab's tasks, tiny (as tests/test_lab.py runs them)
+KINDS = ["copy", "selective_copy", "recall", "adding"]
+SMALL = ["data.size=64", "data.eval_size=32", "data.batch_size=8"]
+QUICK = ["trainer.progress=false", "trainer.device=cpu", "logging.tensorboard=false"]
+
+
 @pytest.fixture(autouse=True)
 def tiny_families(monkeypatch):
-    """conftest.TINY's entries for the two families, so that the shared run helpers can build them."""
+    """helpers.TINY's entries for the two families, so that the shared run helpers can build them."""
     for name, overrides in TINY.items():
-        monkeypatch.setitem(conftest.TINY, name, overrides)
+        monkeypatch.setitem(helpers.TINY, name, overrides)
 
 
 def build(variant: str, task: str, **kw):
     torch.manual_seed(0)
-    kw = {"vocab_size": V, "num_outputs": V if task == "lm" else C, "task": task, "d_model": 16, "num_layers": 2,
+    kw = {"vocab_size": V, "num_outputs": V if task == "lm" else C, "head": task, "d_model": 16, "num_layers": 2,
           **VARIANTS[variant], **kw}
     if variant.startswith("mamba"):
         return MambaModel(**{"d_state": 4, **kw})
@@ -402,3 +405,16 @@ def test_a_tiny_run_on_every_lab_task(family, kind, tmp_path):
     metrics = train(make_cfg(f"data={kind}", "data.length=16", *short, *SMALL, *TINY[family], "trainer.max_steps=4",
                              "trainer.eval_every=4", "scheduler.warmup_steps=1", *QUICK), tmp_path / "run")
     assert math.isfinite(metrics["final"]["val/loss"])
+
+
+def test_the_decay_rates_of_the_state_space_get_no_weight_decay():
+    """A_log holds decay rates, not weights: AdamW's decay would pull them to 0 and lengthen every
+    memory. The model marks it (`no_weight_decay`); build_optimizer honours the mark."""
+    from seqexp.build import build_optimizer
+
+    model = build("mamba", "lm")
+    opt = build_optimizer(make_cfg("model=mamba", "optimizer=adamw").optimizer, model)
+    decayed, free = ({id(p) for p in g["params"]} for g in opt.param_groups)
+    a_logs = [p for n, p in model.named_parameters() if n.endswith("A_log")]
+    assert a_logs and all(id(p) in free for p in a_logs)
+    assert any(p.dim() >= 2 and id(p) in decayed for p in model.parameters())  # the matrices still decay

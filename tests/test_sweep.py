@@ -35,7 +35,7 @@ model: {{hidden_size: 16, embed_dim: 8}}
 data: {{path: {text}, batch_size: 4, seq_len: 16}}
 trainer: {{max_steps: 8, eval_every: 4, checkpoint_every: 4, log_every: 2, progress: false, device: cpu}}
 scheduler: {{warmup_steps: 2}}
-logging: {{sample_chars: 0}}
+logging: {{sample: {{chars: 0}}}}
 """
 # Jobs that are still training when a test signals them: last.pt every 5 steps, and hundreds of
 # steps (about 3 ms each) after it. A re-run finishes them with the same config.

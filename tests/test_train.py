@@ -11,6 +11,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from seqexp.build import instantiate
+from seqexp.checkpoint import TRAINING_STATE
 from seqexp.checkpoint import read as read_checkpoint
 from seqexp.ema import EMA
 from seqexp.errors import UserError
@@ -61,6 +62,10 @@ def test_checkpoint_rebuilds_the_model_alone(ema, tiny_text, tmp_path):
                                  lambda: torch.autocast("cpu", enabled=False))
     assert val["loss"] == pytest.approx(metrics["best"]["val/loss"], rel=1e-6)
     assert ckpt["trainer"]["step"] == metrics["best_step"]
+    # the weights for use, without what only resume needs (optimizer moments, RNG, carried state):
+    # last.pt holds those
+    assert not set(TRAINING_STATE) & set(ckpt["trainer"])
+    assert set(TRAINING_STATE) - {"ranks"} <= set(read_checkpoint(tmp_path / "checkpoints" / "last.pt")["trainer"])
 
 
 def test_weight_averaging_saves_the_average_and_trains_the_weights(tiny_text, tmp_path, monkeypatch):

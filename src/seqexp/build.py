@@ -131,12 +131,19 @@ def pick_device(name: str) -> torch.device:
         raise UserError(f"device '{name}' is not a device torch knows; use cpu, cuda or auto.") from None
 
 
+def decays(p: torch.Tensor) -> bool:
+    """Whether weight decay applies: to matrices (linear and embedding weights), never to biases or
+    norms, nor to a matrix its model marks `p.no_weight_decay = True` (a state space's decay rates,
+    models/mamba.py: decaying them towards 0 would lengthen every memory)."""
+    return p.dim() >= 2 and not getattr(p, "no_weight_decay", False)
+
+
 def build_optimizer(node: Any, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """Weight decay on matrices (linear and embedding weights) only; never on biases or norms."""
+    """Weight decay where `decays` says (one group), none elsewhere (another)."""
     params = [p for p in model.parameters() if p.requires_grad]  # shared (tied) weights once
     groups = [
-        {"params": [p for p in params if p.dim() >= 2]},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        {"params": [p for p in params if decays(p)]},
+        {"params": [p for p in params if not decays(p)], "weight_decay": 0.0},
     ]
     opt = instantiate(node, params=groups)
     for g in opt.param_groups:  # a list from YAML; torch documents a tuple

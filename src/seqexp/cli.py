@@ -18,11 +18,9 @@ import shutil
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override, OverrideType
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
@@ -31,6 +29,7 @@ from seqexp.config import check_keys, did_you_mean, schema_keys
 from seqexp.configs import CONFIG_DIR
 from seqexp.errors import UserError, user_errors
 from seqexp.locks import claim_output_dir, hydra_dir, release_run_dir
+from seqexp.overrides import parse
 from seqexp.resume import config_for_resume, read_early, resume_argv
 from seqexp.rundir import RunDir
 
@@ -42,18 +41,6 @@ _new_run_dir = False
 
 
 # ----------------------------------------------------------------------------- the command line
-def overrides(argv: list[str]) -> Optional[list[Override]]:
-    """The command line's overrides, as Hydra will read them; None when Hydra would refuse the
-    command line itself (it says why)."""
-    from hydra._internal.utils import get_args_parser
-
-    try:
-        args = get_args_parser().parse_args(argv)
-        return OverridesParser.create().parse_overrides(args.overrides)
-    except (SystemExit, Exception):
-        return None
-
-
 def values(o: Override) -> list[str]:
     """An override's value(s) as strings: one, or each choice of a sweep (`model=lstm,gru`)."""
     if not o.is_sweep_override():
@@ -237,11 +224,11 @@ def train_main() -> None:
         os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # config errors show their traceback too
     claimed = None
     with user_errors():  # everything before Hydra, so that a refused command writes nothing
-        parsed = overrides(sys.argv[1:])
+        parsed = parse(sys.argv[1:])
         if parsed is not None:
             check_top_level_keys(parsed)
             sys.argv[1:] = null_choices(sys.argv[1:], parsed)
-            parsed = overrides(sys.argv[1:])
+            parsed = parse(sys.argv[1:])
             check_group_choices(parsed)
             check_nested_keys(sys.argv[1:], parsed)
         read_early(sys.argv[1:])  # resume=: a crafted or damaged checkpoint is refused now

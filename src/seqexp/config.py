@@ -69,17 +69,17 @@ class TrainerConfig:
     # min(ema, (1 + n) / (10 + n)), so e.g. 0.999 averages ~the last 1000 steps only after ~9000
     ema: float = 0.0
     eval_every: int = 500  # steps between validations on the full validation split
-    checkpoint_every: int = 500  # steps between writes of checkpoints/last.pt and step_XXXXXX.pt
-    # the validation metric that chooses best.pt and that sweeps and Optuna compare, e.g. val/acc
+    checkpoint_every: int = 500  # steps between writes of the last checkpoint and a step checkpoint
+    # the validation metric that chooses the best checkpoint and that sweeps and Optuna compare, e.g. val/acc
     # (null: the task's objective); mode: which way is better (null: inferred, seqexp/monitor.py)
     monitor: Optional[str] = None
     mode: Optional[Mode] = None
     patience: int = 0  # stop after this many evaluations without improvement (0: never)
     min_delta: float = 0.0  # what counts as an improvement for patience: better by more than this
     # stop at the first evaluation where the monitored metric reaches this value (null: none), e.g.
-    # trainer.target=0.99 with trainer.monitor=val/exact: time-to-target, recorded in metrics.json
+    # trainer.target=0.99 with trainer.monitor=val/exact: time-to-target, in the run's record
     target: Optional[float] = None
-    keep_last: int = 3  # step checkpoints kept (never best.pt, nor the one resumed from); 0: none written
+    keep_last: int = 3  # step checkpoints kept (never the best, nor the one resumed from); 0: none written
     log_every: int = 25  # steps between reads of loss/grad norm (each read syncs the device)
     precision: Precision = Precision.fp32  # bf16/fp16 run the forward pass under autocast
     seed: int = 1337

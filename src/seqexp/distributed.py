@@ -22,6 +22,8 @@ trainer never asks which of the two it has.
 from __future__ import annotations
 
 import atexit
+import gc
+import importlib
 import os
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -288,13 +290,31 @@ def setup(device: Optional[torch.device] = None) -> Local:
         cuda = torch.cuda.is_available()
         if cuda:
             torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        # imported before the group exists: its functions take `group=group.WORLD` as a default,
+        # evaluated on import. Imported after (DDP's constructor imports it, through torch._dynamo),
+        # they would hold the default group: destroy_process_group could not free it, and gloo's C++
+        # threads would be joined only by the interpreter's last garbage collection, as it exits.
+        importlib.import_module("torch.distributed.nn.functional")
         dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
         _owned = True
-        atexit.register(teardown)
+        atexit.register(teardown)  # a run that failed; a finished one calls finish()
     if device is not None and device.type == "cuda":
         # LOCAL_RANK among the visible GPUs (just one when SLURM binds a GPU per task)
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
     return Dist(rank=rank, world_size=world_size, device=device or torch.device("cpu"))
+
+
+def finish() -> None:
+    """The end of a finished run, on every rank, once it has done all of its I/O and let go of its
+    DDP wrapper: wait for every rank, then destroy the process group, its C++ threads (gloo's
+    workers and socket loop) joined here, while Python is whole. Left to atexit, the group outlived
+    destroy_process_group and was freed in the interpreter's last garbage collection, at a moment
+    set by module teardown and machine load: a rank aborted now and then as it exited ("terminate
+    called without an active exception"). Nothing in a single process."""
+    if _owned and dist.is_initialized():
+        dist.barrier()
+        gc.collect()  # the DDP wrapper is in reference cycles (the trainer's): it holds the group
+    teardown()
 
 
 def teardown() -> None:

@@ -21,7 +21,7 @@ def require(ok: bool, message: str) -> None:
 @contextmanager
 def user_errors():
     """A user error is one line on stderr and exit code 2 (3 for non-finite values, 75 for a run
-    stopped by SIGTERM/SIGINT after saving last.pt).
+    stopped by SIGTERM/SIGINT after saving the last checkpoint).
 
     SEQEXP_DEBUG=1 shows the full traceback instead.
     """

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from seqexp.errors import UserError
+from seqexp.overrides import last_value
 from seqexp.rundir import RunDir
 
 
@@ -112,11 +113,8 @@ def release_run_dir(run_dir: Path) -> None:
 def hydra_dir(argv: list[str]) -> tuple[Path, bool]:
     """(the directory Hydra will write this run or sweep in, or the deepest one known before
     Hydra resolves `${...}` in it; whether that is the directory itself)."""
-    key = "hydra.sweep.dir=" if "-m" in argv or "--multirun" in argv else "hydra.run.dir="
-    given = [a[len(key):] for a in argv if a.startswith(key)]
-    value = given[-1] if given else "outputs/${now:...}"  # configs/train.yaml
-    if len(value) > 1 and value[0] == value[-1] and value[0] in "'\"":  # Hydra's quoting (resume.py)
-        value = value[1:-1].replace("\\'", "'").replace('\\"', '"').replace("\\\\", "\\")
+    key = "hydra.sweep.dir" if "-m" in argv or "--multirun" in argv else "hydra.run.dir"
+    value = str(last_value(argv, key, "outputs/${now:...}"))  # the default: configs/train.yaml
     if "${" not in value:
         return Path(value).expanduser().absolute(), True
     prefix = value[: value.index("${")]
@@ -149,7 +147,7 @@ def claim_output_dir(argv: list[str], overwrite: bool = False) -> Optional[Path]
         return None
     directory, exact = hydra_dir(argv)
     sweep = "-m" in argv or "--multirun" in argv
-    resuming = any(a.startswith("resume=") for a in argv)
+    resuming = last_value(argv, "resume") is not None
     if resuming:
         fix = "A resume writes into its run: copy the run somewhere writable and resume the copy."
     else:

@@ -2,7 +2,7 @@
 (`trainer.mode`), early stopping (`trainer.patience`, `trainer.min_delta`), and the target
 (`trainer.target`).
 
-The monitored metric chooses best.pt, is what metrics.json's "objective" reports (and so what
+The monitored metric chooses the best checkpoint, is what the run's record calls "objective" (and so what
 sweeps summarise and the Optuna sweeper optimises). Its name is checked against what the task
 logs before any data is read: the data class's `metric_modes(cfg)` (by default the task's
 `metric_modes`; the memory lab adds each metric at every `data.eval_lengths`, e.g. val/exact@200).
@@ -12,7 +12,7 @@ else "min" for a name containing "loss" and "max" for any other.
 
 Patience counts evaluations whose value did not beat the reference by more than `min_delta`;
 the reference is the value of the last evaluation that did (so many tiny gains do not reset the
-count forever). best.pt still follows every strict improvement. The counter and the reference
+count forever). The best checkpoint still follows every strict improvement. The counter and the reference
 are in the trainer's state, so a resume mid-countdown stops where the straight run stops.
 """
 

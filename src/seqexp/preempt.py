@@ -1,7 +1,7 @@
 """Preemption: SIGTERM (schedulers, `kill`), SIGINT (Ctrl-C) or submitit's time-limit signal
 stops a run cleanly.
 
-The first signal only sets a flag; the trainer finishes the step it is in, saves `last.pt` and
+The first signal only sets a flag; the trainer finishes the step it is in, saves its last checkpoint and
 raises `Preempted`, which exits with code 75 (EX_TEMPFAIL: "try again" -- resume the run).
 A second SIGTERM/SIGINT acts as it would without seqexp (KeyboardInterrupt, or termination):
 nothing is lost by it either, since checkpoints are written atomically.
@@ -16,8 +16,8 @@ life of each process (`listen`), so a signal between jobs, or before training st
   second signal, so getting both is one stop;
 - in a submitit job, submitit's own signal (USR2 unless SUBMITIT_PREEMPT_SIGNAL says otherwise;
   SLURM sends it `signal_delay_s` before the time limit) stops the run the same way, and once
-  `last.pt` is saved `hand_over()` calls the handler submitit had installed: it requeues the job
-  and exits, and the requeued job continues from `last.pt`. (Left alone, submitit's handler
+  the last checkpoint is saved `hand_over()` calls the handler submitit had installed: it requeues the job
+  and exits, and the requeued job continues from it. (Left alone, submitit's handler
   requeues at once, from inside whatever step is running, and the steps since the last periodic
   checkpoint are lost.)
 """
@@ -132,7 +132,7 @@ def listen(*, sweep_process: bool = False, on_stop: Optional[Callable[[str], Non
 
 
 def hand_over() -> None:
-    """After submitit's signal stopped the run and last.pt is saved: call the handler submitit
+    """After submitit's signal stopped the run and the last checkpoint is saved: call the handler submitit
     installed for it, which requeues the job and exits (SystemExit). Otherwise nothing."""
     sig = submitit_signal()
     if sig is None or _received != sig.name:

@@ -1,10 +1,10 @@
-"""The run's record: what metrics.json says, however the run ends, and the run's last line.
+"""The run's record (RunDir.metrics): what it says, however the run ends, and the run's last line.
 
-metrics.json is rewritten after every evaluation (status "running"), when a stop signal saves
+The record is rewritten after every evaluation (status "running"), when a stop signal saves
 (status "preempted") and when training and its reports are done ("finished"). A run that ends
 with an exception leaves it saying how -- "stopped: nonfinite", "interrupted" or "failed", with
 the error -- never "running"; the rest stays what the last evaluation wrote, which describes
-last.pt. Only the main process writes. Strict JSON: a NaN metric is null.
+the last checkpoint. Only the main process writes. Strict JSON: a NaN metric is null.
 """
 
 from __future__ import annotations
@@ -75,12 +75,12 @@ class RunRecord:
 
     def write(self, summary: dict) -> None:
         if self.is_main:
-            self.written = summary  # what metrics.json says, should the run fail before the next write
+            self.written = summary  # what the record says, should the run fail before the next write
             self.run_dir.write_metrics(summary)
 
     @contextmanager
     def ending(self, summary) -> Iterator[None]:
-        """However the block ends, metrics.json says how (`summary(status)`: the record to write
+        """However the block ends, the record says how (`summary(status)`: the record to write
         when nothing was written yet). Preempted: the trainer has written "preempted" itself."""
         try:
             yield

@@ -25,13 +25,14 @@ from typing import TYPE_CHECKING, Any, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from seqexp.errors import UserError
+from seqexp.overrides import last_value, parse
 from seqexp.rundir import RunDir
 
 if TYPE_CHECKING:  # the checkpoint module imports torch; resume= is resolved before torch loads
     from seqexp.checkpoint import Checkpoint
 
 # trainer.accumulate: what one optimizer step is (and so the schedule's steps); monitor and
-# mode: what the best value so far (and best.pt) was chosen by
+# mode: what the best value so far (and the best checkpoint) was chosen by
 FROZEN = ("model", "data", "optimizer", "scheduler", "trainer.seed", "trainer.accumulate", "trainer.monitor",
           "trainer.mode")
 # where the data lives, not what it is: may change when the content is verified (a fingerprint)
@@ -81,7 +82,7 @@ def resolve(spec: str, outputs: Path = OUTPUTS) -> tuple[Path, Path]:
             ckpt = path
         else:
             raise UserError(f"resume={spec}: no such run directory or checkpoint. Give a run directory "
-                            f"(outputs/<date>/<time>), a checkpoint in its checkpoints/, or resume=latest."
+                            f"(outputs/<date>/<time>), a checkpoint in its {RunDir.CHECKPOINTS}/, or resume=latest."
                             f"{suggest_runs(path, outputs)}")
     ckpt = ckpt.resolve()
     if not RunDir.is_checkpoint_of_a_run(ckpt):
@@ -115,8 +116,8 @@ def _hydra_quote(value: Path) -> str:
 
 
 def _spec(argv: list[str]) -> Optional[str]:
-    specs = [a.split("=", 1)[1] for a in argv if a.startswith("resume=")]
-    return specs[-1] if specs and specs[-1] not in ("", "null") else None
+    spec = last_value(argv, "resume")
+    return None if spec in (None, "") else str(spec)
 
 
 def read_early(argv: list[str]) -> None:
@@ -137,7 +138,9 @@ def resume_argv(argv: list[str]) -> list[str]:
     if "-m" in argv or "--multirun" in argv:
         raise UserError("resume= continues one run; it does not combine with -m/--multirun.")
     run_dir, ckpt = resolve(spec)
-    keep = [a for a in argv if not a.startswith(("resume=", "hydra.run.dir=", "hydra.output_subdir="))]
+    replaced = {"resume", "hydra.run.dir", "hydra.output_subdir"}
+    ours = {o.input_line for o in parse(argv) or [] if o.key_or_group in replaced}
+    keep = [a for a in argv if a not in ours]
     return [*keep, f"resume={_hydra_quote(ckpt)}", f"hydra.run.dir={_hydra_quote(run_dir)}",
             "hydra.output_subdir=null"]
 

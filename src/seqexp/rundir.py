@@ -101,8 +101,9 @@ class RunDir:
         return any((self.path / name).exists() for name in self.MARKS)
 
     def holds_results(self) -> bool:
-        """A record or a checkpoint: what a fresh run here would overwrite."""
-        return self.metrics.exists() or self.checkpoints.exists()
+        """A record or a checkpoint: what a fresh run here would overwrite (a temporary a killed
+        writer left is not one: it is never read)."""
+        return self.metrics.exists() or any(not p.name.startswith(".") for p in self.checkpoints.glob("*.pt"))
 
     def only_hydra_files(self) -> bool:
         """Nothing but what Hydra writes when a command starts, and the lock (no result of any run)."""

@@ -61,6 +61,11 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, *, in_sweep: bool 
             return record
     run = RunDir(run_dir)
     t = cfg.trainer
+    # a fresh run into a directory that holds one (the command line refused it before Hydra)
+    replaces = ckpt is None and not in_sweep and run.holds_results()
+    if replaces and not t.overwrite:
+        raise UserError(f"{run.path} holds a run already; continue it with resume={run.path}, give this run "
+                        f"another directory, or set trainer.overwrite=true to move that run aside.")
     seed_everything(t.seed)
     if t.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -102,6 +107,8 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, *, in_sweep: bool 
 
     # all checks passed: only now is anything written
     if dist.is_main:
+        if replaces:  # trainer.overwrite=true: never deleted
+            log.warning("trainer.overwrite=true: the run that was in %s is now in %s", run.path, run.move_aside())
         run.path.mkdir(parents=True, exist_ok=True)
         locks.hold_run_dir(run.path)  # a second run in this directory is refused until this one ends
         for d in (run.path, run.checkpoints):
@@ -128,20 +135,20 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, *, in_sweep: bool 
                            after=trainer.reports.splits_after_training(),
                            target=f"{trainer.monitor.metric} {t.target:g}" if t.target is not None else ""))
     try:
-        with trainer.record.ending(trainer.summary):  # however the run ends, metrics.json says how
+        with trainer.record.ending(trainer.summary):  # however the run ends, the record says how
             # a stop signal, while training or in the evaluation after it, saves and exits 75 (preempt.py)
             with stop_on_signals(trainer.request_stop):
                 trainer.fit()
                 summary = trainer.finish()  # e.g. the held-out test split, once, on the best weights
         if dist.is_main:
             log.info(closing_line(summary, run))
-        # leave together: a rank tearing down its process group while rank 0 still writes was seen
-        # to abort ("terminate called without an active exception")
-        dist.barrier()
-    finally:
+    finally:  # this rank's last I/O, however the run ends: before the ranks leave together (below)
         logger.close()
         if dist.is_main:
             if logger.enabled and not in_sweep:  # a sweep's job writes its own (its overrides)
                 write_run_hparams(cfg, run)
             locks.release_run_dir(run.path)
-    return trainer.summary()
+    summary = trainer.summary()
+    del trainer  # its DDP wrapper holds the process group, which finish() destroys
+    distributed.finish()  # every rank: a barrier, then the group destroyed and gloo's threads joined
+    return summary

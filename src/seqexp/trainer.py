@@ -10,7 +10,7 @@ in `state_dict()`, so N steps + resume + N steps equals 2N steps exactly. A stop
 (SIGTERM/SIGINT, see preempt.py) is honoured between steps, after saving the last checkpoint.
 
 What one step does is update.py's; what is shown around evaluations is the reports' (reports/);
-what metrics.json says is record.py's; where files go is the run directory's (rundir.py). Under
+what the run's record says is record.py's; where files go is the run directory's (rundir.py). Under
 DDP (distributed.py) every rank runs this loop on its rows of each batch; decisions are
 all-reduced, evaluation sums added over ranks, and only rank 0 writes. In a single process the
 same calls are identities.

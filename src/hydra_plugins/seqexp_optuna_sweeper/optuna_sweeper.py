@@ -2,7 +2,7 @@
 
 Each round asks Optuna for `n_jobs` trials, turns their values into override strings
 (`optimizer.lr=0.0021`), runs them through the configured launcher (basic or joblib) like any
-sweep job -- so each trial gets its own job directory, metrics.json and HParams -- and tells
+sweep job -- so each trial gets its own job directory, record and HParams -- and tells
 Optuna the returned objective. A job that failed returns None (seqexp/sweep/job.py) and is told
 as a failed trial; the search goes on. After a stop signal (seqexp/preempt.py) no trial is asked.
 """
@@ -24,6 +24,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from seqexp import preempt
+from seqexp.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +134,7 @@ class OptunaSweeper(Sweeper):
 
         finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
         if not finished:
-            log.error("Optuna: no trial finished; see the failed jobs' metrics.json in %s", sweep_dir)
+            log.error("Optuna: no trial finished; see the failed jobs' records (%s) in %s", RunDir.METRICS, sweep_dir)
             return None
         best = study.best_trial
         params = {k: short(v) for k, v in best.params.items()}  # as the job ran them

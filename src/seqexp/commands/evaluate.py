@@ -42,7 +42,7 @@ def evaluate(path: str, opts: Options, data_overrides: dict[str, str]) -> dict:
         "task": data.task.name,
         "split": opts.split,
         "data": getattr(data, "origin", None) or run.ckpt["config"]["data"]["_target_"],
-        # named as in metrics.json (`val/loss`, ...), so the two compare key by key
+        # named as in the run's record (`val/loss`, ...), so the two compare key by key
         "metrics": {f"{opts.split}/{k}": v for k, v in metrics.items()},
     }
 

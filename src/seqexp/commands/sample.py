@@ -48,8 +48,10 @@ def check(opts: Options) -> None:
         raise UserError(f"top_k must be >= 0 (0: no limit), got {opts.top_k}.")
 
 
-def sample(path: str, opts: Options, out=sys.stdout) -> list[str]:
-    """Write the samples to `out` as they are generated; return them (prompt included)."""
+def sample(path: str, opts: Options, out=None) -> list[str]:
+    """Write the samples to `out` (default: stdout, as it is now) as they are generated; return
+    them (prompt included)."""
+    out = sys.stdout if out is None else out
     check(opts)
     run = load_run(path, opts.device)
     run.require("lm", "sampling", "Use seqexp-predict for classifiers.")

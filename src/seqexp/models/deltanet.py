@@ -206,7 +206,7 @@ class DeltaNetModel(SequenceModel):
         *,
         vocab_size: int,
         num_outputs: int,
-        task: str,
+        head: str,
         d_model: int = 256,  # the embedding's and the residual stream's width
         num_layers: int = 2,
         num_heads: int = 4,  # each a d_model / num_heads square state
@@ -220,17 +220,17 @@ class DeltaNetModel(SequenceModel):
         tie_weights: bool = False,  # language modelling: one matrix maps ids to vectors and back
     ):
         super().__init__()
-        assert task in ("lm", "classify"), task
-        self.task, self.pooling = task, str(pooling)
+        assert head in ("lm", "classify"), head
+        self.lm, self.pooling = head == "lm", str(pooling)
         self.word_dropout = float(word_dropout)
-        self.bidirectional = bool(bidirectional) and task == "classify"
+        self.bidirectional = bool(bidirectional) and head == "classify"
         self.embed = nn.Embedding(vocab_size, d_model)
         self.drop = nn.Dropout(dropout)
         self.layers = nn.ModuleList(Block(d_model, 2 if self.bidirectional else 1, mlp_ratio, dropout,
                                           num_heads=num_heads, d_conv=d_conv, gate=bool(gate))
                                     for _ in range(num_layers))
         self.norm = nn.RMSNorm(d_model)
-        if task == "lm":
+        if head == "lm":
             self.head = nn.Linear(d_model, num_outputs)
             if tie_weights:
                 self.head.weight = self.embed.weight
@@ -241,12 +241,18 @@ class DeltaNetModel(SequenceModel):
         self.head = nn.Linear(d_model * (2 if self.bidirectional and self.pooling == "last" else 1), num_outputs)
 
     @classmethod
-    def check_config(cls, cfg, task: str) -> None:
+    def describe(cls, m: dict) -> str:
+        bi = "Bi-" if m["bidirectional"] else ""
+        kind = "Gated DeltaNet" if m["gate"] else "DeltaNet (gate=false)"
+        return f"{bi}{kind} {m['num_layers']} x {m['d_model']}, {m['num_heads']} heads, {m['pooling']} pooling"
+
+    @classmethod
+    def check_config(cls, cfg, head: str) -> None:
         check_positive(cfg, "d_model", "num_layers", "num_heads", "d_conv", "mlp_ratio")
         require(cfg.d_model % cfg.num_heads == 0,
                 f"model.d_model ({cfg.d_model}) must be a multiple of model.num_heads ({cfg.num_heads}).")
         check_fraction(cfg, "dropout", "word_dropout")
-        require(not (cfg.bidirectional and task == "lm"), "model.bidirectional=true lets a language model see "
+        require(not (cfg.bidirectional and head == "lm"), "model.bidirectional=true lets a language model see "
                 "the next character; use it only with a classification dataset (data=imdb).")
 
     def input_embedding(self) -> nn.Module:
@@ -257,7 +263,7 @@ class DeltaNetModel(SequenceModel):
         (tails (L, B, K-1, 3D), S (L, B, H, d_k, d_v)) float32; classify: (B, C) and None."""
         B, T = tokens.shape
         x = self.drop(embed_words(self.embed, tokens, self.word_dropout))  # (B, T, D)
-        if self.task == "lm":
+        if self.lm:
             tails, Ss = [], []
             for i, layer in enumerate(self.layers):
                 x, (tail, S) = layer(x, None if state is None else (state[0][i], state[1][i]), None)

@@ -173,6 +173,7 @@ class Mamba(nn.Module):
         dt = torch.exp(torch.empty(E).uniform_(math.log(DT_MIN), math.log(DT_MAX)))
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus(dt_bias) = dt
         self.A_log = nn.Parameter(torch.log(torch.arange(1, N + 1, dtype=torch.float32)).repeat(E, 1))  # (E, N)
+        self.A_log.no_weight_decay = True  # decay rates, not weights: the paper leaves them out (build.decays)
         self.D = nn.Parameter(torch.ones(E))
         self.out_proj = nn.Linear(E, d_model, bias=False)
 
@@ -232,7 +233,7 @@ class MambaModel(SequenceModel):
         *,
         vocab_size: int,
         num_outputs: int,
-        task: str,
+        head: str,
         d_model: int = 256,  # the embedding's and the residual stream's width
         num_layers: int = 2,
         d_state: int = 16,  # N, states per channel (the paper's 16)
@@ -247,10 +248,10 @@ class MambaModel(SequenceModel):
         tie_weights: bool = False,  # language modelling: one matrix maps ids to vectors and back
     ):
         super().__init__()
-        assert task in ("lm", "classify"), task
-        self.task, self.pooling = task, str(pooling)
+        assert head in ("lm", "classify"), head
+        self.lm, self.pooling = head == "lm", str(pooling)
         self.word_dropout = float(word_dropout)
-        self.bidirectional = bool(bidirectional) and task == "classify"
+        self.bidirectional = bool(bidirectional) and head == "classify"
         mixer = dict(d_state=d_state, d_conv=d_conv, expand=expand, dt_rank=dt_rank or math.ceil(d_model / 16),
                      selective=bool(selective))
         self.embed = nn.Embedding(vocab_size, d_model)
@@ -258,7 +259,7 @@ class MambaModel(SequenceModel):
         self.layers = nn.ModuleList(Block(d_model, 2 if self.bidirectional else 1, dropout, **mixer)
                                     for _ in range(num_layers))
         self.norm = nn.RMSNorm(d_model)
-        if task == "lm":
+        if head == "lm":
             self.head = nn.Linear(d_model, num_outputs)
             if tie_weights:
                 self.head.weight = self.embed.weight
@@ -269,11 +270,17 @@ class MambaModel(SequenceModel):
         self.head = nn.Linear(d_model * (2 if self.bidirectional and self.pooling == "last" else 1), num_outputs)
 
     @classmethod
-    def check_config(cls, cfg, task: str) -> None:
+    def describe(cls, m: dict) -> str:
+        bi = "Bi-" if m["bidirectional"] else ""
+        kind = "Mamba" if m["selective"] else "S4D-like (selective=false)"
+        return f"{bi}{kind} {m['num_layers']} x {m['d_model']}, {m['d_state']} states per channel, {m['pooling']} pooling"
+
+    @classmethod
+    def check_config(cls, cfg, head: str) -> None:
         check_positive(cfg, "d_model", "num_layers", "d_state", "d_conv", "expand")
         require(cfg.dt_rank is None or cfg.dt_rank > 0, f"model.dt_rank must be positive or null, got {cfg.dt_rank}.")
         check_fraction(cfg, "dropout", "word_dropout")
-        require(not (cfg.bidirectional and task == "lm"), "model.bidirectional=true lets a language model see "
+        require(not (cfg.bidirectional and head == "lm"), "model.bidirectional=true lets a language model see "
                 "the next character; use it only with a classification dataset (data=imdb).")
 
     def input_embedding(self) -> nn.Module:
@@ -284,7 +291,7 @@ class MambaModel(SequenceModel):
         (tails (L, B, K-1, E), h (L, B, E, N)) float32; classify: (B, C) and None."""
         B, T = tokens.shape
         x = self.drop(embed_words(self.embed, tokens, self.word_dropout))  # (B, T, D)
-        if self.task == "lm":
+        if self.lm:
             tails, hs = [], []
             for i, layer in enumerate(self.layers):
                 x, (tail, h) = layer(x, None if state is None else (state[0][i], state[1][i]), None)

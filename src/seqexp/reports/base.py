@@ -35,14 +35,14 @@ class Context:
     evaluate: Callable[[str], dict]  # one split's metrics, from the one evaluation loop (summed over ranks)
     # `split` evaluated with every report's after_evaluation, as the run records an evaluation
     report: Callable[[str, int], dict]
-    best_weights: Callable[[], dict]  # the weights best.pt holds (a collective under DDP: all ranks call it)
+    best_weights: Callable[[], dict]  # the best checkpoint's weights (a collective under DDP: all ranks call it)
     step: int = 0  # after training: the last step taken
-    best_step: Optional[int] = None  # after training: the step best.pt was saved at
+    best_step: Optional[int] = None  # after training: the step the best checkpoint was saved at
 
 
 class Report:
     name: ClassVar[str]  # its settings' key: logging.<name>
-    loads_best: ClassVar[bool] = False  # after_training puts best.pt's weights in the model: it runs last
+    loads_best: ClassVar[bool] = False  # after_training puts the best checkpoint's weights in the model: it runs last
 
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
@@ -58,7 +58,7 @@ class Report:
 
     def after_training(self, ctx: Context) -> dict:
         """Once training is over, with the final weights (averaged) in the model; -> entries for
-        the run's record (metrics.json)."""
+        the run's record."""
         return {}
 
     def splits_after_training(self, ctx: Context) -> tuple[str, ...]:

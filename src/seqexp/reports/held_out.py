@@ -1,6 +1,6 @@
-"""The test split, held out until training is over: evaluated once, on best.pt's weights, with
+"""The test split, held out until training is over: evaluated once, on the best checkpoint's weights, with
 every report of an evaluation (its confusion matrix, its other lengths); recorded as test/* in
-metrics.json and in TensorBoard at the best step."""
+the run's record and in TensorBoard at the best step."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ class TestOnBest(Report):
         return ("test",)
 
     def after_training(self, ctx: Context) -> dict:
-        if ctx.best_step is None:  # no finite validation metric, so no best.pt
+        if ctx.best_step is None:  # no finite validation metric, so no best checkpoint
             log.warning("no best checkpoint (no finite %s): the test split is not evaluated", "validation metric")
             return {}
         ctx.model.load_state_dict(ctx.best_weights())

@@ -90,7 +90,7 @@ def end_sweep(sweep_dir: Path) -> None:
     failed = [j for j, s in statuses.items() if s == "failed"]
     if preempt.received() or interrupted:
         print(f"stopped: {preempt.received() or 'a job was interrupted'}; interrupted jobs: "
-              f"{', '.join(interrupted) or 'none'} (saved checkpoints/last.pt). Continue with the same "
+              f"{', '.join(interrupted) or 'none'} (each saved its last checkpoint). Continue with the same "
               f"command and hydra.sweep.dir={sweep_dir}", file=sys.stderr, flush=True)
         sys.exit(INTERRUPTED_EXIT)
     if failed:

@@ -1,7 +1,7 @@
 """One job of a multirun (`-m`): what happens around `train()` so that a sweep outlives its jobs.
 
 - A job that fails (a bad combination, a missing file, non-finite loss, out of memory) is
-  recorded in its record (metrics.json) as `status: failed` with the error, and the sweep goes on;
+  recorded in its record as `status: failed` with the error, and the sweep goes on;
   `sweep.fail_fast=true` stops the sweep instead. (Left to Hydra, a job's `sys.exit` ends the
   whole sweep at once, and a job's exception ends it after its batch with no summary.)
 - Re-running a sweep into the same `hydra.sweep.dir` skips jobs that finished with the same

@@ -138,7 +138,8 @@ def write_markdown(rows: list[dict], path: Path, sweep_dir: Path, metric: str, m
     cols = [c for c in cols if c != "error" or any(r["error"] for r in rows)]
     lines = [f"# Sweep {sweep_dir}", "",
              f"{len(rows)} jobs ({', '.join(f'{n} {s}' for s, n in counts.items())}); "
-             ("sorted by the steps to trainer.target, then " if any(r.get("target step") for r in rows) else "sorted by ")
+             + ("sorted by the steps to trainer.target, then " if any(r.get("target step") for r in rows)
+                else "sorted by ")
              + f"best {metric} ({'lower' if mode == 'min' else 'higher'} is better).", "",
              "| " + " | ".join(["#", *cols]) + " |", "|" + "---|" * (len(cols) + 1)]
     for rank, r in enumerate(rows, 1):

@@ -31,7 +31,7 @@ Head = Literal["lm", "classify"]
 
 
 class Task:
-    name: ClassVar[str]  # metrics.json's "task", e.g. "lm"
+    name: ClassVar[str]  # the run record's "task", e.g. "lm"
     head: ClassVar[Head]
     objective: ClassVar[str]  # the monitored metric unless trainer.monitor says otherwise, e.g. "val/loss"
     mode: ClassVar[str]  # "min" or "max": which way the objective is better
