@@ -1,28 +1,35 @@
-"""Long-range memory: how far back each model family carries what it read, task by task.
+"""Long-range memory: which model families remember, how far back, and why the others forget.
 
-Every model family of configs/model/ (and attention with a sliding window) trains on each memory
-task of the lab (data=copy, selective_copy, recall, adding) at each length of a grid, with one
-fixed budget per cell: the same number of optimizer steps, batch and seed everywhere, so a
-cell's numbers are a function of the seed, not of how busy the machine was (its wall time is
-recorded beside them, and is not). A family whose model refuses a task (its `check_config`, or
-its constructor, raises the one-line UserError a user would see) is left out of that task.
+Every model family of configs/model/ -- a family a later change adds joins by its YAML alone --
+plus a few variant rows (attention with a convolution, with a window, with other positions; the
+controls of the new families) trains on each memory task of the lab (data=copy, selective_copy,
+recall, induction, adding) at each length of a grid. A cell trains until the task is solved or
+its step cap: both come from the task's data_defaults/<task>.yaml (trainer.target on val/exact,
+trainer.max_steps), so steps decide, never seconds, and a cell's numbers are a function of the
+seed (its times are recorded beside them, and are not). A family whose model refuses a task (its
+`check_config` or constructor raises the one-line UserError a user would see) is left out of it.
 
-Reported per cell, on the held-out test split with the weights chosen on validation loss:
-whole-answer exact match and per-token accuracy (copy, selective_copy, recall), MSE and the
-trivial baseline's MSE (adding); steps, milliseconds per training step and train time. The
-last printed table is what benchmarks/run.py pastes into BENCHMARKS.md; the plot (metric
-against length, one panel per task, one line per model, and a panel of step time against
-sequence length) goes to benchmarks/long_range_<grid>.png; every cell's result to
+Reported per cell: solved or not, and at which step and after how much training time; the test
+split (and, for induction, the test split at 2x..16x the training length) on the final weights
+-- the solving checkpoint when solved, else the cap's; the size of the state the model carries,
+from the model itself (`SequenceModel.state_size`); the gradient-by-distance curve at the start
+and at the end (reports/gradient_distance.py), of which the table shows a few distances.
+A state-size axis adds recall at one length with each family narrower (the Zoology/Based
+picture). The last printed table is what benchmarks/run.py pastes into BENCHMARKS.md; the
+pictures (long_range_report.py) go beside it; every cell's result to
 benchmarks/results/long_range_<grid>.json (git-ignored), which `--render` reads back without
-training. A cell already in that JSON with the same overrides is reused (so an interrupted grid
+training. A cell already in that JSON with the same overrides is reused (an interrupted grid
 continues where it stopped); `--fresh` retrains.
 
-    python benchmarks/long_range.py                          # the CPU grid, 2 cells at a time, 1 thread each:
-                                                             # ~20-25 min on 2 idle cores (estimated)
-    python benchmarks/long_range.py --grid gpu --device cuda   # longer lengths, bigger models and budgets
+    python benchmarks/long_range.py                          # the CPU grid, 2 cells at a time, 1 thread each
+    python benchmarks/long_range.py --grid gpu --device cuda   # longer lengths, bigger models
     python benchmarks/long_range.py --models lstm,attention --tasks copy   # a slice of the grid
-    python benchmarks/long_range.py --render                 # table and plot from the saved JSON
+    python benchmarks/long_range.py --render                 # table and pictures from the saved JSON
     python benchmarks/long_range.py --quick                  # a smoke test: tiny models, a few steps
+
+Sizes of every family for each grid are in SIZES below, the one place to change them; a family
+not listed there trains at its own YAML's defaults (the plan says so), and is put on the state
+axis once WIDTH names its width knob.
 """
 
 from __future__ import annotations
@@ -31,9 +38,13 @@ import argparse
 import json
 import os
 import shutil
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 from hydra import compose, initialize_config_dir
@@ -44,15 +55,19 @@ from seqexp.config import validate
 from seqexp.configs import CONFIG_DIR
 from seqexp.errors import UserError
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling script, however this one is loaded
+from long_range_report import report  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"  # git-ignored
-TASKS = ["copy", "selective_copy", "recall", "adding"]
-# every model family that ships a config; one a later change adds joins the grid at its YAML's size
+TASKS = ["copy", "selective_copy", "recall", "induction", "adding"]
+# every model family that ships a config; one a later change adds joins the grid by its YAML
 FAMILIES = sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml"))
 
-# Model sizes per grid: small enough for the CPU grid, comparable in width (64-wide states;
-# the vanilla RNN, whose step is cheapest, gets 128). Dropout off: every epoch is a fresh sample
-# of the task (data.fresh=true), so there is nothing to overfit.
+# Model sizes per grid, the one place to change them: comparable widths (64-wide states; the
+# vanilla RNN, whose step is cheapest, gets 128). Dropout off: every epoch is a fresh sample of
+# the task (data.fresh=true), so there is nothing to overfit. mamba and deltanet: the families
+# of a later change, sized here so that they join at the grid's width.
 SIZES = {
     "small": {
         "rnn": ["model.hidden_size=128", "model.embed_dim=32", "model.num_layers=1"],
@@ -61,6 +76,8 @@ SIZES = {
         "attention": ["model.d_model=64", "model.n_heads=4", "model.n_layers=2", "model.dropout=0.0"],
         "mingru": ["model.hidden_size=64", "model.num_layers=2"],
         "minlstm": ["model.hidden_size=64", "model.num_layers=2"],
+        "mamba": ["model.d_model=64", "model.num_layers=2"],
+        "deltanet": ["model.d_model=64", "model.num_layers=2"],
     },
     "large": {  # --grid gpu
         "rnn": ["model.hidden_size=256", "model.embed_dim=64", "model.num_layers=1"],
@@ -69,6 +86,8 @@ SIZES = {
         "attention": ["model.d_model=128", "model.n_heads=4", "model.n_layers=4", "model.dropout=0.0"],
         "mingru": ["model.hidden_size=128", "model.num_layers=4"],
         "minlstm": ["model.hidden_size=128", "model.num_layers=4"],
+        "mamba": ["model.d_model=128", "model.num_layers=4"],
+        "deltanet": ["model.d_model=128", "model.num_layers=4"],
     },
     "tiny": {  # --quick: does it run, not how well
         "rnn": ["model.hidden_size=16", "model.embed_dim=8"],
@@ -77,35 +96,75 @@ SIZES = {
         "attention": ["model.d_model=16", "model.n_heads=2", "model.n_layers=1"],
         "mingru": ["model.hidden_size=16", "model.num_layers=1"],
         "minlstm": ["model.hidden_size=16", "model.num_layers=1"],
+        "mamba": ["model.d_model=16", "model.num_layers=1"],
+        "deltanet": ["model.d_model=16", "model.num_layers=1"],
     },
 }
+# the knob that sets a family's width, for the state-size axis (narrower copies of each row)
+WIDTH = {"rnn": "hidden_size", "lstm": "hidden_size", "gru": "hidden_size", "mingru": "hidden_size",
+         "minlstm": "hidden_size", "attention": "d_model", "mamba": "d_model", "deltanet": "d_model"}
 
-# A grid: the lengths per task (data.length: copy's gap, selective copy's noise, recall's whole
-# sequence, adding's number of values), the budget and batch of every cell, and the window of
-# the local-attention row. A stack of n layers with window W reads n x W positions back: the
-# windowed row should solve the short cells and fail once the distance passes that reach (CPU:
-# 2 x 16 = 32; copy's distance is T + 10, selective copy's up to T + 16, recall's up to T).
-# Adding is a pooled classifier: every position reaches the pooled vector, window or not.
+
+@dataclass(frozen=True)
+class Variant:
+    """A row beside its family's: the same size plus `overrides`, on `tasks` only (where it
+    answers a question; every cell costs). Rows of a family without a YAML are left out."""
+    name: str
+    family: str
+    overrides: tuple[str, ...]
+    tasks: tuple[str, ...]
+
+
+def variants(grid: dict) -> list[Variant]:
+    w, k = grid["window"], grid["conv"]
+    return [
+        # Zoology/Based: a short convolution makes recall learnable for attention; induction too
+        Variant(f"attention + conv {k}", "attention", (f"model.conv_kernel={k}",), ("recall", "induction")),
+        # reach n_layers x window: solves the short cells, fails once the distance passes it
+        Variant(f"attention (window {w})", "attention", (f"model.window={w}",), ("copy",)),
+        # positions that extend past the training length, for the extrapolation columns
+        Variant("attention (sinusoidal)", "attention", ("model.positional=sinusoidal",), ("induction",)),
+        Variant("attention (alibi)", "attention", ("model.positional=alibi",), ("induction",)),
+        # the controls of the new families, where their one change is the question: selection off
+        # (Mamba's selective copying), the decay gate off (plain DeltaNet's memory, on recall)
+        Variant("mamba (selective=false)", "mamba", ("model.selective=false",), ("selective_copy",)),
+        Variant("deltanet (gate=false)", "deltanet", ("model.gate=false",), ("recall",)),
+    ]
+
+
+# A grid: the lengths per task (data.length: copy's gap, selective copy's blanks, recall's and
+# induction's whole sequence, adding's number of values; induction is also tested at 2x..16x),
+# batch, evaluation size, the variants' window and convolution, and the state-size axis (recall
+# at `state_length`, each row narrowed by `state_factors`). Caps and targets: data_defaults/.
+# The CPU grid's lengths and caps come from pilots (LAB_DOCS.md "Pilots"): where a capable family
+# solves the task within the cap, at a cost that keeps the grid within 30 minutes on 2 cores.
 GRIDS = {
-    "cpu": dict(sizes="small", steps=600, batch=32, eval_size=500, window=16,
-                lengths={"copy": [10, 50, 200], "selective_copy": [16, 64, 256], "recall": [32, 64, 128],
-                         "adding": [25, 100, 400]}),
-    "gpu": dict(sizes="large", steps=5000, batch=64, eval_size=2000, window=32,
-                  lengths={"copy": [50, 200, 1000, 2000], "selective_copy": [64, 256, 1024, 4096],
-                           "recall": [64, 128, 256, 512], "adding": [100, 400, 1000, 2000]}),
-    "quick": dict(sizes="tiny", steps=4, batch=8, eval_size=16, window=4,
-                  lengths={"copy": [4, 8], "selective_copy": [4], "recall": [24], "adding": [6]}),
+    "cpu": dict(sizes="small", batch=32, eval_size=500, window=16, conv=4, cap=None,
+                state_length=64, state_factors=(0.5,),
+                lengths={"copy": [10, 25, 60], "selective_copy": [16, 32, 64], "recall": [32, 64, 128],
+                         "induction": [32], "adding": [16, 48, 128]}),
+    "gpu": dict(sizes="large", batch=64, eval_size=2000, window=32, conv=4, cap=None,
+                state_length=256, state_factors=(0.25, 0.5),
+                lengths={"copy": [50, 200, 1000], "selective_copy": [64, 256, 1024], "recall": [64, 128, 256, 512],
+                         "induction": [256], "adding": [100, 400, 1000]}),
+    "quick": dict(sizes="tiny", batch=8, eval_size=16, window=4, conv=2, cap=4,
+                  state_length=24, state_factors=(0.5,),
+                  lengths={"copy": [4, 8], "selective_copy": [4], "recall": [24], "induction": [6], "adding": [6]}),
 }
+EXTRAPOLATE = (2, 4, 8, 16)  # induction: the test split again at these multiples of the training length
 
 
-# ----------------------------------------------------------------------------- the cells
-def rows(grid: dict, families: list[str]) -> dict[str, list[str]]:
-    """Model rows of the table: name -> overrides; the windowed attention row after attention."""
+# ----------------------------------------------------------------------------- the rows
+def rows(grid: dict, families: list[str]) -> dict[str, tuple[str, list[str], Optional[tuple]]]:
+    """Model rows of the table: name -> (family, overrides, tasks or None for all); each variant
+    right after its family's row."""
     sizes, out = SIZES[grid["sizes"]], {}
     for f in families:
-        out[f] = [f"model={f}", *sizes.get(f, [])]
-        if f == "attention":
-            out[f"attention (window {grid['window']})"] = [*out[f], f"model.window={grid['window']}"]
+        base = [f"model={f}", *sizes.get(f, [])]
+        out[f] = (f, base, None)
+        for v in variants(grid):
+            if v.family == f:
+                out[v.name] = (f, [*base, *v.overrides], v.tasks)
     return out
 
 
@@ -115,31 +174,96 @@ def compose_cfg(overrides: list[str]):
         return compose("train", overrides=overrides)
 
 
-def refusal(model: list[str], task: str, length: int) -> str | None:
-    """The UserError a model gives for a task (its config checks, then its constructor on the
-    data's runtime facts), or None: the model's own rules decide, no list of exceptions here."""
-    try:
-        cfg = compose_cfg([*model, f"data={task}", f"data.length={length}", "data.size=8", "data.eval_size=8",
-                           "data.batch_size=8"])
-        validate(cfg)
-        build_model(cfg.model, build_data(cfg.data, seed=0).model_kwargs())
-    except UserError as e:
-        return str(e).splitlines()[0]
-    return None
+def narrower(family: str, model: list[str], factor: float) -> Optional[list[str]]:
+    """The row's overrides with its width knob times `factor` (None: the family has no WIDTH)."""
+    if family not in WIDTH:
+        return None
+    key = f"model.{WIDTH[family]}"
+    width = compose_cfg(model).model[WIDTH[family]]  # the row's size, or its YAML's default
+    return [o for o in model if not o.startswith(key + "=")] + [f"{key}={max(1, round(width * factor))}"]
 
 
 def cell_overrides(model: list[str], task: str, length: int, grid: dict, device: str) -> list[str]:
-    steps = grid["steps"]
-    every = max(1, steps // 2)  # 2 evaluations (half way, the end): the better one is tested
-    # a fresh sample of the task every epoch of 64 batches: no example is seen twice
-    return [*model, f"data={task}", f"data.length={length}", f"data.batch_size={grid['batch']}",
-            f"data.size={64 * grid['batch']}", "data.fresh=true", f"data.eval_size={grid['eval_size']}",
-            f"trainer.max_steps={steps}", f"trainer.eval_every={every}", f"trainer.checkpoint_every={every}",
-            "trainer.keep_last=0", f"scheduler.warmup_steps={max(1, steps // 20)}", "trainer.progress=false",
+    B = grid["batch"]
+    more = [f"data.eval_lengths=[{','.join(str(k * length) for k in EXTRAPOLATE)}]"] if task == "induction" else []
+    if grid["cap"]:  # --quick: a few steps, evaluated at the end (else the task's cap, data_defaults/)
+        more += [f"trainer.max_steps={grid['cap']}", f"trainer.eval_every={grid['cap']}", "scheduler.warmup_steps=1"]
+    # a fresh sample of the task every epoch of 64 batches: no example is seen twice. The test
+    # split is read once, on the final weights, by final_test() (not on best.pt: the last
+    # checkpoint is the solving one when the target is reached, else the cap's weights).
+    return [*model, f"data={task}", f"data.length={length}", f"data.batch_size={B}", f"data.size={64 * B}",
+            "data.fresh=true", f"data.eval_size={grid['eval_size']}", *more, "logging.test_split.enabled=false",
+            "logging.histograms.enabled=false", "logging.attention_maps.enabled=false", "trainer.progress=false",
             f"trainer.device={device}", "trainer.seed=0"]
 
 
-def run_cell(cell: dict, threads: int | None) -> dict:
+def facts(overrides: list[str]) -> dict:
+    """What the model reads and carries, from one small build (not the cell's data): sequence
+    length, parameters, state size -- or the one-line refusal of a model that cannot do the task."""
+    try:
+        cfg = compose_cfg([*overrides, "data.size=8", "data.eval_size=1", "data.batch_size=8"])
+        validate(cfg)
+        data = build_data(cfg.data, seed=0)
+        model = build_model(cfg.model, data.model_kwargs())
+    except UserError as e:
+        return {"refused": str(e).splitlines()[0]}
+    seq_len = data.total_length(data.length)  # what training reads (the context may be longer: test@L)
+    try:
+        state = model.state_size(seq_len)
+    except UserError as e:
+        state = None
+        print(f"state size: {str(e).splitlines()[0]}", flush=True)
+    return {"seq_len": seq_len, "state_size": state,
+            "params": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())}
+
+
+def plan(grid: dict, models: dict, tasks: list[str], a) -> tuple[list[dict], list[str]]:
+    cells, skipped = [], []
+
+    def add(name: str, family: str, model: list[str], task: str, L: int, width: Optional[float] = None) -> bool:
+        over = cell_overrides(model, task, L, grid, a.device)
+        f = facts(over)
+        if "refused" in f:
+            skipped.append(f"{name} on {task}: {f['refused']}")
+            return False
+        slug = name.replace(" ", "_").replace("(", "").replace(")", "").replace("=", "").replace("+", "")
+        sub = f"L{L}" if width is None else f"L{L}_x{width:g}"
+        cells.append({"model": name, "family": family, "task": task, "length": L, "width": width, **f,
+                      "overrides": over, "run_dir": str(a.runs_dir / task / slug / sub)})
+        return True
+
+    for task in tasks:
+        for name, (family, model, only) in models.items():
+            if only is not None and task not in only:
+                continue
+            for L in grid["lengths"][task]:
+                if not add(name, family, model, task, L):
+                    break  # a refusal is the family's, whatever the length
+            # the state axis: recall at one length, the row narrowed (its own width is the cell above)
+            if task == "recall" and (only is None or "recall" in only):
+                for factor in grid["state_factors"]:
+                    narrow = narrower(family, model, factor)
+                    if narrow and any(c["model"] == name and c["task"] == task for c in cells):
+                        add(name, family, narrow, task, grid["state_length"], factor)
+    return cells, skipped
+
+
+# ----------------------------------------------------------------------------- one cell
+def final_test(run_dir: Path) -> dict:
+    """The test split and its other lengths (test@L) on the final weights (last.pt)."""
+    from seqexp.inference import build_data as data_of, load_run
+    from seqexp.rundir import RunDir
+
+    run = load_run(RunDir(run_dir).last, "cpu")
+    data = data_of(run.ckpt)
+    out = {}
+    for split in (s for s in data.splits if s.split("@")[0] == "test"):
+        m = data.task.evaluate(run.model, data.batches(split, stateful=run.model.stateful), run.device, nullcontext)
+        out[split] = {k: v for k, v in m.items() if isinstance(v, float)}
+    return out
+
+
+def run_cell(cell: dict, threads: Optional[int]) -> dict:
     """Train one cell (in this process, or a worker's); returns its result row."""
     from seqexp.train import train  # imported here: a spawned worker needs it, the parent may not
 
@@ -149,45 +273,26 @@ def run_cell(cell: dict, threads: int | None) -> dict:
     if run_dir.exists():  # this benchmark's own scratch run of the same cell, superseded
         shutil.rmtree(run_dir)
     t0, c0 = time.perf_counter(), time.process_time()
-    metrics = train(compose_cfg(cell["overrides"]), run_dir)
+    m = train(compose_cfg(cell["overrides"]), run_dir)
+    test = final_test(run_dir)
     # CPU time of this process (all its threads): with one thread, about what the cell would take
     # on an idle core, however busy the machine was -- what sizes the grid
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    test = metrics["test"]  # the task's own metrics: a regression reports MSE, the others exact match
-    score = ({"mse": test["test/mse"], "baseline_mse": test["test/baseline_mse"]} if "test/mse" in test
-             else {"exact": test["test/exact"], "acc": test["test/acc"]})
-    train_s = metrics["timing"]["train_time_s"]
-    return {**cell, **score, "params": metrics["num_params"], "steps": metrics["steps"],
-            "best_step": metrics["best_step"], "train_s": round(train_s, 2), "wall_s": round(wall, 2),
-            "cpu_s": round(cpu, 2),
-            "ms_per_step": round(1000 * train_s / max(metrics["steps"], 1), 2), "threads": threads}
+    target, timing = m["target"] or {}, m["timing"]
+    return {**cell, "solved": bool(target.get("reached")), "solved_step": target.get("step"),
+            "solved_train_s": timing.get("target_train_time_s"), "steps": m["steps"], "test": test,
+            "gradient": m.get("gradient_distance"), "train_s": round(timing["train_time_s"], 2),
+            "wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "threads": threads,
+            "ms_per_step": round(1000 * timing["train_time_s"] / max(m["steps"], 1), 2)}
 
 
-def plan(grid: dict, models: dict[str, list[str]], tasks: list[str], a) -> tuple[list[dict], list[str]]:
-    cells, skipped = [], []
-    for task in tasks:
-        for name, model in models.items():
-            lengths = grid["lengths"][task]
-            why = refusal(model, task, lengths[0])
-            if why:
-                skipped.append(f"{name} on {task}: {why}")
-                continue
-            for L in lengths:
-                slug = name.replace(" (window ", "_w").rstrip(")")
-                # what the model reads (one batch generated to ask, not the cell's whole data)
-                cfg = compose_cfg([*cell_overrides(model, task, L, grid, a.device), f"data.size={grid['batch']}",
-                                   "data.eval_size=1"])
-                seq_len = build_data(cfg.data, seed=0).model_kwargs()["max_len"]
-                cells.append({"model": name, "task": task, "length": L, "seq_len": seq_len,
-                              "overrides": cell_overrides(model, task, L, grid, a.device),
-                              "run_dir": str(a.runs_dir / task / slug / f"L{L}")})
-    return cells, skipped
+def key(c: dict) -> tuple:
+    return c["model"], c["task"], c["length"], c.get("width")
 
 
 def train_all(cells: list[dict], known: dict, a, save) -> list[dict]:
     """Cells not in `known` (same overrides) trained, `a.parallel` at a time; each result saved
     as it comes, so an interrupted grid keeps what it finished."""
-    key = lambda c: (c["model"], c["task"], c["length"])
     done = {key(c): known[key(c)] for c in cells
             if not a.fresh and key(c) in known and known[key(c)]["overrides"] == c["overrides"]}
     # longest sequences first: the two workers then finish together, not waiting on one long cell
@@ -197,9 +302,9 @@ def train_all(cells: list[dict], known: dict, a, save) -> list[dict]:
 
     def finished(r: dict) -> None:
         done[key(r)] = r
-        score = f"mse {r['mse']:.4f}" if "mse" in r else f"exact {r['exact']:.3f}"
-        print(f"{r['task']} L={r['length']} {r['model']}: {score}, {r['steps']} steps, {r['train_s']:.0f} s "
-              f"({len(done)}/{len(cells)})", flush=True)
+        verdict = f"solved at step {r['solved_step']}" if r["solved"] else f"not solved in {r['steps']} steps"
+        print(f"{r['task']} L={r['length']} {r['model']}{'' if r['width'] is None else ' x' + str(r['width'])}: "
+              f"{verdict}, {r['train_s']:.0f} s ({len(done)}/{len(cells)})", flush=True)
         save([done[key(c)] for c in cells if key(c) in done])
 
     if a.parallel <= 1:
@@ -213,109 +318,28 @@ def train_all(cells: list[dict], known: dict, a, save) -> list[dict]:
     return [done[key(c)] for c in cells]
 
 
-# ----------------------------------------------------------------------------- the report
-def score(r: dict) -> str:
-    if "mse" in r:
-        return f"{r['mse']:.4f} ({r['baseline_mse']:.3f})"
-    return f"{r['exact']:.2f} ({r['acc']:.2f})"
-
-
-def table(results: list[dict], grid: dict) -> str:
-    """One row per task x model; a column per length (the i-th length of that task's grid)."""
-    n = max(len(v) for v in grid["lengths"].values())
-    head = ("| task: metric (lengths) | model | params | " + " | ".join(f"length {i + 1}" for i in range(n))
-            + " | steps | ms / step | train time |")
-    lines = [head, "|" + "---|" * (n + 6)]
-    for task in TASKS:
-        lengths = grid["lengths"][task]
-        regression = any("mse" in r for r in results if r["task"] == task)
-        metric = "test MSE (baseline MSE)" if regression else "test exact (token acc)"
-        for model in dict.fromkeys(r["model"] for r in results if r["task"] == task):
-            by_len = {r["length"]: r for r in results if r["task"] == task and r["model"] == model}
-            cells = [f"T={L}: {score(by_len[L])}" if L in by_len else "-" for L in lengths] + ["-"] * (n - len(lengths))
-            rs = [by_len[L] for L in lengths if L in by_len]
-            join = lambda k, fmt: " / ".join(fmt(r[k]) for r in rs)
-            lines.append(f"| {task}: {metric} ({', '.join(map(str, lengths))}) | {model} | "
-                         f"{rs[0]['params'] / 1e3:.0f} k | " + " | ".join(cells) + f" | {rs[0]['steps']} | "
-                         f"{join('ms_per_step', lambda v: f'{v:.0f}')} | {join('train_s', lambda v: f'{v:.0f} s')} |")
-    return "\n".join(lines)
-
-
-def plot(results: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    models = list(dict.fromkeys(r["model"] for r in results))
-    colors = {m: f"C{i}" for i, m in enumerate(models)}
-    fig, axes = plt.subplots(1, 5, figsize=(22, 4.2))
-    for ax, task in zip(axes, TASKS):
-        for m in models:
-            rs = sorted((r for r in results if r["task"] == task and r["model"] == m), key=lambda r: r["length"])
-            if not rs:
-                continue
-            # regression (adding): MSE over the baseline's (1: no better than the mean; 0: solved)
-            y = [r["mse"] / r["baseline_mse"] if "mse" in r else r["exact"] for r in rs]
-            ax.plot([r["length"] for r in rs], y, marker="o", c=colors[m], label=m,
-                    ls="--" if "window" in m else "-")
-        regression = any("mse" in r for r in results if r["task"] == task)
-        ylabel = "test MSE / baseline MSE" if regression else "test exact match"
-        ax.set(xscale="log", xlabel="data.length", ylabel=ylabel, title=task)
-        ax.set_ylim(-0.05, None if regression else 1.05)
-    ax = axes[-1]  # parallelism: what a training step costs as the sequence grows
-    for m in models:
-        pts = sorted({(r["seq_len"], r["ms_per_step"]) for r in results if r["model"] == m})
-        if pts:
-            ax.plot(*zip(*pts), marker=".", c=colors[m], label=m, ls="--" if "window" in m else "-")
-    ax.set(xscale="log", yscale="log", xlabel="sequence length (tokens)", ylabel="ms per training step",
-           title="step time (every cell)")
-    axes[0].legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 def run_as(a) -> str:
     return (torch.cuda.get_device_name() if a.device == "cuda" else
             f"CPU, {a.threads or torch.get_num_threads()} thread(s) per cell, {a.parallel} cell(s) at once")
 
 
-def report(results: list[dict], grid: dict, a, skipped: list[str], run_as: str) -> None:
-    plot(results, a.png, f"memory tasks, {grid['steps']} steps x batch {grid['batch']} per cell ({run_as})")
-    total, cpu = sum(r["train_s"] for r in results), sum(r.get("cpu_s", 0) for r in results)
-    print(f"\n{run_as}; torch {torch.__version__}; plot "
-          f"{a.png.relative_to(ROOT) if a.png.is_relative_to(ROOT) else a.png}; results {a.json}")
-    print(f"Every cell: {grid['steps']} AdamW steps of batch {grid['batch']} (fresh examples every epoch), "
-          f"seed 0, {grid['eval_size']} test examples, weights chosen on validation loss. Sum of train times: "
-          f"{total / 60:.1f} min; of the cells' CPU times (evaluation included): {cpu / 60:.1f} min.")
-    for s in skipped:
-        print(f"Left out: {s}")
-    print()
-    print(table(results, grid))
-
-
 def main(cli: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--grid", choices=["cpu", "gpu"], default="cpu", help="gpu: longer lengths, bigger "
-                   "models and budgets")
+    p.add_argument("--grid", choices=["cpu", "gpu"], default="cpu", help="gpu: longer lengths, bigger models")
     p.add_argument("--quick", action="store_true", help="tiny models, a few steps: does it run, not how well")
     p.add_argument("--models", default=None, help="comma-separated families (default: every configs/model/ one)")
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--lengths", default=None, help="comma-separated lengths, for every chosen task (a slice)")
-    p.add_argument("--steps", type=int, default=None, help="the budget of every cell (default: the grid's)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--parallel", type=int, default=None, help="cells at once (default: 2 on CPU, 1 on CUDA)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per cell (default: 1 on CPU)")
     p.add_argument("--runs-dir", type=Path, default=None, help="default: outputs/long_range_<grid> (git-ignored)")
     p.add_argument("--out", type=Path, default=RESULTS)
-    p.add_argument("--render", action="store_true", help="table and plot from the saved JSON, no training")
+    p.add_argument("--render", action="store_true", help="table and pictures from the saved JSON, no training")
     p.add_argument("--fresh", action="store_true", help="retrain cells the saved JSON already holds")
     a = p.parse_args(cli)
     name = "quick" if a.quick else a.grid
     grid = dict(GRIDS[name])
-    if a.steps:
-        grid["steps"] = a.steps
     if a.lengths:
         grid["lengths"] = {t: [int(x) for x in a.lengths.split(",")] for t in TASKS}
     if a.parallel is None:
@@ -325,34 +349,34 @@ def main(cli: list[str] | None = None) -> None:
     a.runs_dir = (a.runs_dir or ROOT / "outputs" / f"long_range_{name}").resolve()
     stem = f"long_range_{name}"
     a.json = a.out / f"{stem}.json"
-    # the full grid's plot sits beside BENCHMARKS.md (tracked); a quick or redirected run's with its JSON
-    a.png = (ROOT / "benchmarks" if name != "quick" and a.out == RESULTS else a.out) / f"{stem}.png"
+    # the full grid's pictures sit beside BENCHMARKS.md (tracked); a quick or redirected run's with its JSON
+    a.pictures = ROOT / "benchmarks" if name != "quick" and a.out == RESULTS else a.out
     a.out.mkdir(parents=True, exist_ok=True)
 
     saved = json.loads(a.json.read_text()) if a.json.exists() else {"results": []}
     if a.render:
-        results = saved["results"]
-        if not results:
+        if not saved["results"]:
             raise SystemExit(f"{a.json}: no results to render; run without --render first")
-        report(results, grid, a, saved.get("skipped", []), saved.get("run_as", "?"))
+        report(saved["results"], grid, a, saved.get("skipped", []), saved.get("run_as", "?"), name, TASKS, EXTRAPOLATE)
         return
     families = a.models.split(",") if a.models else FAMILIES
-    tasks = a.tasks.split(",")
-    cells, skipped = plan(grid, rows(grid, families), tasks, a)
+    cells, skipped = plan(grid, rows(grid, families), a.tasks.split(","), a)
     for s in skipped:
         print(f"left out: {s}", flush=True)
-    known = {(r["model"], r["task"], r["length"]): r for r in saved["results"]}
+    for f in dict.fromkeys(c["family"] for c in cells if c["family"] not in SIZES[grid["sizes"]]):
+        print(f"model={f}: not in SIZES[{grid['sizes']!r}], trained at its own YAML's defaults", flush=True)
+    known = {key(r): r for r in saved["results"]}
 
     def save(results: list[dict]) -> None:
         # results of other slices (other models, tasks) kept: the JSON is the whole grid so far
-        merged = {**known, **{(r["model"], r["task"], r["length"]): r for r in results}}
+        merged = {**known, **{key(r): r for r in results}}
         tmp = a.json.with_suffix(".json.tmp")
         tmp.write_text(json.dumps({"grid": name, "run_as": run_as(a), "results": list(merged.values()),
                                    "skipped": skipped}, indent=1))
         os.replace(tmp, a.json)
 
     results = train_all(cells, known, a, save)
-    report(results, grid, a, skipped, run_as(a))
+    report(results, grid, a, skipped, run_as(a), name, TASKS, EXTRAPOLATE)
 
 
 if __name__ == "__main__":

@@ -75,8 +75,9 @@ SECTIONS = [
     Section("data_prep", "benchmarks/data_prep.py",  # CPU only: no --device
             full=f"--imdb {{data}}/{IMDB} --text {{data}}/{SHAKESPEARE} --repeats 3",
             quick=f"--imdb {{data}}/{IMDB} --text {{data}}/{SHAKESPEARE} --repeats 1", needs=(IMDB, SHAKESPEARE)),
-    # every model family on the memory tasks over a grid of lengths ({preset}: the cpu grid, about
-    # 20-25 minutes on 2 cores, or the gpu one); cells already in its results JSON are reused
+    # every model family on the memory tasks, each cell trained to its target or cap ({preset}: the
+    # cpu grid, ~27 minutes on 2 idle cores estimated from pilots (LAB_DOCS.md), or the gpu one);
+    # cells already in its results JSON are reused
     Section("long_range", "benchmarks/long_range.py",
             full="--grid {preset} --device {device}",
             quick="--quick --device {device}"),

@@ -213,31 +213,3 @@ def test_imdb_benchmark_config_comparison():
     assert not same(run, {"model": {"d": 64, "drop": 0.3, "word_dropout": 0.2}, "trainer": {"seed": 1}})
     assert not same(run, {"model": {"d": 128, "drop": 0.3}, "trainer": {"seed": 1}})
     assert not same(run, {"model": {"d": 64, "drop": 0.3}, "trainer": {"seed": 2}})
-
-
-# ----------------------------------------------------------------------------- long_range.py
-def test_long_range_benchmark_trains_a_slice_reuses_it_and_renders(tmp_path, capsys, one_thread):
-    """--quick on a slice of the grid: attention and its windowed row train on copy and adding; the
-    n-gram model is left out by its own refusal (no list of exceptions in the script); a second call
-    reuses the saved cells, and --render rebuilds the table from the JSON alone."""
-    lr = load("long_range")
-    cli = ["--quick", "--models", "attention,ngram", "--tasks", "copy,adding", "--lengths", "4", "--device", "cpu",
-           "--out", str(tmp_path / "out"), "--runs-dir", str(tmp_path / "runs")]
-    lr.main(cli)
-    saved = json.loads((tmp_path / "out" / "long_range_quick.json").read_text())
-    cells = {(r["model"], r["task"], r["length"]) for r in saved["results"]}
-    assert cells == {(m, t, 4) for m in ("attention", "attention (window 4)") for t in ("copy", "adding")}
-    for r in saved["results"]:
-        assert r["steps"] == 4 and r["train_s"] > 0 and r["cpu_s"] > 0  # the fixed budget, and its cost
-        assert ("mse" in r and "baseline_mse" in r) if r["task"] == "adding" else 0 <= r["exact"] <= r["acc"] <= 1
-    assert any("ngram on copy: model=ngram" in s for s in saved["skipped"])
-    assert (tmp_path / "out" / "long_range_quick.png").stat().st_size > 0
-    out = capsys.readouterr().out
-    table = run.last_table(out)
-    assert "| copy: test exact (token acc) (4) | attention (window 4) |" in table
-    assert "| adding: test MSE (baseline MSE) (4) | attention |" in table
-
-    lr.main(cli)
-    assert "4 reused" in capsys.readouterr().out
-    lr.main([*cli, "--render"])
-    assert run.last_table(capsys.readouterr().out) == table

@@ -216,6 +216,16 @@ class AttentionModel(SequenceModel):
     def input_embedding(self) -> nn.Module:
         return self.tok_emb  # (B, T, C): the token vectors; positions are added after
 
+    def state_size(self, seq_len: int) -> int:
+        """The key-value cache: a key and a value of d_model numbers per layer for every earlier
+        position a query can see (all seq_len of them, or the last `window`), plus the kernel - 1
+        inputs each layer's convolution reads back (model.conv_kernel)."""
+        d, n = self.tok_emb.embedding_dim, len(self.blocks)
+        seen = min(seq_len, self.window) if self.window else seq_len
+        conv = self.blocks[0].conv
+        tail = min(conv.dw.kernel_size[0] - 1, seq_len) if conv is not None else 0
+        return n * d * (2 * seen + tail)
+
     def forward(self, tokens: torch.Tensor, lengths: Optional[torch.Tensor] = None, state=None,
                 need_weights: bool = False):
         """tokens (B, T) -> (logits, None), or (logits, per-layer attention maps) with need_weights."""

@@ -19,7 +19,7 @@ from typing import Callable, Iterable, Literal, Optional
 import torch.nn as nn
 from omegaconf import DictConfig
 
-from seqexp.errors import require
+from seqexp.errors import UserError, require
 
 
 # how a classifier reduces its (B, T, H) states to (B, H): the final valid state (both directions'
@@ -68,3 +68,12 @@ class SequenceModel(nn.Module):
         differentiates the loss with respect to it. None: the model has no per-position input
         vectors (a bag of n-grams), and the picture is skipped."""
         return None
+
+    def state_size(self, seq_len: int) -> int:
+        """Numbers of state, per sequence, that the model carries from what it has read to read
+        position `seq_len` (the tokens before it): a recurrence's hidden (and cell) states whatever
+        the length, attention's keys and values of every earlier position it can see. The memory
+        lab plots recall against it (benchmarks/long_range.py, the Zoology/Based picture). A family
+        that has no such state, or has not said, refuses in one line."""
+        raise UserError(f"{type(self).__name__} does not define state_size(): the numbers it carries from one "
+                        f"position to the next are not known.")

@@ -241,7 +241,7 @@ class MinRNN(nn.Module):
 
     def __init__(self, cell: str, d_in: int, hidden: int):
         super().__init__()
-        self.cell = cell
+        self.cell, self.hidden = cell, hidden
         # gate(s) and candidate from the input alone: (z, h~) or (f, i, h~)
         self.proj = nn.Linear(d_in, (2 if cell == "gru" else 3) * hidden)
 
@@ -380,6 +380,11 @@ class MinRNNModel(SequenceModel):
 
     def input_embedding(self) -> nn.Module:
         return self.embed  # (B, T, H)
+
+    def state_size(self, seq_len: int) -> int:
+        """layers x hidden per direction, whatever the length: minLSTM has no cell besides h."""
+        dirs = 2 if self.bidirectional else 1
+        return len(self.layers) * dirs * self.layers[0].rnns[0].hidden
 
     def forward(self, tokens: torch.Tensor, lengths: Optional[torch.Tensor] = None,
                 state: Optional[torch.Tensor] = None):

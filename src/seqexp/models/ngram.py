@@ -29,7 +29,7 @@ from typing import Callable, Iterable, Optional
 import torch
 import torch.nn as nn
 
-from seqexp.errors import require
+from seqexp.errors import UserError, require
 from seqexp.models.base import SequenceModel
 from seqexp.models.layers import length_mask, lengths_or_full
 
@@ -79,6 +79,10 @@ class NgramModel(SequenceModel):
     @classmethod
     def describe(cls, m: dict) -> str:
         return f"{m['n']}-gram bag (NBSVM)"
+
+    def state_size(self, seq_len: int) -> int:
+        raise UserError("model=ngram has no state_size: a bag of n-grams reads the whole sequence at once and "
+                        "carries nothing from one position to the next.")
 
     @classmethod
     def check_config(cls, cfg, head: str) -> None:

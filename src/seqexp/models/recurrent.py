@@ -70,6 +70,7 @@ class RecurrentModel(SequenceModel):
         super().__init__()
         assert head in ("lm", "classify"), head
         self.lm, self.cell, self.pooling = head == "lm", str(cell), str(pooling)
+        self.num_layers = int(num_layers)
         self.word_dropout = float(word_dropout)
         self.bidirectional = bool(bidirectional) and head == "classify"
         self.pack: Optional[bool] = None  # classification: None packs on CUDA only (see above)
@@ -122,6 +123,12 @@ class RecurrentModel(SequenceModel):
 
     def input_embedding(self) -> nn.Module:
         return self.embed  # (B, T, E)
+
+    def state_size(self, seq_len: int) -> int:
+        """layers x hidden per direction, twice for an LSTM (h and c), whatever the length."""
+        rnn = self.rnn if self.lm else self.layers[0][0]
+        dirs = 2 if self.bidirectional else 1
+        return self.num_layers * dirs * rnn.hidden_size * (2 if self.cell == "lstm" else 1)
 
     def forward(self, tokens: torch.Tensor, lengths: Optional[torch.Tensor] = None, state: State = None):
         """tokens (B, T) -> (logits, state). logits: (B, T, V) for lm, (B, C) for classify."""

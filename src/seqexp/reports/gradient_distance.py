@@ -2,7 +2,14 @@
 respect to the input at each distance back from the answer (seqexp/gradients.py), as a plot and
 scalars `gradient_distance/<d>`. On by default: it is the picture the memory lab is about, and
 cheap -- one forward and backward on `rows` fixed validation rows, on the main process, without
-touching the training (no parameter's .grad, no RNG)."""
+touching the training (no parameter's .grad, no RNG).
+
+The run's record (metrics.json) keeps two whole curves, `gradient_distance: {start, end}`, each
+`{step, norm}` with `norm[d]` the mean norm d positions back (null where no row reaches): at the
+initial weights (measured when the report is set up, before the first step: the weights a
+resume rebuilds too, from the same seed) and at the final ones. Their ratio is what training did
+to the reach of the loss; the memory lab's table and its all-families picture read them
+(benchmarks/long_range.py)."""
 
 from __future__ import annotations
 
@@ -35,7 +42,12 @@ class GradientDistance(Report):
                      type(ctx.model).__name__)
             return False
         self.batches = fixed_rows(ctx.data, self.rows)
+        self.start = self.curve(ctx, 0)
         return True
+
+    def curve(self, ctx: Context, step: int) -> dict:
+        """The mean norm at every distance, as the record keeps it: {step, norm: [d = 0, 1, ...]}."""
+        return {"step": step, "norm": mean(*measure(ctx.model, ctx.data.task, self.batches, ctx.device)).tolist()}
 
     def after_evaluation(self, ctx: Context, split: str, metrics: dict, step: int) -> dict:
         if split != "val":
@@ -47,3 +59,7 @@ class GradientDistance(Report):
         ctx.logger.scalars({f"gradient_distance/{d}": float(norms[d]) for d in DISTANCES
                             if d < len(counts) and counts[d] > 0}, step)
         return {}
+
+    def after_training(self, ctx: Context) -> dict:
+        # the final weights (a report that loads best.pt runs after this one, Reports.after_training)
+        return {"gradient_distance": {"start": self.start, "end": self.curve(ctx, ctx.step)}}
