@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import random
 import signal
 import subprocess
@@ -304,13 +305,42 @@ def ddp_overrides_for(kind: str, model: str, request, *extra: str) -> list[str]:
     raise ValueError(kind)
 
 
+# scripts/train.py, and at the very end of each process (its last atexit handler) the gloo threads
+# still running: the process group's workers ("pt_gloo_runloop") and socket loop ("gloo_tcp_loop").
+# A finished run must have destroyed its group, those threads joined, before the interpreter's
+# exit: left to it, a rank aborted now and then ("terminate called without an active exception").
+EXIT_REPORT = """
+import atexit, os
+
+def report():
+    names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+    gloo = sorted(n for n in names if "gloo" in n)
+    os.write(2, f"rank {os.environ['RANK']}: gloo threads at exit: {gloo}\\n".encode())  # one write: one line
+
+atexit.register(report)
+from seqexp.cli import train_main
+
+train_main()
+"""
+
+
 def torchrun(args: list[str], cwd: Path, nproc: int = 2) -> subprocess.CompletedProcess:
-    """scripts/train.py under torchrun with `nproc` processes; fails the test unless it exits 0."""
+    """scripts/train.py under torchrun with `nproc` processes; fails the test unless it exits 0 and
+    (on Linux, where /proc names the threads) every rank ended with its process group destroyed."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}"}
+    script = ROOT / "scripts" / "train.py"
+    linux = Path("/proc/self/task").is_dir()
+    if linux:
+        script = Path(cwd) / ".train_exit_report.py"
+        script.write_text(EXIT_REPORT)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(ROOT / "scripts" / "train.py"), *args]
+           str(script), *args]
     r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=DDP_TIMEOUT)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert "terminate called" not in r.stderr, r.stderr[-4000:]
+    if linux:
+        exits = sorted(re.findall(r"(rank \d+): gloo threads at exit: (.*)", r.stderr))
+        assert exits == [(f"rank {i}", "[]") for i in range(nproc)], r.stderr[-4000:]
     return r
 
 

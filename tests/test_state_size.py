@@ -9,7 +9,7 @@ import pytest
 from seqexp.build import build_model
 from seqexp.config import CONFIG_DIR, validate
 from seqexp.errors import UserError
-from tests.helpers import SEARCH, make_cfg
+from tests.helpers import SEARCH, lm_capable, make_cfg
 
 FAMILIES = sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml"))
 LM = dict(vocab_size=12, num_outputs=12, head="lm", max_len=256)
@@ -37,6 +37,12 @@ def model(*overrides: str, kwargs: dict = LM):
     (["model=attention", "model.n_layers=2", "model.d_model=64", "model.window=16"], 10, 2 * 2 * 64 * 10),
     # a width-4 convolution also keeps the 3 inputs before each position, per layer
     (["model=attention", "model.n_layers=2", "model.d_model=64", "model.conv_kernel=4"], 100, 2 * 64 * (2 * 100 + 3)),
+    # Mamba: per layer the convolution's 3 inputs and 16 states of each of its E = 2 x 32 channels
+    (["model=mamba", "model.num_layers=2", "model.d_model=32", "model.d_state=16", "model.d_conv=4"], 100,
+     2 * (3 * 64 + 64 * 16)),
+    # DeltaNet: per layer 3 inputs of q, k and v (3 x 32 channels) and 4 heads' 8 x 8 states
+    (["model=deltanet", "model.num_layers=2", "model.d_model=32", "model.num_heads=4", "model.d_conv=4"], 100,
+     2 * (3 * 96 + 4 * 8 * 8)),
 ], ids=lambda v: "-".join(v) if isinstance(v, list) else str(v))
 def test_state_size_by_hand(overrides, seq_len, expected):
     assert model(*overrides).state_size(seq_len) == expected
@@ -52,12 +58,14 @@ def test_a_bidirectional_classifier_carries_both_directions():
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_family_counts_its_state_or_refuses_in_one_line(family):
-    kw = LM if family != "ngram" else dict(vocab_size=12, num_outputs=2, head="classify", max_len=64)
+    """A family that carries a state from one chunk to the next (stateful) must count it; another
+    (a bag of n-grams) may refuse, in one line."""
+    kw = LM if lm_capable(family) else dict(vocab_size=12, num_outputs=2, head="classify", max_len=64)
     m = model(f"model={family}", kwargs=kw)
     try:
         n = m.state_size(64)
     except UserError as e:
-        assert family == "ngram" and len(str(e).splitlines()) == 1 and "state" in str(e)
+        assert not m.stateful and len(str(e).splitlines()) == 1 and "state" in str(e), family
         return
     assert isinstance(n, int) and n > 0
 

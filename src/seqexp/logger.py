@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Optional
+
+from seqexp.rundir import RunDir
 
 log = logging.getLogger("seqexp")
 
@@ -15,6 +18,7 @@ class Logger:
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
+            after_existing_events(RunDir(run_dir))
             # purge_step: a resumed run drops events logged after its checkpoint, so no step repeats
             self.writer = SummaryWriter(log_dir=str(run_dir), purge_step=purge_step)
 
@@ -71,3 +75,14 @@ class Logger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def after_existing_events(run: RunDir) -> None:
+    """TensorBoard reads a run's event files in the order of their names, whose first field is the
+    second the file was created in (then host, pid and a per-process counter, compared as text:
+    "10" before "9"). A writer created in the same second as one already there may sort before
+    it, and a resumed run's purge of the steps after its checkpoint would then hide its own new
+    events instead of the old ones. So a new file waits, if need be, for a later second (< 1 s)."""
+    seconds = [int(p.name.split(".")[3]) for p in run.events() if p.name.split(".")[3].isdigit()]
+    while seconds and time.time() < max(seconds) + 1:
+        time.sleep(0.05)

@@ -140,6 +140,7 @@ class GatedDeltaNet(nn.Module):
         # would scale the gradient of a near-zero o by up to 1/sqrt(eps) ~ 3000
         self.o_norm = nn.RMSNorm(self.dk, eps=1e-5)
         self.out_proj = nn.Linear(d_model, d_model, bias=False)
+        self.state_numbers = self.conv.state_size() + num_heads * self.dk * self.dk  # tails and S (H, d_k, d_v)
 
     def coefficients(self, x: torch.Tensor, tail: Optional[torch.Tensor]):
         """x (B, T, D), the convolution's tail -> q, k, v (B, H, T, d_k), log α and β (B, H, T), float32,
@@ -254,6 +255,10 @@ class DeltaNetModel(SequenceModel):
         check_fraction(cfg, "dropout", "word_dropout")
         require(not (cfg.bidirectional and head == "lm"), "model.bidirectional=true lets a language model see "
                 "the next character; use it only with a classification dataset (data=imdb).")
+
+    def state_size(self, seq_len: int) -> int:
+        """Every mixer's convolution tails (q, k, v) and its H square d_k x d_v states, whatever the length."""
+        return sum(m.state_numbers for layer in self.layers for m in layer.mixers)
 
     def input_embedding(self) -> nn.Module:
         return self.embed  # (B, T, D)

@@ -174,6 +174,7 @@ class Mamba(nn.Module):
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus(dt_bias) = dt
         self.A_log = nn.Parameter(torch.log(torch.arange(1, N + 1, dtype=torch.float32)).repeat(E, 1))  # (E, N)
         self.A_log.no_weight_decay = True  # decay rates, not weights: the paper leaves them out (build.decays)
+        self.state_numbers = self.conv.state_size() + E * N  # the convolution's tail and h (E, N)
         self.D = nn.Parameter(torch.ones(E))
         self.out_proj = nn.Linear(E, d_model, bias=False)
 
@@ -282,6 +283,10 @@ class MambaModel(SequenceModel):
         check_fraction(cfg, "dropout", "word_dropout")
         require(not (cfg.bidirectional and head == "lm"), "model.bidirectional=true lets a language model see "
                 "the next character; use it only with a classification dataset (data=imdb).")
+
+    def state_size(self, seq_len: int) -> int:
+        """Every mixer's convolution tail and SSM state (E x N), whatever the length."""
+        return sum(m.state_numbers for layer in self.layers for m in layer.mixers)
 
     def input_embedding(self) -> nn.Module:
         return self.embed  # (B, T, D)

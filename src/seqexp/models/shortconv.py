@@ -21,6 +21,10 @@ class ShortConv(nn.Module):
         self.keep = kernel - 1  # inputs carried to the next chunk
         self.conv = nn.Conv1d(channels, channels, kernel, groups=channels, bias=bias)
 
+    def state_size(self) -> int:
+        """Numbers carried per sequence: the last K-1 inputs of every channel."""
+        return self.keep * self.conv.in_channels
+
     def forward(self, x: torch.Tensor, tail: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, T, C), tail (B, K-1, C) or None (zeros) -> (y (B, T, C), the next tail (B, K-1, C))."""
         B, T, C = x.shape
