@@ -15,7 +15,7 @@ from hydra.core.global_hydra import GlobalHydra
 
 from tests.helpers import SHARED_DATA, synthetic_reviews, write_archive
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -8,6 +8,7 @@ A data kind plugs into the resume protocol (`run_until_signal`, `resume_run`,
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import os
@@ -47,17 +48,34 @@ TINY = {
 }
 
 
+_COMPOSED: dict = {}  # (config_name, overrides) -> the composed config, in this test process
+
+
 def make_cfg(*overrides: str, config_name: str = "train"):
+    """The config `scripts/train.py OVERRIDES` composes. Composing costs ~0.1 s (Hydra reads and
+    merges every YAML file again), and tests compose the same overrides again and again (a run,
+    its resume, its variants): each is composed once per test process, and every call gets its
+    own copy. The config files do not change during a test session."""
     GlobalHydra.instance().clear()
-    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
-        return compose(config_name, overrides=list(overrides))
+    key = (config_name, overrides)
+    if key not in _COMPOSED:
+        with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+            _COMPOSED[key] = compose(config_name, overrides=list(overrides))
+    return copy.deepcopy(_COMPOSED[key])
+
+
+# Every report off (seqexp/reports/): in a run this small, drawing the gradient-by-distance plot
+# and the attention maps costs several times the training (about 0.25 s and 0.4 s a picture). A
+# test of a report turns it on in its `extra` (a later override wins), e.g. "logging.sample.chars=20".
+REPORTS_OFF = ["logging.gradient_distance.enabled=false", "logging.attention_maps.enabled=false",
+               "logging.confusion.enabled=false", "logging.wrong_examples.count=0", "logging.sample.chars=0"]
 
 
 def tiny_overrides(model: str, text: Path, *extra: str) -> list[str]:
     return [*TINY[model], f"data.path={text}", "data.batch_size=4", "data.seq_len=16",
             "trainer.max_steps=12", "trainer.eval_every=6", "trainer.checkpoint_every=6",
             "trainer.log_every=3", "trainer.progress=false", "trainer.device=cpu",
-            "scheduler.warmup_steps=2", "logging.sample.chars=20", *extra]
+            "scheduler.warmup_steps=2", *REPORTS_OFF, *extra]
 
 
 def imdb_overrides(name: str, archive: Path, cache: Path, *extra: str) -> list[str]:
@@ -66,7 +84,7 @@ def imdb_overrides(name: str, archive: Path, cache: Path, *extra: str) -> list[s
     return ["data=imdb", "~data_defaults", "~recipe", *TINY[name], f"data.path={archive}", f"data.cache_dir={cache}",
             "data.batch_size=8", "data.min_freq=1", "data.max_len=64", "trainer.max_steps=12", "trainer.eval_every=6",
             "trainer.checkpoint_every=6", "trainer.log_every=3", "trainer.progress=false", "trainer.device=cpu",
-            "scheduler.warmup_steps=2", *extra]
+            "scheduler.warmup_steps=2", *REPORTS_OFF, *extra]
 
 
 def lm_capable(name: str, *overrides: str) -> bool:
@@ -119,6 +137,28 @@ def write_archive(path: Path, files: dict[str, bytes], extra=()) -> Path:
 
 
 # ----------------------------------------------------------------------------- runs and their files
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """A directory that `build(directory)` fills once per test session, shared by its test processes
+    (pytest-xdist's workers): the first to ask builds it, under a lock; the others wait, then read
+    it. For runs that several tests only read. (A session-scoped fixture is built once per
+    process; one built here is also built once for both.)"""
+    import fcntl
+    import shutil
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's folder: each worker's basetemp is one of its folders
+    target = root / f"shared-{name}"
+    with open(root / f"shared-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not (target / ".built").is_file():
+            shutil.rmtree(target, ignore_errors=True)
+            target.mkdir()
+            build(target)
+            (target / ".built").touch()
+    return target
+
+
 def final_state(run_dir: Path) -> dict[str, torch.Tensor]:
     """Model weights and optimizer state of checkpoints/last.pt, flattened."""
     ckpt = read(run_dir / "checkpoints" / "last.pt")
@@ -297,11 +337,10 @@ DDP_TIMEOUT = 240  # s per command; a hung collective fails the test instead of 
 def ddp_overrides_for(kind: str, model: str, request, *extra: str) -> list[str]:
     """Tiny; batch 4 = 2 rows per process; 12 steps, evaluated and checkpointed at 6 and 12."""
     if kind == "char":
-        return tiny_overrides(model, request.getfixturevalue("tiny_text"), "model.dropout=0.0",
-                              "logging.sample.chars=0", *extra)
+        return tiny_overrides(model, request.getfixturevalue("tiny_text"), "model.dropout=0.0", *extra)
     if kind == "imdb":  # batch 8 = 4 reviews per process; the last batch of an epoch is short (3)
         archive, cache = request.getfixturevalue("imdb_archive"), request.getfixturevalue("tmp_path") / "cache"
-        return imdb_overrides(model, archive, cache, "model.dropout=0.0", "logging.wrong_examples.count=0", *extra)
+        return imdb_overrides(model, archive, cache, "model.dropout=0.0", *extra)
     raise ValueError(kind)
 
 
@@ -312,8 +351,15 @@ def ddp_overrides_for(kind: str, model: str, request, *extra: str) -> list[str]:
 EXIT_REPORT = """
 import atexit, os
 
+def name(tid):
+    try:  # a thread that ends between the listing and the read is gone, not a failure
+        with open(f"/proc/self/task/{tid}/comm") as f:
+            return f.read().strip()
+    except FileNotFoundError:
+        return ""
+
 def report():
-    names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+    names = [name(t) for t in os.listdir("/proc/self/task")]
     gloo = sorted(n for n in names if "gloo" in n)
     os.write(2, f"rank {os.environ['RANK']}: gloo threads at exit: {gloo}\\n".encode())  # one write: one line
 

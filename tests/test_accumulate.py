@@ -183,6 +183,7 @@ def test_ddp_synchronises_gradients_once_per_step(tmp_path):
     assert len(entered) == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["char", "imdb"])
 def test_two_processes_accumulate_as_one(kind, request, tmp_path):
     """gloo, 2 processes, K=2: the same weights as 1 process with K=2 (IMDB: padded reviews and a

@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from seqexp.config import CONFIG_DIR
-from tests.helpers import ROOT, TINY
+from tests.helpers import REPORTS_OFF, ROOT, TINY
 
 
 def load(name: str):
@@ -69,6 +69,7 @@ def fake_script(path: Path, body: str) -> str:
     return str(path)
 
 
+@pytest.mark.slow
 def test_failures_keep_their_old_block_and_exit_non_zero(tmp_path, capsys):
     (tmp_path / "in.txt").write_text("42")
     ok = fake_script(tmp_path / "ok.py", "print('| early |')\nprint('progress')\n"
@@ -95,6 +96,7 @@ def test_failures_keep_their_old_block_and_exit_non_zero(tmp_path, capsys):
     assert not list(tmp_path.glob(".BENCHMARKS.md.*"))  # no temporary file left behind
 
 
+@pytest.mark.slow
 def test_missing_data_stops_before_anything_runs(tmp_path):
     flag = tmp_path / "ran"
     script = fake_script(tmp_path / "touch.py", f"open({str(flag)!r}, 'w').close()\n")
@@ -157,6 +159,7 @@ def test_overhead_loops_run_a_classification_config(imdb_archive, tmp_path, one_
 
 
 # ----------------------------------------------------------------------------- imdb.py
+@pytest.mark.slow
 def test_imdb_benchmark_trains_reads_and_reuses_runs(imdb_archive, tmp_path, capsys):
     """Two families side by side through scripts/train.py, read back from their events; a second
     call reads the finished runs instead of retraining, and a changed config retrains, keeping the
@@ -165,7 +168,7 @@ def test_imdb_benchmark_trains_reads_and_reuses_runs(imdb_archive, tmp_path, cap
     GlobalHydra.instance().clear()
     cli = ["--data-path", str(imdb_archive), "--experiments", "imdb_ngram,imdb_rnn", "--quick", "--device", "cpu",
            "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "out"), f"data.cache_dir={tmp_path}",
-           "data.min_freq=1"]
+           "data.min_freq=1", *REPORTS_OFF]  # the benchmark reads no report (nor compares them: comparable())
     imdb.main(cli)
     results = json.loads((tmp_path / "out" / "imdb_cpu_quick.json").read_text())
     assert [r["experiment"] for r in results] == ["imdb_ngram", "imdb_rnn"]

@@ -57,6 +57,7 @@ train_main()
 """
 
 
+@pytest.mark.slow
 def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one(tiny_text, tmp_path):
     overrides = tiny_overrides("lstm", tiny_text)
     run, marker = tmp_path / "run", tmp_path / "writing"

@@ -18,7 +18,7 @@ from seqexp.train import train
 from tests.helpers import imdb_overrides, make_cfg
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not "module": xdist interleaves modules, which sets that up again
 def members(imdb_archive, tmp_path_factory) -> dict:
     """Two different models, different vocabularies and truncation, trained in a sweep-like dir."""
     root = tmp_path_factory.mktemp("sweep")

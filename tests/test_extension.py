@@ -15,13 +15,13 @@ import pytest
 from seqexp import trust
 from seqexp.commands import evaluate, predict
 from seqexp.train import train
-from tests.helpers import SEARCH, STOP, TOTAL, assert_same_training, make_cfg, resume_run, run_until_signal
+from tests.helpers import REPORTS_OFF, SEARCH, STOP, TOTAL, assert_same_training, make_cfg, resume_run, run_until_signal
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TRAINER = [f"trainer.max_steps={TOTAL}", "trainer.eval_every=10", "trainer.checkpoint_every=10",
            "trainer.log_every=3", "trainer.progress=false", "trainer.device=cpu", "scheduler.warmup_steps=2",
-           "logging.sample.chars=20"]
+           *REPORTS_OFF, "logging.sample.chars=20"]  # the sample: a model from outside generates text
 
 
 def overrides(task: str, request, *extra: str) -> list[str]:
@@ -75,7 +75,7 @@ def test_a_dataset_found_through_the_search_path_runs_end_to_end(tmp_path, capsy
     metrics = train(make_cfg(SEARCH, "data=presence", "model=lstm", "model.hidden_size=32", "model.embed_dim=16",
                              "model.pooling=max", "optimizer.lr=0.01", "trainer.max_steps=120",
                              "trainer.eval_every=40", "trainer.progress=false", "trainer.device=cpu",
-                             "scheduler.warmup_steps=5"), run)
+                             "scheduler.warmup_steps=5", *REPORTS_OFF), run)
     assert metrics["best"]["val/acc"] > 0.9  # it learned to find the token
     assert metrics["test"]["test/acc"] > 0.9  # the task evaluated the dataset's test split
     assert evaluated(run, tmp_path, capsys, monkeypatch)["val/acc"] == metrics["best"]["val/acc"]

@@ -175,7 +175,7 @@ def lab(*extra: str) -> list[str]:
 def test_a_run_logs_the_picture_and_scalars_at_each_evaluation(tmp_path: Path, tiny_text):
     runs = {"lab": (tmp_path / "lab", lab("model=attention", "model.d_model=16", "model.n_heads=2",
                                           "model.n_layers=1", "logging.attention_maps.enabled=false")),
-            "lm": (tmp_path / "lm", tiny_overrides("lstm", tiny_text, "logging.sample.chars=0"))}
+            "lm": (tmp_path / "lm", tiny_overrides("lstm", tiny_text, "logging.gradient_distance.enabled=true"))}
     for name, (run, overrides) in runs.items():
         train(make_cfg(*overrides), run)
         events = EventAccumulator(str(run), size_guidance={"images": 0, "scalars": 0}).Reload()

@@ -141,7 +141,7 @@ def server(archive):
             pass
 
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    threading.Thread(target=httpd.serve_forever, args=(0.01,), daemon=True).start()  # shutdown() waits a poll
     yield f"http://127.0.0.1:{httpd.server_address[1]}", hashlib.sha256(payload).hexdigest()
     httpd.shutdown()
     httpd.server_close()
@@ -335,7 +335,7 @@ def test_padding_invariance_through_the_pipeline(name, archive, tmp_path):
 @pytest.mark.parametrize("name", ["rnn", "lstm", "gru", "attention", "ngram"])
 def test_end_to_end_run_tests_the_best_checkpoint(name, archive, tmp_path):
     run = tmp_path / "run"
-    metrics = train(make_cfg(*imdb_overrides(name, archive, tmp_path / "cache")), run)
+    metrics = train(make_cfg(*imdb_overrides(name, archive, tmp_path / "cache", "logging.confusion.enabled=true")), run)
     saved = json.loads((run / "metrics.json").read_text())
     assert saved["status"] == "finished" and saved["task"] == "classify" and saved["steps"] == 12
     test = saved["test"]

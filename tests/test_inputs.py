@@ -39,6 +39,7 @@ PREPARE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_concurrent_runs_on_an_empty_cache_tokenize_once(imdb_archive, tmp_path):
     cache, go = tmp_path / "cache", tmp_path / "go"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
@@ -69,6 +70,7 @@ TORCHRUN = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_under_torchrun_the_local_main_process_prepares_first(imdb_archive, tmp_path):
     script, cache = tmp_path / "prepare.py", tmp_path / "cache"
     script.write_text(TORCHRUN)

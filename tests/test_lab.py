@@ -21,7 +21,8 @@ from seqexp.config import CONFIG_DIR, validate
 from seqexp.errors import UserError
 from seqexp.tasks.base import IGNORE
 from seqexp.train import train
-from tests.helpers import STOP, TOTAL, assert_same_training, lm_capable, make_cfg, resume_run, run_until_signal
+from tests.helpers import (REPORTS_OFF, STOP, TOTAL, assert_same_training, lm_capable, make_cfg, resume_run,
+                           run_until_signal)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -214,7 +215,8 @@ def lab_overrides(*extra: str) -> list[str]:
     return ["data=recall", "data.length=24", "data.num_pairs=4", "data.fresh=true", "data.eval_lengths=[32]",
             *SMALL, "model=lstm", "model.hidden_size=16", "model.embed_dim=8", "model.dropout=0.2",
             "model.num_layers=2", f"trainer.max_steps={TOTAL}", "trainer.eval_every=10", "trainer.checkpoint_every=10",
-            "trainer.log_every=3", "trainer.progress=false", "trainer.device=cpu", "scheduler.warmup_steps=2", *extra]
+            "trainer.log_every=3", "trainer.progress=false", "trainer.device=cpu", "scheduler.warmup_steps=2",
+            *REPORTS_OFF, *extra]
 
 
 def test_resume_is_exact_on_a_lab_task(tmp_path: Path):

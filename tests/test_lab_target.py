@@ -24,6 +24,7 @@ TINY_RECALL = ["data=recall", "data.length=16", "data.num_pairs=4", "data.alphab
                "logging.tensorboard=false"]
 
 
+@pytest.mark.slow  # trains to the target: hundreds of steps
 def test_attention_with_a_convolution_solves_tiny_recall_and_stops_at_the_target(tmp_path):
     m = train(make_cfg(*TINY_RECALL, "model.conv_kernel=4"), tmp_path / "run")
     target = m["target"]
@@ -32,6 +33,7 @@ def test_attention_with_a_convolution_solves_tiny_recall_and_stops_at_the_target
     assert m["best"]["val/exact"] >= 0.99 and m["test"]["test/exact"] >= 0.95
 
 
+@pytest.mark.slow  # the whole budget: 600 steps
 def test_without_the_convolution_the_same_budget_is_not_enough(tmp_path):
     m = train(make_cfg(*TINY_RECALL), tmp_path / "run")
     assert not m["target"]["reached"] and m["steps"] == 600 and m["best"]["val/exact"] < 0.5

@@ -101,7 +101,7 @@ for run in sys.argv[1:]:
 """
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not "module": xdist interleaves modules, which sets that up again
 def samples(tmp_path_factory) -> dict[tuple[str, str], str]:
     """{(run, tag): stdout} of `seqexp-sample` on every language model: one process for all, as
     the command writes to the stdout it was imported with (no capsys in-process)."""
@@ -120,6 +120,7 @@ def samples(tmp_path_factory) -> dict[tuple[str, str], str]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", LM)
 def test_sample_from_a_legacy_language_model(name, samples, tmp_path):
     text = samples[name, "seeded"]

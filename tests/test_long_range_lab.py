@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.test_benchmarks import load, run
 
 lr = load("long_range")
 
 
+@pytest.mark.slow
 def test_a_quick_slice_records_every_cell_draws_the_pictures_and_renders_again(tmp_path, capsys, one_thread):
     out = tmp_path / "out"
     cli = ["--quick", "--models", "lstm,ngram", "--tasks", "copy,recall,induction,adding", "--device", "cpu",

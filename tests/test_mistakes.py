@@ -78,22 +78,70 @@ def test_a_new_run_into_a_run_directory_is_refused_and_overwrite_moves_the_old_r
 
 
 # ----------------------------------------------------------------------------- 2. two at once
+# The trials' processes: each trial forks two children at the same instant from one driver
+# process that imported seqexp (and torch, and torch._dynamo, which building an optimizer
+# imports) once. The children are real processes -- their own file descriptors, flock locks and
+# exit statuses, the interpreter's exit (atexit) at the end -- that race from the same
+# millisecond; each costs its run, not the ~3 s of imports a fresh interpreter pays.
+RACE = r"""
+import atexit, json, os, sys, traceback
+import torch._dynamo  # noqa: F401
+from seqexp.cli import train_main
+
+
+def child(argv, err):
+    os.dup2(os.open(err, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), 2)
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+    sys.argv = ["train.py", *argv]
+    code = 0
+    try:
+        train_main()
+    except SystemExit as e:  # as the interpreter exits on it
+        code = e.code if isinstance(e.code, int) else 0 if e.code is None else (print(e.code, file=sys.stderr), 1)[1]
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+trials, out = json.loads(sys.argv[1]), sys.argv[2]
+codes = []
+for i, pair in enumerate(trials):
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pids = []
+    for j, argv in enumerate(pair):
+        pid = os.fork()
+        if pid == 0:
+            child(argv, f"{out}/err_{i}_{j}")
+        pids.append(pid)
+    codes.append([os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids])
+print(json.dumps(codes))
+"""
+
+
 @pytest.mark.slow
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="the trials' processes are forked")
 def test_of_two_runs_started_at_once_into_one_new_directory_the_refused_one_writes_nothing(tiny_text, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
-    for trial in range(10):
-        run = tmp_path / f"run{trial}"
-        procs = [subprocess.Popen([sys.executable, str(ROOT / "scripts" / "train.py"),
-                                   *quick(tiny_text, "trainer.max_steps=2", f"optimizer.lr={lr}"),
-                                   f"hydra.run.dir={run}"], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.PIPE, text=True) for lr in ("0.001", "0.002")]
-        results = [(p.wait(timeout=120), p.stderr.read()) for p in procs]
-        codes = sorted(code for code, _ in results)
-        assert codes == [0, 2], results
-        lr = ("0.001", "0.002")[[code for code, _ in results].index(0)]
+    lrs = ("0.001", "0.002")
+    # the cheapest run that writes a run directory: one step, no events, no reports
+    trials = [[[*quick(tiny_text, "trainer.max_steps=1", "trainer.eval_every=1", "trainer.checkpoint_every=1",
+                       "logging.tensorboard=false", f"optimizer.lr={lr}"), f"hydra.run.dir={tmp_path / f'run{trial}'}"]
+               for lr in lrs] for trial in range(10)]
+    r = subprocess.run([sys.executable, "-c", RACE, json.dumps(trials), str(tmp_path)], env=env, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for trial, codes in enumerate(json.loads(r.stdout.splitlines()[-1])):
+        errs = [(tmp_path / f"err_{trial}_{j}").read_text() for j in range(2)]
+        assert sorted(codes) == [0, 2], (trial, codes, errs)
+        lr = lrs[codes.index(0)]
         # the survivor's own config, whichever started first
-        assert f"lr: {lr}" in RunDir(run).config.read_text(), trial
-        refusal = next(err for code, err in results if code == 2)
+        assert f"lr: {lr}" in RunDir(tmp_path / f"run{trial}").config.read_text(), trial
+        refusal = errs[codes.index(2)]
         assert "in use by another run" in refusal or "holds a run already" in refusal, refusal
 
 

@@ -14,14 +14,14 @@ from seqexp import trust
 from seqexp.commands import ensemble, evaluate
 from seqexp.errors import UserError
 from seqexp.train import train
-from tests.helpers import SEARCH, assert_same_training, make_cfg, resume_run, run_until_signal
+from tests.helpers import REPORTS_OFF, SEARCH, assert_same_training, make_cfg, resume_run, run_until_signal
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 RUN = [SEARCH, "data=count", "model=lstm", "model.hidden_size=32", "model.embed_dim=16", "model.pooling=mean",
        "optimizer.lr=0.01", "trainer.max_steps=120", "trainer.eval_every=40", "trainer.checkpoint_every=40",
        "trainer.log_every=5", "trainer.progress=false", "trainer.device=cpu", "scheduler.warmup_steps=5",
-       "logging.gradient_distance.enabled=false"]
+       *REPORTS_OFF]
 
 
 def test_a_task_from_outside_trains_is_monitored_on_its_own_metric_and_is_evaluated(tmp_path, capsys, monkeypatch):

@@ -5,8 +5,6 @@ the line every run ends with, and a run path that is not quite right."""
 from __future__ import annotations
 
 import logging
-import os
-import subprocess
 import sys
 
 import pytest
@@ -19,19 +17,25 @@ from seqexp.overrides import parse
 from seqexp.record import closing_line
 from seqexp.resume import nearest_runs, resolve
 from seqexp.train import train
-from tests.helpers import ROOT, make_cfg, tiny_overrides
+from tests.helpers import make_cfg, tiny_overrides
 
 
-def script(*args: str, cwd) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), *args], capture_output=True,
-                          text=True, timeout=120, cwd=cwd, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+def script(cli, capsys, monkeypatch, *args: str, cwd) -> tuple[int, str]:
+    """The command in-process (the `cli` fixture), started in `cwd`: (its exit status, its stderr).
+    (Exit statuses of the real process: tests/test_config.py, tests/test_trust.py.)"""
+    monkeypatch.chdir(cwd)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        cli(*args)
+    return e.value.code, capsys.readouterr().err
 
 
 @pytest.mark.parametrize("arg", ["seed=3", "+seed=3", "++seed=3"])
-def test_a_top_level_key_that_is_not_one_is_refused_with_the_key_it_probably_is(arg, tmp_path):
-    r = script(arg, cwd=tmp_path)
-    assert r.returncode == 2, r.stderr
-    assert r.stderr.strip() == "error: 'seed' is not a top-level config key. Did you mean trainer.seed?"
+def test_a_top_level_key_that_is_not_one_is_refused_with_the_key_it_probably_is(arg, tmp_path, cli, capsys,
+                                                                                 monkeypatch):
+    code, err = script(cli, capsys, monkeypatch, arg, cwd=tmp_path)
+    assert code == 2, err
+    assert err.strip() == "error: 'seed' is not a top-level config key. Did you mean trainer.seed?"
     assert list(tmp_path.iterdir()) == []  # refused before Hydra made a run directory
 
 
@@ -52,11 +56,11 @@ def test_keys_outside_the_schema_are_refused_after_composition_too():
 
 @pytest.mark.parametrize("arg,closest", [("model=transformer", "model=attention"), ("model=lstn", "model=lstm"),
                                          ("data=imdbb", "data=imdb")])
-def test_a_missing_group_choice_is_one_line_with_the_closest(arg, closest, tmp_path):
-    r = script(arg, cwd=tmp_path)
-    assert r.returncode == 2
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].endswith(f"did you mean {closest}?"), r.stderr
+def test_a_missing_group_choice_is_one_line_with_the_closest(arg, closest, tmp_path, cli, capsys, monkeypatch):
+    code, err = script(cli, capsys, monkeypatch, arg, cwd=tmp_path)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].endswith(f"did you mean {closest}?"), err
     assert "Choices: " in lines[0] and closest.partition("=")[2] + "," in lines[0]
 
 

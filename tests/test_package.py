@@ -19,34 +19,39 @@ import pytest
 
 from tests.helpers import ROOT
 
+pytestmark = pytest.mark.slow  # a wheel built and installed, and its commands run in their own processes
+
 CONFIGS = ROOT / "src" / "seqexp" / "configs"
 TINY_RUN = ["trainer.max_steps=2", "trainer.eval_every=2", "trainer.device=cpu", "trainer.progress=false",
             "data.max_chars=20000", "data.batch_size=4", "data.seq_len=16",
             "model.hidden_size=16", "model.embed_dim=8", "logging.sample.chars=10"]
 
 
-# In one process (torch is imported once): where seqexp and its configs are imported from, and
-# each console script of the installed distribution, loaded from its entry point, run with --help.
-CONSOLE_SCRIPTS = """
+# In one process (torch is imported once): where seqexp and its configs are imported from, the
+# distribution's console scripts, and calls of them, each loaded from its entry point and called
+# with its arguments (sys.argv[2]: JSON [[name, argv], ...]); each call's exit status and output.
+ENTRY_POINTS = """
 import contextlib, importlib.resources, io, json, sys
 from importlib.metadata import PathDistribution
 from pathlib import Path
 import seqexp
 
 (info,) = Path(sys.argv[1]).glob("seqexp-*.dist-info")
-usage = {}
-for ep in PathDistribution(info).entry_points.select(group="console_scripts"):
-    sys.argv = [ep.name, "--help"]
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
+scripts = {ep.name: ep for ep in PathDistribution(info).entry_points.select(group="console_scripts")}
+calls = []
+for name, argv in json.loads(sys.argv[2]):
+    sys.argv = [name, *argv]
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            ep.load()()
+            scripts[name].load()()
         except SystemExit as e:
-            assert not e.code, (ep.name, e.code)
-    usage[ep.name] = out.getvalue()
+            code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+    calls.append({"code": code, "out": out.getvalue(), "err": err.getvalue()})
 print(json.dumps({"module": seqexp.__file__, "configs": str(importlib.resources.files("seqexp.configs")),
-                  "usage": usage}))
+                  "scripts": sorted(scripts), "calls": calls}))
 """
+SCRIPTS = ["seqexp-ensemble", "seqexp-evaluate", "seqexp-predict", "seqexp-sample", "seqexp-train"]
 
 
 def pip(*args: str, cwd: Path) -> None:
@@ -54,7 +59,7 @@ def pip(*args: str, cwd: Path) -> None:
                    cwd=cwd, check=True)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not "module": xdist interleaves modules, which sets that up again
 def installed(tmp_path_factory) -> tuple[Path, Path]:
     """(the wheel, the directory it is installed in)."""
     tmp = tmp_path_factory.mktemp("package")
@@ -86,30 +91,37 @@ def test_wheel_holds_every_config_file(installed):
     assert shipped <= names, f"not in the wheel: {sorted(shipped - names)}"
 
 
+def entry_points(site: Path, cwd: Path, *calls: tuple[str, list[str]]) -> tuple[dict, list[dict]]:
+    """ENTRY_POINTS in one process with only the installed package on PYTHONPATH."""
+    r = run(site, cwd, sys.executable, "-c", ENTRY_POINTS, str(site), json.dumps(calls))
+    assert r.returncode == 0, r.stderr[-3000:]
+    found = json.loads(r.stdout.splitlines()[-1])
+    return found, found["calls"]
+
+
 def test_installed_seqexp_trains_and_runs_its_commands_anywhere(installed, tmp_path):
     _, site = installed
-    console = run(site, tmp_path, sys.executable, "-c", CONSOLE_SCRIPTS, str(site))
-    assert console.returncode == 0, console.stderr[-3000:]
-    found = json.loads(console.stdout.splitlines()[-1])
-    assert Path(found["module"]).is_relative_to(site), found["module"]  # not the editable src/
-    assert Path(found["configs"]).is_relative_to(site), found["configs"]
-    usage = found["usage"]
-    assert set(usage) == {"seqexp-train", "seqexp-evaluate", "seqexp-sample", "seqexp-predict", "seqexp-ensemble"}
-    for name, text in usage.items():
-        assert text.startswith(name if name != "seqexp-train" else "seqexp is powered by Hydra"), (name, text)
-    groups = usage["seqexp-train"].split("== Configuration groups ==")[1].split("== Config ==")[0]
-    assert "model: " in groups and "schema" not in groups, groups  # read from the installed package
-
-    train = run(site, tmp_path, str(site / "bin" / "seqexp-train"), *TINY_RUN)
+    train = run(site, tmp_path, str(site / "bin" / "seqexp-train"), *TINY_RUN)  # the installed script
     assert train.returncode == 0, train.stderr[-3000:]
     (metrics,) = tmp_path.glob("outputs/*/*/metrics.json")  # the run dir is under the cwd
     run_dir = metrics.parent
     assert json.loads(metrics.read_text())["steps"] == 2
     assert (run_dir / "seqexp.log").is_file() and (run_dir / "checkpoints" / "best.pt").is_file()
 
-    evaluate = run(site, tmp_path, str(site / "bin" / "seqexp-evaluate"), str(run_dir))
-    assert evaluate.returncode == 0, evaluate.stderr[-3000:]
+    # every console script with --help, then seqexp-evaluate on the run, in one process
+    found, (*calls, evaluate) = entry_points(site, tmp_path, *((name, ["--help"]) for name in SCRIPTS),
+                                             ("seqexp-evaluate", [str(run_dir)]))
+    assert evaluate["code"] == 0, evaluate
     assert (run_dir / "eval_val_best.json").is_file()
+    assert Path(found["module"]).is_relative_to(site), found["module"]  # not the editable src/
+    assert Path(found["configs"]).is_relative_to(site), found["configs"]
+    assert found["scripts"] == SCRIPTS
+    usage = {name: call["out"] for name, call in zip(SCRIPTS, calls)}
+    for name, call in zip(SCRIPTS, calls):
+        assert not call["code"], (name, call)
+        assert call["out"].startswith(name if name != "seqexp-train" else "seqexp is powered by Hydra"), (name, call)
+    groups = usage["seqexp-train"].split("== Configuration groups ==")[1].split("== Config ==")[0]
+    assert "model: " in groups and "schema" not in groups, groups  # read from the installed package
 
 
 def test_a_family_added_inside_an_installed_copy_is_one_module_and_one_yaml(installed, tmp_path):
@@ -130,8 +142,11 @@ def test_a_family_added_inside_an_installed_copy_is_one_module_and_one_yaml(inst
     assert train.returncode == 0, train.stderr[-3000:]
     saved = json.loads((run_dir / "metrics.json").read_text())
     assert saved["status"] == "finished" and saved["num_params"] > 0
-    typo = run(site, work, str(site / "bin" / "seqexp-train"), "model=conv", "model.dimm=3")
-    assert typo.returncode == 2 and "model.dim" in typo.stderr  # its keys come from its constructor
-    for command in (["seqexp-evaluate", str(run_dir)], ["seqexp-sample", str(run_dir), "length=5"]):
-        done = run(site, work, str(site / "bin" / command[0]), *command[1:])  # no SEQEXP_TRUST: it ships
-        assert done.returncode == 0, (command, done.stderr[-3000:])
+    # the rest through the same entry points, in one process (no SEQEXP_TRUST: it ships)
+    _, (typo, evaluate, sample) = entry_points(site, work, ("seqexp-train", ["model=conv", "model.dimm=3"]),
+                                               ("seqexp-evaluate", [str(run_dir)]),
+                                               ("seqexp-sample", [str(run_dir), "length=5"]))
+    assert typo["code"] == 2 and "model.dim" in typo["err"], typo  # its keys come from its constructor
+    for done in (evaluate, sample):
+        assert done["code"] == 0, done
+    assert (run_dir / "eval_val_best.json").is_file()

@@ -27,7 +27,9 @@ def command(*args: str) -> list[str]:
     return [sys.executable, str(ROOT / "scripts" / "train.py"), *args]
 
 
-def test_sigterm_saves_and_resume_continues_exactly(tiny_text, tmp_path):
+@pytest.mark.slow
+def test_sigterm_saves_and_resume_continues_exactly(tiny_text, tmp_path, cli, monkeypatch):
+    """The signal to a real process; the resume is the command's (in-process: the `cli` fixture)."""
     # constant lr: the schedule does not depend on max_steps, which the resume sets
     overrides = tiny_overrides("lstm", tiny_text, "scheduler=constant", "trainer.eval_every=100000",
                                "trainer.checkpoint_every=5", "trainer.log_every=5")
@@ -45,9 +47,8 @@ def test_sigterm_saves_and_resume_continues_exactly(tiny_text, tmp_path):
     assert json.loads((run / "metrics.json").read_text())["status"] == "preempted"
 
     hydra_config = (run / ".hydra" / "config.yaml").read_bytes()
-    r = subprocess.run(command(f"resume={run}", f"trainer.max_steps={step + 7}"), cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    monkeypatch.chdir(tmp_path)
+    cli(f"resume={run}", f"trainer.max_steps={step + 7}")  # one thread, as the process had (conftest.py)
     assert (run / ".hydra" / "config.yaml").read_bytes() == hydra_config  # the run's own config stays
     assert not (tmp_path / "outputs").exists()  # no new run directory
 
@@ -76,6 +77,7 @@ def children(pid: int) -> list[tuple[int, str]]:
     return found
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the job process through /proc")
 def test_submitit_signal_saves_then_submitit_requeues_and_the_job_resumes_exactly(tiny_text, tmp_path):
     """hydra/launcher=local: submitit's local executor, whose job process runs submitit's own
@@ -118,6 +120,7 @@ def test_submitit_signal_saves_then_submitit_requeues_and_the_job_resumes_exactl
     assert_same_training(straight, job)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="forwarding reads /proc")
 def test_the_sweep_process_forwards_a_stop_only_to_children_that_listen():
     from seqexp.preempt import FORWARD, forward_to_jobs

@@ -35,7 +35,7 @@ model: {{hidden_size: 16, embed_dim: 8}}
 data: {{path: {text}, batch_size: 4, seq_len: 16}}
 trainer: {{max_steps: 8, eval_every: 4, checkpoint_every: 4, log_every: 2, progress: false, device: cpu}}
 scheduler: {{warmup_steps: 2}}
-logging: {{sample: {{chars: 0}}}}
+logging: {{sample: {{chars: 0}}, gradient_distance: {{enabled: false}}}}  # no report is tested here
 """
 # Jobs that are still training when a test signals them: last.pt every 5 steps, and hundreds of
 # steps (about 3 ms each) after it. A re-run finishes them with the same config.
@@ -44,7 +44,7 @@ LONG = TINY.replace("max_steps: 8, eval_every: 4, checkpoint_every: 4, log_every
 MISSING = "/nonexistent/corpus.txt"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not "module": xdist interleaves modules, which sets that up again
 def conf_dir(tmp_path_factory, tiny_text) -> Path:
     d = tmp_path_factory.mktemp("conf")
     (d / "experiment").mkdir()
@@ -111,7 +111,7 @@ def check_summary(sweep_dir: Path, jobs: list[Path]) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- basic launcher
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not "module": xdist interleaves modules, which sets that up again
 def basic_sweep(conf_dir, tmp_path_factory):
     sweep = tmp_path_factory.mktemp("basic") / "sweep"
     r = multirun(conf_dir, sweep, "model=rnn,gru", "optimizer.lr=1e-3,3e-3")
@@ -119,6 +119,7 @@ def basic_sweep(conf_dir, tmp_path_factory):
     return sweep
 
 
+@pytest.mark.slow
 def test_basic_sweep_gives_each_job_a_directory_a_row_and_hparams(basic_sweep):
     jobs = job_dirs(basic_sweep)
     assert [j.name for j in jobs] == ["0_model=rnn,optimizer.lr=0.001", "1_model=rnn,optimizer.lr=0.003",
@@ -149,6 +150,7 @@ def http(url: str, body: dict | None = None):
         return json.loads(resp.read())
 
 
+@pytest.mark.slow
 def test_tensorboard_serves_every_jobs_scalars_and_hparams(basic_sweep, tmp_path):
     exe = shutil.which("tensorboard", path=str(Path(sys.executable).parent))
     cmd = [exe] if exe else [sys.executable, "-m", "tensorboard.main"]
@@ -199,6 +201,7 @@ def test_tensorboard_serves_every_jobs_scalars_and_hparams(basic_sweep, tmp_path
         log.close()
 
 
+@pytest.mark.slow
 def test_rerun_skips_finished_jobs_and_continues_an_unfinished_one(basic_sweep, conf_dir):
     jobs = job_dirs(basic_sweep)
     before = {j.name: (j / "metrics.json").stat().st_mtime_ns for j in jobs}
@@ -224,7 +227,7 @@ def test_rerun_skips_finished_jobs_and_continues_an_unfinished_one(basic_sweep, 
 
 
 # ----------------------------------------------------------------------------- joblib, failures
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not "module": xdist interleaves modules, which sets that up again
 def joblib_sweep(conf_dir, tiny_text, tmp_path_factory):
     """2 x 2 on two worker processes; one data.path does not exist, so two jobs fail."""
     sweep = tmp_path_factory.mktemp("joblib") / "sweep"
@@ -235,6 +238,7 @@ def joblib_sweep(conf_dir, tiny_text, tmp_path_factory):
     return sweep
 
 
+@pytest.mark.slow
 def test_joblib_sweep_records_failed_jobs_and_runs_the_others(joblib_sweep):
     jobs = job_dirs(joblib_sweep)
     assert len(jobs) == 4  # `/` in data.path did not nest directories
@@ -254,6 +258,7 @@ def test_joblib_sweep_records_failed_jobs_and_runs_the_others(joblib_sweep):
     assert [r["status"] for r in summary_rows(joblib_sweep)][-2:] == ["failed", "failed"]  # no objective: last
 
 
+@pytest.mark.slow
 def test_rerun_retries_failed_jobs_only(joblib_sweep, conf_dir, tiny_text):
     r = multirun(conf_dir, joblib_sweep, f"data.path={tiny_text},{MISSING}", "optimizer.lr=1e-3,3e-3")
     assert r.returncode == 2, r.stderr[-3000:]  # they failed again
@@ -263,6 +268,7 @@ def test_rerun_retries_failed_jobs_only(joblib_sweep, conf_dir, tiny_text):
     assert [r["status"] for r in summary_rows(joblib_sweep)] == ["finished", "finished", "failed", "failed"]
 
 
+@pytest.mark.slow
 def test_fail_fast_stops_the_sweep_at_the_first_failure(conf_dir, tiny_text, tmp_path):
     sweep = tmp_path / "sweep"
     r = multirun(conf_dir, sweep, "model=rnn", f"data.path={MISSING},{tiny_text}", "sweep.fail_fast=true")
@@ -359,6 +365,7 @@ def check_interrupted(sweep_dir: Path, jobs: list[Path], err: str) -> None:
     assert f"({len(jobs)} interrupted)" in (sweep_dir / "summary.md").read_text()
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_a_sweep_after_saving_and_a_rerun_continues_it(conf_dir, tmp_path):
     sweep = tmp_path / "sweep"
     # a terminal's Ctrl-C: SIGINT to every process of the foreground process group
@@ -381,6 +388,7 @@ def test_ctrl_c_stops_a_sweep_after_saving_and_a_rerun_continues_it(conf_dir, tm
     assert [r["status"] for r in summary_rows(sweep)] == ["finished", "finished"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["sigterm-to-sweep", "ctrl-c"])
 def test_a_signal_stops_a_joblib_sweep_in_its_workers(conf_dir, tmp_path, how):
     """SIGTERM to the sweep process alone reaches the workers through it (preempt.FORWARD); Ctrl-C
@@ -418,6 +426,7 @@ def test_a_job_that_starts_after_the_sweep_was_stopped_does_not_run(tiny_text, t
 
 
 # ----------------------------------------------------------------------------- Optuna
+@pytest.mark.slow
 def test_optuna_search_of_three_trials_reports_its_best(conf_dir, tmp_path):
     sweep = tmp_path / "sweep"
     r = multirun(conf_dir, sweep, "hparams_search=char_optuna", "hydra.sweeper.n_trials=3",

@@ -23,14 +23,25 @@ from seqexp.update import Update
 from tests.helpers import ROOT, make_cfg, poison_loss_at, tiny_overrides
 
 
-@pytest.mark.parametrize("model", ["rnn", "lstm", "gru", "attention"])
-def test_train_script_writes_checkpoints_metrics_and_events(model, tiny_text, tmp_path):
+@pytest.mark.parametrize("model,process", [("rnn", False), ("gru", False), ("attention", False),
+                                           pytest.param("lstm", True, marks=pytest.mark.slow)],
+                         ids=["rnn", "gru", "attention", "lstm-script"])
+def test_train_script_writes_checkpoints_metrics_and_events(model, process, tiny_text, tmp_path, cli, capsys,
+                                                           monkeypatch):
+    """The command line in-process (the `cli` fixture); for one model, scripts/train.py in its own
+    process, as a user runs it."""
     run = tmp_path / "run"
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"),
-                        *tiny_overrides(model, tiny_text), f"hydra.run.dir={run}"],
-                       capture_output=True, text=True, cwd=tmp_path, timeout=180)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "--- sample at step 12 ---" in r.stdout
+    argv = [*tiny_overrides(model, tiny_text, "logging.sample.chars=20"), f"hydra.run.dir={run}"]
+    if process:
+        r = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), *argv],
+                           capture_output=True, text=True, cwd=tmp_path, timeout=180)
+        assert r.returncode == 0, r.stderr[-3000:]
+        out = r.stdout
+    else:
+        monkeypatch.chdir(tmp_path)
+        cli(*argv)
+        out = capsys.readouterr().out
+    assert "--- sample at step 12 ---" in out
     for name in ("checkpoints/last.pt", "checkpoints/best.pt", "metrics.json", ".hydra/config.yaml"):
         assert (run / name).is_file(), name
     metrics = json.loads((run / "metrics.json").read_text())

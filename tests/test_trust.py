@@ -39,7 +39,7 @@ class Payload:
         return (Path.touch, (self.marker,))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not "module": xdist interleaves modules, which sets that up again
 def runs(tiny_text, imdb_archive, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("trust")
     train(make_cfg(*tiny_overrides("lstm", tiny_text, "trainer.max_steps=2", "trainer.eval_every=2")), root / "lm")
@@ -139,6 +139,7 @@ def test_every_command_refuses_a_crafted_checkpoint_and_leaves_no_trace(attack, 
     assert sorted(p.name for p in watched.iterdir()) == [f"{EVIL_MODULE}.py", "victim.txt"]
 
 
+@pytest.mark.slow
 def test_the_scripts_refuse_with_one_line_and_exit_2(runs, watched, tmp_path):
     """The real entry points, as a user would run them on a downloaded run directory."""
     key, value = attacks(watched, runs["lm"])["nested in model"]

@@ -23,23 +23,31 @@ from seqexp.commands import evaluate, predict, sample
 from seqexp.inference import find_checkpoint, load_run, text_encoder
 from seqexp.sampling import generate
 from seqexp.train import train
-from tests.helpers import ROOT, TINY, make_cfg, tiny_overrides
+from tests.helpers import ROOT, TINY, built_once, make_cfg, tiny_overrides
 
 TRAINER = ["trainer.max_steps=12", "trainer.eval_every=6", "trainer.log_every=3", "trainer.progress=false",
            "trainer.device=cpu", "scheduler.warmup_steps=2"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not "module": xdist interleaves modules, which sets that up again
 def runs(tiny_text, tmp_path_factory) -> dict:
-    """Three short runs: a recurrent LM, an attention LM (with histograms), an attention classifier."""
-    root = tmp_path_factory.mktemp("runs")
-    train(make_cfg(*tiny_overrides("lstm", tiny_text)), root / "lstm")
-    train(make_cfg(*tiny_overrides("attention", tiny_text, "logging.histograms.enabled=true")), root / "attention")
+    """Three short runs: a recurrent LM (with the gradient-by-distance picture), an attention LM (with
+    its attention maps and histograms), an attention classifier (every report at its default).
+    The language models are trained once for the session (helpers.built_once: the tests only read
+    them); the classifier in each test process, which trusts its toy dataset (tests/toy_classify.py)
+    because it built it (seqexp/trust.py)."""
+    def build(root):
+        train(make_cfg(*tiny_overrides("lstm", tiny_text, "logging.gradient_distance.enabled=true")), root / "lstm")
+        train(make_cfg(*tiny_overrides("attention", tiny_text, "logging.attention_maps.enabled=true",
+                                       "logging.histograms.enabled=true")), root / "attention")
+
+    shared = built_once(tmp_path_factory, "use-runs", build)
     cfg = make_cfg(*TINY["attention"], *TRAINER)
     with open_dict(cfg):
         cfg.data = {"_target_": "tests.toy_classify.ToySentiment", "batch_size": 8}
-    train(cfg, root / "classifier")
-    return {name: root / name for name in ("lstm", "attention", "classifier")}
+    classifier = tmp_path_factory.mktemp("runs") / "classifier"
+    train(cfg, classifier)
+    return {"lstm": shared / "lstm", "attention": shared / "attention", "classifier": classifier}
 
 
 def metrics_json(run) -> dict:
@@ -72,9 +80,10 @@ def test_evaluate_reproduces_the_best_metrics(runs, name, tmp_path, capsys):
         assert "val/acc" in printed
     else:
         assert f"val/bpc     {best['val/bpc']:.4f}" in printed
-    # without out=, the JSON lands in the run directory
-    evaluate.main([str(runs[name] / "checkpoints" / "last.pt")])
-    assert (runs[name] / "eval_val_last.json").is_file()
+    # without out=, the JSON lands in the run directory (a copy: the runs are shared, only read)
+    run = shutil.copytree(runs[name], tmp_path / "run")
+    evaluate.main([str(run / "checkpoints" / "last.pt")])
+    assert (run / "eval_val_last.json").is_file()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -157,6 +166,7 @@ def test_sample_greedy_and_several_samples_from_an_attention_model(runs):
     assert greedy[0] == greedy[1]
 
 
+@pytest.mark.slow
 def test_sample_script_streams_to_stdout(runs):
     """The real entry point: a subprocess, as a user runs it."""
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "sample.py"), str(runs["lstm"]),
@@ -200,6 +210,7 @@ def test_predict_labels_texts_from_arguments_file_and_stdin(runs, tmp_path, caps
     assert capsys.readouterr().out.splitlines() == expected
 
 
+@pytest.mark.slow
 def test_predict_errors(runs, tmp_path, capsys):
     assert "is a language model; prediction needs a classifier" in exits_with(
         capsys, predict.main, [str(runs["lstm"]), "great"])
