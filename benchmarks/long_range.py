@@ -372,7 +372,7 @@ def main(cli: list[str] | None = None) -> None:
         merged = {**known, **{key(r): r for r in results}}
         tmp = a.json.with_suffix(".json.tmp")
         tmp.write_text(json.dumps({"grid": name, "run_as": run_as(a), "results": list(merged.values()),
-                                   "skipped": skipped}, indent=1))
+                                   "skipped": sorted({*saved.get("skipped", []), *skipped})}, indent=1))
         os.replace(tmp, a.json)
 
     results = train_all(cells, known, a, save)

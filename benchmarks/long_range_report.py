@@ -147,7 +147,7 @@ def plot_extrapolation(results: list[dict], extrapolate: tuple, path: Path, titl
             ax.plot(xs, [test_at(r, x)["exact"] for x in xs], marker="o" if r["solved"] else "x", label=m, **st)
             ax.axvline(r["length"], c="grey", lw=0.8)
     ax.set(xscale="log", xlabel="test length (trained at the grey line)", ylabel="test exact match",
-           ylim=(-0.05, 1.05), title=f"induction heads: length extrapolation (x: not solved at the training length)")
+           ylim=(-0.05, 1.05), title="induction heads: length extrapolation (x: not solved at the training length)")
     ax.set_xscale("log", base=2)
     ax.legend(fontsize=7, ncol=2)
     fig.suptitle(title, fontsize=9)

@@ -4,7 +4,6 @@ the command line in-process. Helpers that are not fixtures: tests/helpers.py."""
 from __future__ import annotations
 
 import logging
-import os
 import random
 import sys
 from pathlib import Path

@@ -28,7 +28,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from seqexp.checkpoint import read
-from seqexp.config import CONFIG_DIR
+from seqexp.configs import CONFIG_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("SEQEXP_SHARED_DATA", ROOT.parent / "shared" / "data"))

@@ -15,7 +15,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from seqexp.config import CONFIG_DIR
+from seqexp.configs import CONFIG_DIR
 from tests.helpers import REPORTS_OFF, ROOT, TINY
 
 

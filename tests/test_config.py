@@ -13,7 +13,8 @@ from omegaconf import OmegaConf, open_dict
 import torch
 
 from seqexp.build import build_optimizer, instantiate, locate
-from seqexp.config import CONFIG_DIR, validate
+from seqexp.configs import CONFIG_DIR
+from seqexp.config import validate
 from seqexp.errors import UserError
 from tests.helpers import EXTENSION, ROOT, SEARCH, lm_capable, make_cfg
 

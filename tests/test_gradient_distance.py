@@ -15,7 +15,8 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from seqexp.build import build_data, build_model
-from seqexp.config import CONFIG_DIR, validate
+from seqexp.configs import CONFIG_DIR
+from seqexp.config import validate
 from seqexp.errors import UserError
 from seqexp.gradients import add, by_distance, fixed_rows, input_gradient_norms, mean, measure
 from seqexp.models.attention import AttentionModel

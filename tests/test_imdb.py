@@ -18,7 +18,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import seqexp.data.imdb as imdb
 from seqexp.build import instantiate
 from seqexp.checkpoint import read as read_checkpoint
-from seqexp.config import CONFIG_DIR, validate
+from seqexp.configs import CONFIG_DIR
+from seqexp.config import validate
 from seqexp.data.imdb import VAL_BLOCK, ImdbData, encode_text, validation_split
 from seqexp.data.text import PAD, PAD_ID, UNK, UNK_ID, tokenize
 from seqexp.errors import UserError

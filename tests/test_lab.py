@@ -17,7 +17,8 @@ import torch
 
 from seqexp.build import build_data, build_model, locate
 from seqexp.commands import evaluate
-from seqexp.config import CONFIG_DIR, validate
+from seqexp.configs import CONFIG_DIR
+from seqexp.config import validate
 from seqexp.errors import UserError
 from seqexp.tasks.base import IGNORE
 from seqexp.train import train

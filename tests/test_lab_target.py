@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from seqexp.config import CONFIG_DIR
+from seqexp.configs import CONFIG_DIR
 from seqexp.train import train
 from tests.helpers import make_cfg
 

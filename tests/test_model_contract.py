@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from seqexp.build import instantiate, locate
-from seqexp.config import CONFIG_DIR
+from seqexp.configs import CONFIG_DIR
 from seqexp.errors import UserError
 from tests.helpers import EXTENSION, SEARCH, make_cfg
 

@@ -10,7 +10,8 @@ import sys
 import pytest
 
 from seqexp.cli import null_choices
-from seqexp.config import CONFIG_DIR, check_keys, did_you_mean
+from seqexp.configs import CONFIG_DIR
+from seqexp.config import check_keys, did_you_mean
 from seqexp.errors import UserError
 from seqexp.inference import find_checkpoint
 from seqexp.overrides import parse

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 
 from seqexp.build import build_model
-from seqexp.config import CONFIG_DIR, validate
+from seqexp.configs import CONFIG_DIR
+from seqexp.config import validate
 from seqexp.errors import UserError
 from tests.helpers import SEARCH, lm_capable, make_cfg
 

@@ -478,7 +478,7 @@ def test_two_sweeps_started_in_the_same_second_get_different_directories():
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from seqexp.config import CONFIG_DIR
+    from seqexp.configs import CONFIG_DIR
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):

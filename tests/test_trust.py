@@ -67,7 +67,7 @@ def snapshot(*dirs: Path) -> dict[str, bytes]:
 
 def attacks(d: Path, run: Path) -> dict[str, tuple[str, object]]:
     """name -> (dotted key to set in the saved config, value)."""
-    victim, marker = str(d / "victim.txt"), str(d / "unpickled")
+    victim = str(d / "victim.txt")
     payload = run / "payload.pkl"  # the second file of the run directory (written by `craft`)
     opener = {"_target_": "builtins.open", "file": victim, "mode": "w"}
     return {

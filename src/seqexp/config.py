@@ -20,7 +20,6 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from seqexp.build import RUNTIME, check_optimization, locate, parameters
-from seqexp.configs import CONFIG_DIR  # noqa: F401 (the commands' and the tests' way to it)
 from seqexp.data.base import Dataset
 from seqexp.errors import UserError
 from seqexp.models.base import SequenceModel
