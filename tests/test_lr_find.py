@@ -67,6 +67,7 @@ def test_stops_once_the_loss_diverges(tiny_text):
     (["--plot", "missing/dir/lr.png"], "does not exist"),
     (["model=transfomer"], "no such model"),
     (["resume=outputs/x"], "fresh weights"),
+    (["--steps", "many"], "--steps: invalid int value"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(args, message, tiny_text, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)

@@ -54,16 +54,25 @@ class RangeTest:
     diverged: bool  # stopped early: the loss diverged before max_lr
 
     @property
+    def begin(self) -> int:
+        """The first point read: SKIP_BEGIN in, when the curve is long enough for it."""
+        return SKIP_BEGIN if len(self.lrs) >= 2 * SKIP_BEGIN else 0
+
+    @property
+    def lowest(self) -> int:
+        """The index of the smoothed loss's minimum (from `begin` on: not a lucky first batch)."""
+        return self.begin + int(np.nanargmin(self.smoothed[self.begin:]))
+
+    @property
     def minimum(self) -> float:
         """The lr at the smoothed loss's minimum."""
-        return self.lrs[int(np.nanargmin(self.smoothed))]
+        return self.lrs[self.lowest]
 
     @property
     def suggestion(self) -> float:
         """The lr where the smoothed loss falls fastest against log(lr), before its minimum; with
         too few points for a slope, a tenth of the minimum's lr."""
-        end = int(np.nanargmin(self.smoothed)) + 1
-        begin = min(SKIP_BEGIN, max(end - 3, 0))
+        begin, end = self.begin, self.lowest + 1
         if end - begin < 3:
             return max(self.minimum / 10, self.min_lr)
         slope = np.gradient(np.asarray(self.smoothed[begin:end]), np.log(self.lrs[begin:end]))
@@ -72,7 +81,12 @@ class RangeTest:
     def lines(self) -> list[str]:
         stop = (f"stopped at lr {self.lrs[-1]:.3g}: the loss diverged" if self.diverged
                 else f"reached max_lr {self.max_lr:g}")
+        start, low = self.smoothed[self.begin], self.smoothed[self.lowest]
+        # a curve that barely fell (too few steps for the model to learn, too narrow a range) has
+        # no real steepest descent: the numbers below are then noise
         return [f"lr range test: {len(self.lrs)} steps from {self.min_lr:g}; {stop}",
+                f"smoothed loss: {start:.4g} at step {self.begin + 1}, lowest {low:.4g} "
+                f"({(low - start) / abs(start):+.1%}) at lr {self.minimum:.3g}",
                 f"suggested lr (steepest descent of the smoothed loss): {self.suggestion:.3g}",
                 f"a tenth of the lr at the smoothed loss's minimum ({self.minimum:.3g}): {self.minimum / 10:.3g}"]
 
@@ -174,9 +188,10 @@ def plot(result: RangeTest, path: str | Path) -> Path:
     ax.plot(result.lrs, result.smoothed, color="C0", label="smoothed loss")
     ax.axvline(result.suggestion, color="C3", ls="--", label=f"steepest descent {result.suggestion:.2g}")
     ax.axvline(result.minimum / 10, color="C2", ls=":", label=f"minimum / 10 {result.minimum / 10:.2g}")
-    finite = [s for s in result.smoothed if math.isfinite(s)]
+    finite = [v for v in result.losses + result.smoothed if math.isfinite(v)]
     # the diverging end would flatten the rest of the curve: clip the y axis above the start
-    ax.set_ylim(min(finite) - 0.05 * abs(min(finite)), max(finite[0], min(finite)) * 1.25 + 1e-9)
+    low, high = min(finite), max(result.smoothed[0], min(finite)) * 1.25 + 1e-9
+    ax.set_ylim(low - 0.05 * (high - low), high)
     ax.set(xscale="log", xlabel="learning rate", ylabel="training loss", title="learning-rate range test")
     ax.legend(fontsize=8)
     path = Path(path)

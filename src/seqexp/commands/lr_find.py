@@ -18,9 +18,13 @@ from pathlib import Path
 from seqexp.errors import UserError, user_errors
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2, as every seqexp command's mistakes
+        raise UserError(f"{message} (see --help).")
+
+
 def arguments(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="seqexp-lr-find", description=__doc__.split("\n\n")[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="seqexp-lr-find", add_help=False)
     p.add_argument("--steps", type=int, default=200, help="steps at most (default 200)")
     p.add_argument("--min-lr", type=float, default=1e-6, help="the first step's lr (default 1e-6)")
     p.add_argument("--max-lr", type=float, default=1.0, help="the last step's lr (default 1)")
@@ -29,18 +33,21 @@ def arguments(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--plot", default="lr_find.png", help="the plot's file (default lr_find.png, here)")
     p.add_argument("--version", action="store_true", help="print seqexp's version")
     p.add_argument("overrides", nargs="*", help="Hydra overrides, as for scripts/train.py")
+    if {"-h", "--help"} & set(argv):  # the docstring first, as every seqexp command's help
+        print(__doc__.strip() + "\n\n" + p.format_help().split("\n\n", 1)[1])
+        sys.exit(0)
     return p.parse_intermixed_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = arguments(sys.argv[1:] if argv is None else argv)
-    if args.version:
-        from seqexp.options import version_line
-
-        print(version_line())
-        return
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     with user_errors():
+        args = arguments(sys.argv[1:] if argv is None else argv)
+        if args.version:
+            from seqexp.options import version_line
+
+            print(version_line())
+            return
         from seqexp.cli import compose_train
 
         plot_path = Path(args.plot)
