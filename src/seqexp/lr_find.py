@@ -117,8 +117,6 @@ def range_test(cfg: DictConfig, *, steps: int = 200, min_lr: float = 1e-6, max_l
     validate(cfg)
     t = cfg.trainer
     device = pick_device(str(t.device))
-    if t.accumulate < 1:
-        raise UserError(f"trainer.accumulate must be at least 1, got {t.accumulate}.")
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(t.seed)
         data = data if data is not None else build_data(cfg.data, seed=t.seed)
