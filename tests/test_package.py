@@ -51,7 +51,7 @@ for name, argv in json.loads(sys.argv[2]):
 print(json.dumps({"module": seqexp.__file__, "configs": str(importlib.resources.files("seqexp.configs")),
                   "scripts": sorted(scripts), "calls": calls}))
 """
-SCRIPTS = ["seqexp-ensemble", "seqexp-evaluate", "seqexp-predict", "seqexp-sample", "seqexp-train"]
+SCRIPTS = ["seqexp-ensemble", "seqexp-evaluate", "seqexp-lr-find", "seqexp-predict", "seqexp-sample", "seqexp-train"]
 
 
 def pip(*args: str, cwd: Path) -> None:

@@ -230,12 +230,13 @@ def test_unknown_data_kind_has_no_text_encoder(runs):
 
 def test_console_scripts_are_installed_entry_points():
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert set(scripts) == {"seqexp-train", "seqexp-evaluate", "seqexp-sample", "seqexp-predict", "seqexp-ensemble"}
+    assert set(scripts) == {"seqexp-train", "seqexp-evaluate", "seqexp-sample", "seqexp-predict", "seqexp-ensemble",
+                            "seqexp-lr-find"}
     for name, target in scripts.items():
         module, func = target.split(":")
         assert callable(getattr(__import__(module, fromlist=[func]), func)), name
         if name != "seqexp-train":
-            assert (ROOT / "scripts" / f"{name.removeprefix('seqexp-')}.py").is_file()
+            assert (ROOT / "scripts" / f"{name.removeprefix('seqexp-').replace('-', '_')}.py").is_file()
 
 
 # ----------------------------------------------------------------------------- TensorBoard

@@ -160,6 +160,39 @@ def check_nested_keys(argv: list[str], parsed: list[Override]) -> None:
             raise UserError(f"'{o.key_or_group}' is not a key of '{parent}'.{hint} Its keys: {', '.join(keys)}.")
 
 
+def compose_train(argv: list[str]) -> DictConfig:
+    """The config `scripts/train.py ARGV` composes, after the same checks, for a command that uses
+    it without training (seqexp-lr-find): Hydra's compose API, no run, so nothing is written."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    parsed = parse(argv)
+    if parsed is not None:
+        check_top_level_keys(parsed)
+        argv = null_choices(argv, parsed)
+        parsed = parse(argv)
+        check_group_choices(parsed)
+        check_nested_keys(argv, parsed)
+        for o in parsed:
+            if o.is_sweep_override():
+                raise UserError(f"{o.input_line}: a sweep; give one value (this command composes one config).")
+            if o.key_or_group == "resume":
+                raise UserError(f"{o.input_line}: this command starts from fresh weights; give the run's overrides "
+                                f"instead of resume=.")
+    was = GlobalHydra.instance().is_initialized()
+    try:
+        with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+            cfg = compose("train", overrides=list(argv))
+    except Exception as e:  # Hydra's own refusal, in one line
+        reason = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise UserError(f"the overrides do not compose: {reason}") from None
+    finally:
+        if not was:
+            GlobalHydra.instance().clear()
+    check_keys(cfg)
+    return cfg
+
+
 # ----------------------------------------------------------------------------- the run
 @contextmanager
 def removed_if_unused(run_dir: Path):

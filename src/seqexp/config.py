@@ -93,6 +93,8 @@ class TrainerConfig:
     overwrite: bool = False
     nonfinite: NonFinite = NonFinite.stop
     progress: bool = True  # tqdm progress bars: training, and an evaluation that lasts (on a terminal)
+    # torch.profiler over steps 4-6: a trace in <run>/profile/ and the top operators logged (seqexp/profile.py)
+    profile: bool = False
 
 
 def logging_schema() -> type:

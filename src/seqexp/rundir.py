@@ -12,6 +12,7 @@ the trainer ask a `RunDir` for a path; nothing else spells out a file name of a 
       job.json                             a sweep's job: the config hash its results belong to
       .seqexp.lock                         held while a process writes the run (locks.py)
       eval_<split>_<checkpoint>.json       seqexp-evaluate's results
+      profile/<worker>.<time>.pt.trace.json  trainer.profile: a few steps' trace (profile.py)
 
 Imports no torch: `resume=` is resolved before torch loads.
 """
@@ -37,6 +38,7 @@ class RunDir:
     LOG = "seqexp.log"  # hydra.job.name (configs/train.yaml) + .log
     LOCK = ".seqexp.lock"
     JOB = "job.json"
+    PROFILE = "profile"
     EVENTS = "events.out.tfevents.*"
     # what a run writes: a directory holding any of these holds a run
     MARKS = (METRICS, CHECKPOINTS, HYDRA)
@@ -84,6 +86,11 @@ class RunDir:
     @property
     def job(self) -> Path:
         return self.path / self.JOB
+
+    @property
+    def profile(self) -> Path:
+        """trainer.profile's folder: the trace TensorBoard's profiler plugin and Perfetto read."""
+        return self.path / self.PROFILE
 
     def step_checkpoint(self, step: int) -> Path:
         return self.checkpoints / f"step_{step:06d}.pt"

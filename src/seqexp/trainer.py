@@ -42,6 +42,7 @@ from seqexp.guard import NonFiniteGuard
 from seqexp.monitor import Monitor, metric_and_mode
 from seqexp.plan import Estimate
 from seqexp.preempt import Preempted
+from seqexp.profile import profiling
 from seqexp.record import Progress, RunRecord
 from seqexp.reports.base import Context, Reports
 from seqexp.rundir import RunDir
@@ -73,6 +74,8 @@ class Trainer:
                                     optimizer=optimizer, logger=logger, last_good=lambda: self.run_dir.last)
         self.update = Update(cfg, model=model, optimizer=optimizer, scheduler=scheduler, task=self.task, dist=dist,
                              guard=self.guard, average=self.average, device=device)
+        # trainer.profile: a few steps under torch.profiler (main process only), else a no-op
+        self.profiler = profiling(bool(cfg.profile) and self.is_main, run_dir.profile, device)
         self.p = Progress()
         self.carried = None  # RNN state at the end of the last chunk
         # the monitored validation metric (trainer.monitor, mode) and early stopping (patience);
@@ -213,6 +216,7 @@ class Trainer:
                 for micro in groups(batches, self.accumulate):
                     tokens_window += sum(b["num_tokens"] for b in micro) * self.dist.world_size
                     self.carried, loss, grad_norm, ok = self.update(micro, self.carried, p.step + 1)
+                    self.profiler.step()
                     self.log_sums += torch.where(ok, torch.stack([loss.float(), grad_norm.float(), ok.float()]), 0.0)
                     p.batch_in_epoch += len(micro)
                     p.step += 1
@@ -238,6 +242,7 @@ class Trainer:
                 self.evaluate_and_save()
             self.training_over = True
         finally:
+            self.profiler.close()
             bar.close()
             self.logger.flush()
         return self.summary()
