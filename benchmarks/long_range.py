@@ -136,8 +136,9 @@ def variants(grid: dict) -> list[Variant]:
 # induction's whole sequence, adding's number of values; induction is also tested at 2x..16x),
 # batch, evaluation size, the variants' window and convolution, and the state-size axis (recall
 # at `state_length`, each row narrowed by `state_factors`). Caps and targets: data_defaults/.
-# The CPU grid's lengths and caps come from pilots (LAB_DOCS.md "Pilots"): where a capable family
-# solves the task within the cap, at a cost that keeps the grid within 30 minutes on 2 cores.
+# The CPU grid's lengths and caps come from pilots (BENCHMARKS.md, "How the CPU settings were
+# chosen"): where a capable family solves the task within the cap, at a cost that keeps today's
+# families within 30 minutes on 2 cores (with Mamba and DeltaNet: ~70, their scans' cost).
 GRIDS = {
     "cpu": dict(sizes="small", batch=32, eval_size=500, window=16, conv=4, cap=None,
                 state_length=64, state_factors=(0.5,),

@@ -104,8 +104,13 @@ def pyplot():
 
 
 def style(models: list[str]) -> dict[str, dict]:
-    """One colour per model, the same in every picture; variants dashed."""
-    return {m: {"c": f"C{i % 10}", "ls": "--" if "(" in m or "+" in m else "-"} for i, m in enumerate(models)}
+    """One colour per model, the same in every picture; variants dashed. tab20's ten dark hues, then
+    its ten light ones: a grid of more than ten rows still gives each its own colour."""
+    import matplotlib
+
+    tab20 = matplotlib.colormaps["tab20"].colors
+    palette = [tab20[2 * k] for k in range(10)] + [tab20[2 * k + 1] for k in range(10)]
+    return {m: {"c": palette[i % 20], "ls": "--" if "(" in m or "+" in m else "-"} for i, m in enumerate(models)}
 
 
 def plot_lengths(results: list[dict], grid: dict, tasks: list[str], path: Path, title: str, styles: dict) -> None:

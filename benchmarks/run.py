@@ -76,7 +76,7 @@ SECTIONS = [
             full=f"--imdb {{data}}/{IMDB} --text {{data}}/{SHAKESPEARE} --repeats 3",
             quick=f"--imdb {{data}}/{IMDB} --text {{data}}/{SHAKESPEARE} --repeats 1", needs=(IMDB, SHAKESPEARE)),
     # every model family on the memory tasks, each cell trained to its target or cap ({preset}: the
-    # cpu grid, ~27 minutes on 2 idle cores estimated from pilots (LAB_DOCS.md), or the gpu one);
+    # cpu grid, ~70 minutes on 2 idle cores, ~30 without Mamba and DeltaNet; or the gpu one);
     # cells already in its results JSON are reused
     Section("long_range", "benchmarks/long_range.py",
             full="--grid {preset} --device {device}",

@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import json
 import importlib.util
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -216,3 +218,17 @@ def test_imdb_benchmark_config_comparison():
     assert not same(run, {"model": {"d": 64, "drop": 0.3, "word_dropout": 0.2}, "trainer": {"seed": 1}})
     assert not same(run, {"model": {"d": 128, "drop": 0.3}, "trainer": {"seed": 1}})
     assert not same(run, {"model": {"d": 64, "drop": 0.3}, "trainer": {"seed": 2}})
+
+
+# ----------------------------------------------------------------------------- minrnn_throughput.py
+@pytest.mark.slow
+def test_minrnn_throughput_runs_as_a_script_for_the_new_families():
+    """Its own process: the script composes train.yaml with nothing of seqexp imported but what it
+    imports itself (it once lacked the root schema's registration and failed at its first compose)."""
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "minrnn_throughput.py"), "--lengths", "8,16",
+                        "--tokens", "32", "--rounds", "1", "--models", "gru,mamba,deltanet"],
+                       capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [line for line in r.stdout.splitlines() if line.startswith("| ") and not line.startswith("| model")]
+    assert [row.split(" | ")[0] for row in rows] == ["| gru", "| mamba", "| deltanet"]
+    assert all(row.count("x)") == 2 for row in rows)  # a rate and a ratio at each length
