@@ -76,7 +76,7 @@ def test_two_processes_train_as_one_with_the_same_global_batch(kind, model, requ
     assert close_weights(final_state(other), b)
 
 
-EXIT_RUNS = 4  # ~10 CPU-seconds each: 3 processes import torch, 2 of them torch._dynamo (DDP's constructor)
+EXIT_RUNS = 2  # ~10 CPU-seconds each: 3 processes import torch, 2 of them torch._dynamo (DDP's constructor)
 
 
 @pytest.mark.slow
