@@ -289,8 +289,11 @@ class Trainer:
 
     def evaluate_and_save(self) -> None:
         t0, p = time.perf_counter(), self.p
+        # the training time up to this evaluation: read before it, since its own time is added to
+        # the evaluation total (p.eval_s) only when it ends
+        trained = self.train_s()
         self.guard.check_weights(p.step)
-        self.logger.scalars({"time/train_s": self.train_s()}, p.step)
+        self.logger.scalars({"time/train_s": trained}, p.step)
         with self.average.swapped():  # what is validated is what is saved as the checkpoint's "model"
             metrics = self.report("val", p.step)
         p.last_metrics = {f"val/{k}": v for k, v in metrics.items() if not isinstance(v, list)}
@@ -304,7 +307,7 @@ class Trainer:
             p.best, p.best_step, p.best_metrics = value, p.step, dict(p.last_metrics)
         self.monitor.update(value)
         if p.target_step is None and self.monitor.reaches(value, self.cfg.target):
-            p.target_step, p.target_train_s = p.step, self.train_s()  # decided before saving, as below
+            p.target_step, p.target_train_s = p.step, trained  # decided before saving, as below
             log.info("target reached at step %d: %s %.4f (trainer.target=%g), after %.1f s of training", p.step,
                      self.monitor.metric, value, self.cfg.target, p.target_train_s)
         if self.monitor.exhausted and p.step < self.total_steps and p.stopped_early is None:
