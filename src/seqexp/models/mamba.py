@@ -55,9 +55,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from seqexp.errors import require
-from seqexp.models.base import Pooling, SequenceModel, check_fraction, check_positive
-from seqexp.models.layers import MaskedPooling, embed_words, lengths_or_full
-from seqexp.models.recurrent import flip, reverse_index
+from seqexp.models.base import Pooling, check_fraction, check_positive
+from seqexp.models.mixer_stack import MixerStack
+from seqexp.models.recurrent import flip
 from seqexp.models.shortconv import ShortConv
 
 DT_MIN, DT_MAX = 1e-3, 1e-1  # the paper's range for the initial Δ
@@ -225,9 +225,8 @@ class Block(nn.Module):
 
 
 # ----------------------------------------------------------------------------- the model
-class MambaModel(SequenceModel):
-    stateful = True  # the trainer carries the state across chunks (truncated BPTT)
-    state_batch_dim = 1  # (layers, B, K-1, E) convolution tails and (layers, B, E, N) SSM states
+class MambaModel(MixerStack):
+    """Carried state: (layers, B, K-1, E) convolution tails and (layers, B, E, N) SSM states, float32."""
 
     def __init__(
         self,
@@ -248,27 +247,12 @@ class MambaModel(SequenceModel):
         pooling: Pooling = "last",  # classification only
         tie_weights: bool = False,  # language modelling: one matrix maps ids to vectors and back
     ):
-        super().__init__()
-        assert head in ("lm", "classify"), head
-        self.lm, self.pooling = head == "lm", str(pooling)
-        self.word_dropout = float(word_dropout)
-        self.bidirectional = bool(bidirectional) and head == "classify"
         mixer = dict(d_state=d_state, d_conv=d_conv, expand=expand, dt_rank=dt_rank or math.ceil(d_model / 16),
                      selective=bool(selective))
-        self.embed = nn.Embedding(vocab_size, d_model)
-        self.drop = nn.Dropout(dropout)
-        self.layers = nn.ModuleList(Block(d_model, 2 if self.bidirectional else 1, dropout, **mixer)
-                                    for _ in range(num_layers))
-        self.norm = nn.RMSNorm(d_model)
-        if head == "lm":
-            self.head = nn.Linear(d_model, num_outputs)
-            if tie_weights:
-                self.head.weight = self.embed.weight
-            return
-        self.pool = MaskedPooling(self.pooling, d_model)
-        # last + bidirectional: the final position (the forward mixer has read everything) and
-        # position 0 (so has the backward one)
-        self.head = nn.Linear(d_model * (2 if self.bidirectional and self.pooling == "last" else 1), num_outputs)
+        super().__init__(vocab_size=vocab_size, num_outputs=num_outputs, head=head, d_model=d_model,
+                         num_layers=num_layers, dropout=dropout, word_dropout=word_dropout,
+                         bidirectional=bidirectional, pooling=pooling, tie_weights=tie_weights,
+                         block=lambda dirs: Block(d_model, dirs, dropout, **mixer))
 
     @classmethod
     def describe(cls, m: dict) -> str:
@@ -283,33 +267,3 @@ class MambaModel(SequenceModel):
         check_fraction(cfg, "dropout", "word_dropout")
         require(not (cfg.bidirectional and head == "lm"), "model.bidirectional=true lets a language model see "
                 "the next character; use it only with a classification dataset (data=imdb).")
-
-    def state_size(self, seq_len: int) -> int:
-        """Every mixer's convolution tail and SSM state (E x N), whatever the length."""
-        return sum(m.state_numbers for layer in self.layers for m in layer.mixers)
-
-    def input_embedding(self) -> nn.Module:
-        return self.embed  # (B, T, D)
-
-    def forward(self, tokens: torch.Tensor, lengths: Optional[torch.Tensor] = None, state: Optional[State] = None):
-        """tokens (B, T) -> (logits, state). lm: (B, T, V) and every layer's state, stacked:
-        (tails (L, B, K-1, E), h (L, B, E, N)) float32; classify: (B, C) and None."""
-        B, T = tokens.shape
-        x = self.drop(embed_words(self.embed, tokens, self.word_dropout))  # (B, T, D)
-        if self.lm:
-            tails, hs = [], []
-            for i, layer in enumerate(self.layers):
-                x, (tail, h) = layer(x, None if state is None else (state[0][i], state[1][i]), None)
-                tails.append(tail)
-                hs.append(h)
-            return self.head(self.norm(x)), (torch.stack(tails), torch.stack(hs))
-
-        lengths = lengths_or_full(tokens, lengths)
-        rev = reverse_index(lengths, T) if self.bidirectional else None
-        for layer in self.layers:
-            x, _ = layer(x, None, rev)
-        x = self.norm(x)  # (B, T, D); garbage at padded positions only
-        pooled = self.pool(x, lengths)  # (B, D)
-        if self.bidirectional and self.pooling == "last":
-            pooled = torch.cat([pooled, x[:, 0]], dim=-1)  # (B, 2D)
-        return self.head(pooled), None
