@@ -119,6 +119,12 @@ def chunked_delta_rule(q, k, v, log_alpha, beta, S0: Optional[torch.Tensor],
     return torch.stack(outs, dim=2).reshape(B, H, N * Q, V)[:, :, :T], S
 
 
+def unit(x: torch.Tensor) -> torch.Tensor:
+    """x / ||x|| over the last dim (F.normalize, eps 1e-12): as a product with rsqrt, 2-3x faster
+    forward + backward than F.normalize's vector norm on a CPU over short (16-64) head vectors."""
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True).clamp_min(1e-24))
+
+
 # ----------------------------------------------------------------------------- one mixer
 class GatedDeltaNet(nn.Module):
     """One (Gated) DeltaNet mixer: x (B, T, D) -> (B, T, D), with its state (module docstring)."""
@@ -153,8 +159,8 @@ class GatedDeltaNet(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             qkv, tail = self.conv(qkv.float(), tail)
             q, k, v = F.silu(qkv).view(B, T, 3, self.H, self.dk).permute(2, 0, 3, 1, 4)  # (B, H, T, d_k) each
-            q = F.normalize(q, dim=-1) / math.sqrt(self.dk)
-            k = F.normalize(k, dim=-1)
+            q = unit(q) / math.sqrt(self.dk)
+            k = unit(k)
             beta = torch.sigmoid(b.float()).transpose(1, 2)  # (B, H, T)
             if not self.gate:
                 return q, k, v, torch.zeros_like(beta), beta, tail

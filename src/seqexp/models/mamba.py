@@ -65,6 +65,11 @@ DT_MIN, DT_MAX = 1e-3, 1e-1  # the paper's range for the initial Δ
 # 32 x 128 and 8 x 512 tokens) was fastest with 8: 0.99 / 0.86 s, against 1.00 / 0.88 with 4,
 # 1.14 / 0.93 with 16, 2.07 / 1.08 with 32; 2 (1.12 / 1.02) keeps too many chunk-entering states.
 SCAN_CHUNK = 8
+# exp(x) = exp2(x log2 e): torch's float32 exp2 runs ~3x faster than its exp on a CPU (1 thread,
+# 512k elements: 0.29 against 0.87 ns each), and exp(Δ A) over every (B, T, E, N) element was a
+# quarter of a training step. Relative error against float64 exp <= 2e-6 at |Δ A| = 30, where the
+# decay is already e^-30.
+LOG2E = 1.4426950408889634
 
 State = tuple[torch.Tensor, torch.Tensor]  # (convolution tail (.., B, K-1, E), SSM state (.., B, E, N))
 
@@ -74,9 +79,10 @@ def sequential_scan(dt, u, A, Bm, Cm, h0: Optional[torch.Tensor]) -> tuple[torch
     """h_t = exp(dt_t A) h_{t-1} + dt_t u_t B_t, y_t = h_t C_t, one step at a time (autograd).
     dt, u (B, T, E); A (E, N); Bm, Cm (B, T, N); h0 (B, E, N) or None (zeros) -> y (B, T, E), h_T."""
     h = u.new_zeros(u.shape[0], *A.shape) if h0 is None else h0
+    A2 = A * LOG2E  # exp(dt A) as exp2(dt A log2 e), as the chunked scan computes it
     ys = []
     for dt_t, u_t, b_t, c_t in zip(dt.unbind(1), u.unbind(1), Bm.unbind(1), Cm.unbind(1)):  # (B, E), (B, N)
-        h = torch.exp(dt_t[:, :, None] * A) * h + (dt_t * u_t)[:, :, None] * b_t[:, None, :]  # (B, E, N)
+        h = torch.exp2(dt_t[:, :, None] * A2) * h + (dt_t * u_t)[:, :, None] * b_t[:, None, :]  # (B, E, N)
         ys.append((h @ c_t[:, :, None]).squeeze(-1))  # (B, E)
     return torch.stack(ys, dim=1), h
 
@@ -99,13 +105,14 @@ class _SelectiveScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, dt, u, A, Bm, Cm, h0, Q: int):
         B, T, E = u.shape
+        A2 = A * LOG2E  # exp(dt A) = exp2(dt A2) (LOG2E)
         h = u.new_zeros(B, *A.shape) if h0 is None else h0  # (B, E, N)
         du = dt * u  # (B, T, E)
         y, starts = torch.empty_like(du), []
         for c in range(0, T, Q):
             s = slice(c, c + Q)
             starts.append(h)
-            dA = torch.exp(dt[:, s, :, None] * A)  # (B, Q, E, N)
+            dA = torch.exp2(dt[:, s, :, None] * A2)  # (B, Q, E, N)
             H = _chunk_states(dA, du[:, s, :, None] * Bm[:, s, None, :], h)  # (B, Q, E, N)
             h = H[:, -1].clone()
             y[:, s] = (H * Cm[:, s, None, :]).sum(-1)  # (B, Q, E)
@@ -117,6 +124,7 @@ class _SelectiveScan(torch.autograd.Function):
     def backward(ctx, gy, gh):
         dt, u, A, Bm, Cm, starts = ctx.saved_tensors
         Q = ctx.Q
+        A2 = A * LOG2E
         du = dt * u
         # dL/dh entering the chunk after this one, times its first decay; at the end, h_T's own gradient
         carry = torch.zeros_like(starts[:, 0]) if gh is None else gh.clone()
@@ -128,7 +136,7 @@ class _SelectiveScan(torch.autograd.Function):
             for k in reversed(range(starts.shape[1])):
                 s = slice(k * Q, (k + 1) * Q)
                 h_in = starts[:, k]
-                dA = torch.exp(dt[:, s, :, None] * A)  # (B, Q, E, N)
+                dA = torch.exp2(dt[:, s, :, None] * A2)  # (B, Q, E, N), as in forward
                 H = _chunk_states(dA, du[:, s, :, None] * Bm[:, s, None, :], h_in)
                 gC[:, s] = (gy[:, s, None, :] @ H).squeeze(2)  # (B, Q, N)
                 G = gy[:, s, :, None] * Cm[:, s, None, :]  # (B, Q, E, N): from y_t; the future added below
