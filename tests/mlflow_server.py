@@ -76,6 +76,8 @@ def shared_server(config, timeout: float = 180) -> str:
 
 def stop_shared_server(config) -> None:
     """At the end of the session, in the process that outlives the others (the xdist controller)."""
+    if config._tmp_path_factory._basetemp is None:  # no temporary folder made: no server started
+        return
     info = session_root(config) / INFO
     if not info.is_file():
         return
