@@ -87,3 +87,12 @@ def cli(monkeypatch):
             root.setLevel(level)
 
     return call
+
+
+def pytest_sessionfinish(session):
+    """The MLflow server that test_mlflow.py's processes share stops with the process that
+    outlives them (pytest-xdist's controller, or the only process)."""
+    if not hasattr(session.config, "workerinput"):
+        from tests.mlflow_server import stop_shared_server
+
+        stop_shared_server(session.config)

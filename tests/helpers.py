@@ -306,7 +306,7 @@ def hand_trainer(cfg, model: torch.nn.Module, task, run_dir: Path, *, total_step
     cpu = torch.device("cpu")
     return Trainer(cfg.trainer, model=model, data=data, optimizer=optimizer,
                    scheduler=instantiate(cfg.scheduler, optimizer=optimizer, total_steps=total_steps),
-                   logger=Logger(run_dir, enabled=False), reports=cfg.logging, run_dir=RunDir(run_dir),
+                   logger=Logger(), reports=cfg.logging, run_dir=RunDir(run_dir),
                    device=cpu, total_steps=total_steps, recipe={}, dist=Local(device=cpu))
 
 

@@ -97,11 +97,30 @@ class TrainerConfig:
     profile: bool = False
 
 
+class Backend(StrEnum):
+    """Where the logger writes (seqexp/logger.py); every backend gets the same names and steps."""
+    tensorboard = "tensorboard"  # event files in the run directory
+    mlflow = "mlflow"  # an MLflow run (seqexp/mlflow_backend.py); needs `pip install 'seqexp[mlflow]'`
+
+
+@dataclass
+class MlflowConfig:
+    """`logging.mlflow`: read only when `mlflow` is in logging.backends."""
+    experiment: str = "seqexp"  # the MLflow experiment the runs are recorded in (created if missing)
+    log_checkpoint: bool = False  # also upload checkpoints/best.pt when the run ends (it can be large)
+
+
 def logging_schema() -> type:
-    """`logging`: TensorBoard on or off, and each report's settings under its name
+    """`logging`: the backends, and each report's settings under its name
     (`logging.sample.chars`, `logging.wrong_examples.count`, ...), from the report's constructor
     (seqexp/reports/): a new report brings its settings, nothing here names them."""
-    fields = [("tensorboard", bool, field(default=True))]
+    fields = [
+        ("backends", list[Backend], field(default_factory=lambda: [Backend.tensorboard])),
+        # the switch from before `backends`, kept so that earlier commands and saved configs mean
+        # what they meant: false turns TensorBoard off even where `backends` lists it
+        ("tensorboard", bool, field(default=True)),
+        ("mlflow", MlflowConfig, field(default_factory=MlflowConfig)),
+    ]
     for cls in report_classes():
         schema = settings_schema(cls)
         fields.append((cls.name, schema, field(default_factory=schema)))
@@ -176,6 +195,15 @@ def check_trainer(t: DictConfig) -> None:
         need(pick_device(str(t.device)).type != "cpu",
              "trainer.precision=fp16 needs a GPU: a CPU has no fast fp16 kernels (and oneDNN's LSTM has none at "
              "all). Use trainer.precision=bf16 on a CPU.")
+
+
+def check_logging(logging: DictConfig) -> None:
+    """A backend whose package is missing is refused now, naming the extra that installs it."""
+    if Backend.mlflow in logging.backends:
+        try:
+            import mlflow  # noqa: F401
+        except ImportError:
+            raise UserError("logging.backends=[mlflow] needs MLflow: pip install 'seqexp[mlflow]'") from None
 
 
 def schema_keys() -> list[str]:
@@ -266,6 +294,7 @@ def validate(cfg: DictConfig) -> None:
     model_cls.check_config(cfg.model, data_cls.task.head)  # the head the task asks of models
     check_optimization(cfg.optimizer, cfg.scheduler)
     check_trainer(cfg.trainer)
+    check_logging(cfg.logging)
     for cls in report_classes():  # a report checks its settings when it is built
         cls(**cfg.logging[cls.name])
     metric_and_mode(cfg.trainer, data_cls.task, data_cls.metric_modes(cfg.data))  # one not logged is refused now

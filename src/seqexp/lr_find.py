@@ -139,7 +139,7 @@ def _run(cfg, net, data, device, *, steps, min_lr, max_lr, diverge, beta) -> Ran
     params = [p for p in net.parameters() if p.requires_grad]
     # skip: a non-finite step is not applied; the loop below sees the loss and stops
     guard = NonFiniteGuard("skip", log_every=1, params=params, device=device, optimizer=optimizer,
-                           logger=Logger(Path("."), enabled=False), last_good=lambda: Path("(none)"))
+                           logger=Logger(), last_good=lambda: Path("(none)"))
     update = Update(t, model=net, optimizer=optimizer, scheduler=scheduler, task=data.task,
                     dist=Local(device=device), guard=guard, average=NoAverage(), device=device)
     lrs, losses, smoothed = [], [], []

@@ -10,6 +10,7 @@ the trainer ask a `RunDir` for a path; nothing else spells out a file name of a 
       checkpoints/best.pt                  the best weights by the monitored metric: what is used
       checkpoints/step_000200.pt           every trainer.checkpoint_every steps, the newest keep_last kept
       job.json                             a sweep's job: the config hash its results belong to
+      mlflow.json                          logging.backends=[mlflow]: the MLflow run this run records to (resume continues it)
       .seqexp.lock                         held while a process writes the run (locks.py)
       eval_<split>_<checkpoint>.json       seqexp-evaluate's results
       profile/<worker>.<time>.pt.trace.json  trainer.profile: a few steps' trace (profile.py)
@@ -38,6 +39,7 @@ class RunDir:
     LOG = "seqexp.log"  # hydra.job.name (configs/train.yaml) + .log
     LOCK = ".seqexp.lock"
     JOB = "job.json"
+    MLFLOW = "mlflow.json"
     PROFILE = "profile"
     EVENTS = "events.out.tfevents.*"
     # what a run writes: a directory holding any of these holds a run
@@ -86,6 +88,11 @@ class RunDir:
     @property
     def job(self) -> Path:
         return self.path / self.JOB
+
+    @property
+    def mlflow(self) -> Path:
+        """The MLflow run's id and tracking URI (mlflow_backend.py)."""
+        return self.path / self.MLFLOW
 
     @property
     def profile(self) -> Path:
@@ -149,9 +156,11 @@ class RunDir:
                 f.unlink(missing_ok=True)
 
     def clear_results(self) -> None:
-        """Before a sweep's job starts over: no old checkpoint, record or events to mix with the new."""
+        """Before a sweep's job starts over: no old checkpoint, record or events to mix with the new
+        (and a new MLflow run, not the old one continued)."""
         shutil.rmtree(self.checkpoints, ignore_errors=True)
         self.metrics.unlink(missing_ok=True)
+        self.mlflow.unlink(missing_ok=True)
         for f in self.events():
             f.unlink()
 

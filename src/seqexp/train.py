@@ -19,7 +19,7 @@ from seqexp.config import to_container, validate
 from seqexp.errors import UserError
 from seqexp.files import remove_stale_tmp
 from seqexp.hparams import write_run_hparams
-from seqexp.logger import Logger
+from seqexp.logger import Logger, open_logger, tensorboard_on
 from seqexp.plan import plan_line
 from seqexp.preempt import stop_on_signals
 from seqexp.record import closing_line
@@ -46,10 +46,11 @@ def model_summary(model: torch.nn.Module) -> str:
     return "\n".join([f"model {type(model).__name__}: {total:,} parameters, {trainable:,} trainable", *rows])
 
 
-def train(cfg: DictConfig, run_dir: str | Path | None = None, *, in_sweep: bool = False) -> dict:
+def train(cfg: DictConfig, run_dir: str | Path | None = None, *, sweep: str | Path | None = None) -> dict:
     """With `cfg.resume` set, continues that run in its directory (run_dir may then be None).
-    `in_sweep`: a job of a multirun, which writes the job's HParams itself (sweep/job.py) and
-    prints no text sample per job."""
+    `sweep`: the sweep directory of a multirun's job, which writes the job's HParams itself
+    (sweep/job.py), prints no text sample per job, and is a child of the sweep's MLflow run."""
+    in_sweep = sweep is not None
     validate(cfg)  # cross-field checks: before any data is read
     trust.allow(cfg)  # what this run builds, its own checkpoints may build again (test split)
     ckpt = None
@@ -113,9 +114,9 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, *, in_sweep: bool 
         locks.hold_run_dir(run.path)  # a second run in this directory is refused until this one ends
         for d in (run.path, run.checkpoints):
             remove_stale_tmp(d)  # left by a killed writer; never loaded
-    # a resumed run appends to its TensorBoard run; events after the checkpoint are dropped
-    purge_step = ckpt["trainer"]["step"] + 1 if ckpt is not None else None
-    logger = Logger(run.path, enabled=cfg.logging.tensorboard and dist.is_main, purge_step=purge_step)
+    # a resumed run continues its TensorBoard and MLflow runs after the checkpoint's step
+    logger = open_logger(cfg, run, resumed_step=None if ckpt is None else ckpt["trainer"]["step"],
+                         sweep=sweep) if dist.is_main else Logger()
     trainer = Trainer(t, model=model, data=data, optimizer=optimizer, scheduler=scheduler, logger=logger,
                       reports=cfg.logging, run_dir=run, device=device, total_steps=total_steps, recipe=recipe,
                       dist=dist, quiet=in_sweep, metric_modes=type(data).metric_modes(cfg.data))
@@ -145,7 +146,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, *, in_sweep: bool 
     finally:  # this rank's last I/O, however the run ends: before the ranks leave together (below)
         logger.close()
         if dist.is_main:
-            if logger.enabled and not in_sweep:  # a sweep's job writes its own (its overrides)
+            if tensorboard_on(cfg.logging) and not in_sweep:  # a sweep's job writes its own (its overrides)
                 write_run_hparams(cfg, run)
             locks.release_run_dir(run.path)
     summary = trainer.summary()

@@ -38,6 +38,7 @@ from seqexp.config import to_container
 from seqexp.errors import UserError
 from seqexp.files import read_json, write_json
 from seqexp.hparams import hparam_values, write_hparams
+from seqexp.logger import tensorboard_on
 from seqexp.preempt import Preempted
 from seqexp.rundir import RunDir
 from seqexp.sweep.callback import end_sweep, stopped
@@ -55,7 +56,7 @@ def config_hash(cfg: DictConfig) -> str:
     return hashlib.sha256(json.dumps(c, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def continue_or_restart(cfg: DictConfig, run: RunDir, may_continue: bool) -> dict:
+def continue_or_restart(cfg: DictConfig, run: RunDir, may_continue: bool, sweep_dir: Path) -> dict:
     """Run the job; an unfinished one continues from its last checkpoint (`resume=RUN_DIR`:
     continue the run in RUN_DIR from its last checkpoint). This is the one place that knows
     about resuming."""
@@ -66,10 +67,10 @@ def continue_or_restart(cfg: DictConfig, run: RunDir, may_continue: bool) -> dic
     if unfinished:
         log.info("%s: continuing from %s", run.path.name, run.last.relative_to(run.path))
         cfg.resume = str(run.path)
-        return train(cfg, run.path, in_sweep=True)
+        return train(cfg, run.path, sweep=sweep_dir)
     if distributed.is_main():
         run.clear_results()  # no old checkpoint, record or events to mix with the new ones
-    return train(cfg, run.path, in_sweep=True)  # (in_sweep: HParams from here; no sample printed per job)
+    return train(cfg, run.path, sweep=sweep_dir)  # (a sweep's job: HParams from here; no sample printed per job)
 
 
 def describe(e: BaseException) -> str:
@@ -106,7 +107,7 @@ def end_sweep_here(sweep_dir: Path) -> None:
 
 
 def safe_write_hparams(cfg: DictConfig, run: RunDir, name: str, overrides: list[str], metrics: dict) -> None:
-    if not cfg.logging.tensorboard or not distributed.is_main():
+    if not tensorboard_on(cfg.logging) or not distributed.is_main():
         return
     try:
         write_hparams(run.path, name, hparam_values(cfg, overrides), metrics, metrics.get("status", ""))
@@ -150,7 +151,7 @@ def run_sweep_job(cfg: DictConfig, hydra_cfg: DictConfig) -> Optional[float]:
     if distributed.is_main():
         write_json(run.job, {"config_hash": digest, "overrides": overrides, "resources": resources})
     try:
-        metrics = continue_or_restart(cfg, run, may_continue=cfg.sweep.skip_finished)
+        metrics = continue_or_restart(cfg, run, may_continue=cfg.sweep.skip_finished, sweep_dir=sweep_dir)
     except Preempted:  # saved its last checkpoint; a re-run of the sweep continues from it
         steps = (run.read_metrics() or {}).get("steps")
         reason = stopped(sweep_dir) or "a stop signal to another rank"
