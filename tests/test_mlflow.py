@@ -108,6 +108,22 @@ def test_a_resumed_run_continues_its_mlflow_run(client, cli, tiny_text, tmp_path
     assert len(client.search_runs([got.info.experiment_id], f"tags.`seqexp.run_dir` = '{run.resolve()}'")) == 1
 
 
+def test_a_crafted_mlflow_json_cannot_point_a_resume_at_another_store(client, cli, tiny_text, tmp_path):
+    """The store comes from MLFLOW_TRACKING_URI (or outputs/), never from the run directory: a
+    resume of a run whose mlflow.json names another database writes nothing there, and records
+    to a new run in the store in use."""
+    overrides = tiny_overrides("rnn", tiny_text, "logging.backends=[mlflow]")
+    run = tmp_path / "run"
+    train(make_cfg(*overrides, "trainer.max_steps=6"), run)
+    rid = run_id(run)
+    elsewhere = tmp_path / "elsewhere" / "evil.db"
+    (run / "mlflow.json").write_text(json.dumps({"run_id": rid, "tracking_uri": f"sqlite:///{elsewhere}"}))
+    cli(f"resume={run}", "trainer.max_steps=12")
+    assert not elsewhere.parent.exists()
+    assert run_id(run) != rid  # a new MLflow run in the server of MLFLOW_TRACKING_URI
+    assert [s for s, _ in history(client, run_id(run), "train/loss")] == [9, 12]
+
+
 @pytest.mark.slow  # a real multirun in its own process, as tests/test_sweep.py
 def test_a_sweep_is_one_parent_run_with_a_child_per_job(client, tracking_uri, tiny_text, tmp_path):
     sweep = tmp_path / "sweep"

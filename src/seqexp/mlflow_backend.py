@@ -95,15 +95,12 @@ class MLflow(Backend):
         self.run, self.settings = run, cfg.logging.mlflow
         self.config = to_container(cfg)
         self.pending: list[Metric] = []
-        saved = read_json(run.mlflow) if resumed else None
-        if saved:  # the store the run started in, whatever MLFLOW_TRACKING_URI says now
-            uri, artifacts = saved["tracking_uri"], None
-        elif os.environ.get("MLFLOW_TRACKING_URI"):
+        if os.environ.get("MLFLOW_TRACKING_URI"):
             uri, artifacts = os.environ["MLFLOW_TRACKING_URI"], None  # the server chooses
         else:
             uri, artifacts = local_store()
         self.client = MlflowClient(tracking_uri=uri)
-        self.run_id = self.continued(saved["run_id"]) if saved else None
+        self.run_id = self.continued(saved_run(run, uri)) if resumed else None
         if self.run_id is None:
             experiment = self.experiment(artifacts)
             tags = {"seqexp.run_dir": str(run.path.resolve())}
@@ -125,8 +122,10 @@ class MLflow(Backend):
         except MlflowException:  # created meanwhile by another job of a sweep
             return self.client.get_experiment_by_name(name).experiment_id
 
-    def continued(self, run_id: str) -> Optional[str]:
+    def continued(self, run_id: Optional[str]) -> Optional[str]:
         """A resumed run: its MLflow run, running again, with the params added or changed since."""
+        if run_id is None:
+            return None
         try:
             old = self.client.get_run(run_id).data.params
         except MlflowException as e:  # deleted, or another server: the resumed part gets a new run
@@ -190,6 +189,25 @@ class MLflow(Backend):
             self.client.log_artifact(self.run_id, str(self.run.best), "checkpoints")
         status = STATUS.get(record.get("status"), RunStatus.to_string(RunStatus.FAILED))
         self.client.set_terminated(self.run_id, status)
+
+
+def saved_run(run: RunDir, uri: str) -> Optional[str]:
+    """The MLflow run id a resumed run recorded to, if it recorded to the store this process uses.
+    The store itself is never read from the run directory: a crafted mlflow.json must not point
+    a resume at a database or server of its choosing (nothing read from a run directory writes
+    outside it, README "Trust"), so a run resumed against another store starts a new MLflow run."""
+    saved = read_json(run.mlflow)
+    if not isinstance(saved, dict):
+        return None
+    run_id = saved.get("run_id")
+    if not (isinstance(run_id, str) and re.fullmatch(r"[0-9a-f]{32}", run_id)):
+        log.warning("%s holds no MLflow run id; recording to a new MLflow run", run.mlflow)
+        return None
+    if saved.get("tracking_uri") != uri:
+        log.warning("MLflow run %s was recorded in %s, not in %s (MLFLOW_TRACKING_URI); recording to a "
+                    "new MLflow run there", run_id, saved.get("tracking_uri"), uri)
+        return None
+    return run_id
 
 
 def sweep_parent(client: MlflowClient, experiment: str, sweep: Path) -> str:
