@@ -176,8 +176,8 @@ def test_imdb_benchmark_trains_reads_and_reuses_runs(imdb_archive, tmp_path, cap
     assert [r["experiment"] for r in results] == ["imdb_ngram", "imdb_rnn"]
     for r in results:
         assert r["test_count"] == 24 and 0.0 <= r["test_acc"] <= 1.0  # every test review of the archive
-        steps = [step for _, step, _ in r["curve"]]  # eval_every=2, max_steps=4; the n-gram model: 1 epoch
-        assert steps == [2, 4] if r["experiment"] == "imdb_rnn" else steps == [r["steps"]]
+        steps = [step for _, step, _ in r["curve"]]  # eval_every=2, max_steps=4 (both recipes run longer)
+        assert steps == [2, 4]
         assert r["best_step"] in steps and r["best_at_s"] is not None
     assert results[1]["model"] == "BiRNN 1 x 128 per direction, max pooling"
     assert (tmp_path / "out" / "imdb_cpu_quick.png").stat().st_size > 0

@@ -99,3 +99,57 @@ def test_the_ngram_model_refuses_language_modelling_at_compose_time():
     with pytest.raises(UserError, match="model=ngram"):
         validate(make_cfg("model=ngram"))  # default data: the char corpus
     validate(make_cfg("model=ngram", "data=imdb"))
+
+
+def prepared(**kw) -> NgramModel:
+    m = model(n=2, **kw)
+    m.prepare(lambda: [batch([[1, 2, 3], [1, 2, 4], [4, 5, 6], [5, 6, 3]], [0, 0, 1, 1])])
+    with torch.no_grad():  # trained-looking weights: not all equal, some negative
+        m.w.weight[1:].uniform_(-1.0, 1.0)
+    return m
+
+
+X, LENGTHS = torch.tensor([[1, 2, 5], [4, 5, 6]]), torch.tensor([3, 3])
+
+
+def test_fixed_ratios_get_no_update_and_the_gates_still_train():
+    m = prepared(train_r=False)
+    r0, w0 = m.r.weight.detach().clone(), m.w.weight.detach().clone()
+    opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=0.1, weight_decay=1e-2)
+    logits, _ = m(X, LENGTHS)
+    torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1])).backward()
+    opt.step()
+    torch.testing.assert_close(m.r.weight, r0)  # NBSVM's feature scaling stays the naive Bayes ratios
+    assert not torch.equal(m.w.weight, w0)
+    assert m.r.weight.requires_grad is False and model().r.weight.requires_grad  # the default trains r
+
+
+def test_interpolation_applies_at_evaluation_and_is_linear_in_beta():
+    logits = {}
+    for beta in (1.0, 0.0, 0.25):  # the same trained weights each time (seeded)
+        m = prepared(beta=beta).eval()
+        with torch.no_grad():
+            logits[beta], _ = m(X, LENGTHS)
+        m.train()  # training reads the weights as they are, whatever beta
+        torch.testing.assert_close(m(X, LENGTHS)[0], logits[1.0])
+    torch.testing.assert_close(logits[0.25], 0.75 * logits[0.0] + 0.25 * logits[1.0])
+    # beta = 0: every feature votes with one weight, mean|w + w_adj|: naive Bayes, scaled
+    m = prepared()
+    f = m.features(X, LENGTHS)
+    nb = m.r(f).sum(1) / m.r_adj  # (B, C)
+    torch.testing.assert_close(logits[0.0], m.mean_abs_weight() * nb + m.bias)
+    assert not torch.allclose(logits[0.0], logits[1.0])
+
+
+def test_fixed_ratios_and_interpolation_survive_a_checkpoint_round_trip():
+    m = prepared(train_r=False, beta=0.25).eval()
+    fresh = model(n=2, train_r=False, beta=0.25).eval()  # never prepared: the checkpoint says which features
+    fresh.load_state_dict(m.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(X, LENGTHS)[0], m(X, LENGTHS)[0])
+    assert fresh.mean_abs_weight() == m.mean_abs_weight()
+
+
+def test_beta_outside_0_1_is_refused():
+    with pytest.raises(UserError, match="model.beta"):
+        validate(make_cfg("model=ngram", "data=imdb", "model.beta=1.5"))

@@ -241,13 +241,16 @@ def test_resume_argv_points_hydra_at_the_run(tmp_path):
         resume_argv(["-m", f"resume={tmp_path / 'run'}"])
 
 
-def test_resume_of_the_ngram_model_loads_its_prepared_features(imdb_archive, tmp_path, monkeypatch):
+@pytest.mark.parametrize("form", [[], ["model.train_r=false", "model.w_adj=0", "model.beta=0.75"]],
+                         ids=["nbsvm++", "nbsvm"])
+def test_resume_of_the_ngram_model_loads_its_prepared_features(imdb_archive, tmp_path, monkeypatch, form):
     """The n-gram model's features come from prepare() on a fresh run; a resume takes them from
-    the checkpoint (prepare is not run again) and continues exactly."""
+    the checkpoint (prepare is not run again) and continues exactly -- with the ratios fixed too
+    (the optimizer then holds no state for them) and the interpolation read at evaluation."""
     from seqexp.models.ngram import NgramModel
 
     overrides = imdb_overrides("ngram", imdb_archive, tmp_path / "cache", f"trainer.max_steps={TOTAL}",
-                               "trainer.eval_every=10", "trainer.checkpoint_every=10")
+                               "trainer.eval_every=10", "trainer.checkpoint_every=10", *form)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train(make_cfg(*overrides), straight)
     run_until_signal(overrides, resumed, STOP)

@@ -8,6 +8,10 @@ Two things make this work far better than a plain linear model on n-gram counts:
   r_c = log(p_c / |p_c|_1) (p_c: smoothed count of reviews of class c that contain it),
   and a learned gate scales it: logit_c = sum_f (w_f + w_adj) * r_fc / r_adj + b_c.
   This is fast.ai's "NBSVM++" form of Wang & Manning's interpolation; r is trained as well.
+  With `train_r=false` r stays the naive Bayes ratios -- NBSVM's own form: a linear classifier
+  (here logistic, L2 through the optimizer's weight_decay) on the binary features scaled by r --
+  and `beta` < 1 applies Wang & Manning's interpolation at evaluation, w' = (1 - beta) * mean|w| +
+  beta * w, on the effective weights w + w_adj: a pull of every vote towards naive Bayes.
 
 The features are exact (no hashing): every n-gram of the training reviews seen at least
 `min_count` times, at most `max_features` of them (the most frequent). Which those are, and
@@ -53,6 +57,8 @@ class NgramModel(SequenceModel):
         smoothing: float = 1.0,  # added to each class's count in the naive Bayes ratio
         w_adj: float = 0.4,  # vote = (w + w_adj) * r / r_adj, fast.ai's NBSVM++ parametrisation
         r_adj: float = 10.0,
+        train_r: bool = True,  # false: r stays the naive Bayes ratios (NBSVM's fixed feature scaling)
+        beta: float = 1.0,  # < 1: Wang & Manning's interpolation at evaluation (1: none)
     ):
         super().__init__()
         if head != "classify":
@@ -65,7 +71,7 @@ class NgramModel(SequenceModel):
         if n * math.log2(max(vocab_size, 2)) > 58:
             raise ValueError(f"{n}-grams over a vocabulary of {vocab_size} do not fit 64-bit keys; lower model.n")
         self.max_features, self.min_count, self.smoothing = max_features, min_count, smoothing
-        self.w_adj, self.r_adj = w_adj, r_adj
+        self.w_adj, self.r_adj, self.beta = w_adj, r_adj, beta
         self.register_buffer("keys", torch.full((max_features,), NONE, dtype=torch.int64))  # sorted
         # row 0 of each table is "no feature" (padding, unseen n-grams) and stays zero
         self.w = nn.Embedding(max_features + 1, 1, padding_idx=0)
@@ -73,6 +79,7 @@ class NgramModel(SequenceModel):
         self.bias = nn.Parameter(torch.zeros(num_outputs))
         nn.init.uniform_(self.w.weight, -0.1, 0.1)
         nn.init.zeros_(self.r.weight)
+        self.r.weight.requires_grad_(train_r)  # frozen: the optimizer never sees it (build_optimizer)
         with torch.no_grad():
             self.w.weight[0] = 0.0
 
@@ -90,6 +97,7 @@ class NgramModel(SequenceModel):
                 "model language.")
         require(1 <= cfg.n <= 5, f"model.n must be in 1..5, got {cfg.n}.")
         require(cfg.max_features > 0 and cfg.min_count > 0, "model.max_features and model.min_count must be positive.")
+        require(0.0 <= cfg.beta <= 1.0, f"model.beta interpolates between mean|w| (0) and w (1); got {cfg.beta}.")
 
     def ngram_keys(self, tokens: torch.Tensor, lengths: Optional[torch.Tensor]) -> torch.Tensor:
         """(B, T) ids -> (B, M) keys of the distinct n-grams of each row, sorted; NONE fills the rest."""
@@ -118,8 +126,16 @@ class NgramModel(SequenceModel):
     def forward(self, tokens: torch.Tensor, lengths: Optional[torch.Tensor] = None, state=None):
         """tokens (B, T) -> (logits (B, C), None)."""
         f = self.features(tokens, lengths)  # (B, M)
-        votes = (self.w(f) + self.w_adj) * self.r(f)  # (B, M, C); row 0 of r is zero: no vote
+        w = self.w(f) + self.w_adj  # (B, M, 1)
+        if self.beta != 1.0 and not self.training:  # the trained weights are what the interpolation reads
+            w = (1.0 - self.beta) * self.mean_abs_weight() + self.beta * w
+        votes = w * self.r(f)  # (B, M, C); row 0 of r is zero: no vote
         return votes.sum(1) / self.r_adj + self.bias, None
+
+    def mean_abs_weight(self) -> torch.Tensor:
+        """mean |w + w_adj| over the features (rows 1..F; the keys say how many: a checkpoint holds them)."""
+        F = int((self.keys != NONE).sum())
+        return (self.w.weight[1 : F + 1] + self.w_adj).abs().mean()
 
     @torch.no_grad()
     def prepare(self, batches: Callable[[], Iterable[dict]]) -> None:
