@@ -14,9 +14,15 @@ same dicts, so a schedule that scales every group's lr scales both optimizers'),
 
 The two learning rates: `lr` is AdamW's, as in every other optimizer config (a recipe's
 `optimizer.lr` keeps its meaning), and `muon_lr` Muon's, the same number when null. That works
-because of `adjust_lr_fn=match_rms_adamw` (Moonshot, Liu et al. 2025): Muon's update is scaled to
-0.2 x sqrt(max(fan_out, fan_in)), the RMS of a typical AdamW update, so AdamW's lr and weight
-decay carry over. A schedule multiplies both by the same factor: their ratio never changes.
+because of `adjust_lr_fn=match_rms_adamw` (Moonshot, Liu et al. 2025): Muon's lr is multiplied
+by 0.2 x sqrt(max(fan_out, fan_in)), which brings its orthogonal update to an RMS of 0.2, a
+typical AdamW update's, so AdamW's lr and weight decay carry over. A schedule multiplies both by the same factor: their ratio never changes.
+(lr_find sets every group to the same ramp: it finds one lr for both.)
+
+Recurrent layers: torch stores a GRU's or LSTM's gates stacked in one weight_ih and one weight_hh
+(3H or 4H x H); Muon takes each as one matrix, as torch stores it (splitting per gate would need
+views torch.optim.Muon cannot take). Measured on the character LM (BENCHMARKS.md): Muon helps
+attention at AdamW's lr; the GRU only with a larger muon_lr (1e-2; at AdamW's 3e-3 it is worse).
 """
 
 from __future__ import annotations
