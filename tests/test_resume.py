@@ -71,6 +71,33 @@ def test_resume_is_bitwise_exact_and_every_ingredient_matters(kind, model, reque
         assert not same_tensors(final_state(straight), final_state(run)), f"dropping {name} changed nothing"
 
 
+@pytest.mark.parametrize("model", ["gru", "attention"])
+def test_resume_with_muon_is_bitwise_exact_and_needs_both_optimizers_states(model, request, tmp_path, monkeypatch):
+    """optimizer=muon holds two optimizers (muon.py): both states are saved and loaded, Muon's
+    momentum as much as AdamW's moments."""
+    overrides = overrides_for("char", model, request, "optimizer=muon")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(make_cfg(*overrides), straight)
+    run_until_signal(overrides, resumed, STOP)
+    partial = tmp_path / "partial"
+    shutil.copytree(resumed, partial)
+    resume_run(overrides, resumed)
+    assert_same_training(straight, resumed)
+
+    from seqexp.muon import MuonAdamW
+
+    original = MuonAdamW.load_state_dict
+
+    def without_momentum(self, sd):
+        for s in sd["state"].values():
+            s.pop("momentum_buffer", None)
+        original(self, sd)
+
+    monkeypatch.setattr(MuonAdamW, "load_state_dict", without_momentum)
+    resume_run(overrides, partial)
+    assert not same_tensors(final_state(straight), final_state(partial)), "Muon's momentum changed nothing"
+
+
 def test_resume_with_weight_averaging_is_exact_and_needs_the_average(request, tmp_path, monkeypatch):
     """trainer.ema: the average is part of the state. Resumed without it (the average restarted
     from the weights), the run's checkpoints and validation curve differ."""

@@ -25,7 +25,7 @@ from seqexp.errors import UserError
 RUNTIME = {
     "model": ("vocab_size", "num_outputs", "head", "max_len"),
     "data": ("seed", "saved"),
-    "optimizer": ("params",),
+    "optimizer": ("params", "matrices"),  # matrices: the hidden weight matrices (Muon's, muon.py)
     "scheduler": ("optimizer", "total_steps"),
 }
 
@@ -138,14 +138,33 @@ def decays(p: torch.Tensor) -> bool:
     return p.dim() >= 2 and not getattr(p, "no_weight_decay", False)
 
 
+def hidden_matrices(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The weight matrices that map hidden vectors to hidden vectors, which Muon orthogonalises
+    (muon.py): the 2-D weights of every nn.Linear and of torch's recurrent layers (weight_ih and
+    weight_hh, the gates stacked: one matrix as torch stores it, as Muon's authors and the speedruns
+    treat a fused QKV), except the input embedding's and the output head's (a SequenceModel's
+    `input_embedding()` and `head`; a tied head is the embedding) and a matrix with one row or
+    column (a vector in disguise: an attention-pooling score). By module type, never by family."""
+    outside = {id(p) for m in (model.input_embedding(), getattr(model, "head", None)) if m is not None
+               for p in m.parameters()}
+    found: dict[int, torch.nn.Parameter] = {}  # by id: a shared matrix once
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.RNNBase)):
+            for p in module.parameters(recurse=False):
+                if p.dim() == 2 and min(p.shape) > 1 and p.requires_grad and id(p) not in outside:
+                    found[id(p)] = p
+    return list(found.values())
+
+
 def build_optimizer(node: Any, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """Weight decay where `decays` says (one group), none elsewhere (another)."""
+    """Weight decay where `decays` says (one group), none elsewhere (another). An optimizer that
+    asks for `matrices` (muon.py) gets the hidden weight matrices too."""
     params = [p for p in model.parameters() if p.requires_grad]  # shared (tied) weights once
     groups = [
         {"params": [p for p in params if decays(p)]},
         {"params": [p for p in params if not decays(p)], "weight_decay": 0.0},
     ]
-    opt = instantiate(node, params=groups)
+    opt = instantiate(node, params=groups, matrices=hidden_matrices(model))
     for g in opt.param_groups:  # a list from YAML; torch documents a tuple
         if isinstance(g.get("betas"), list):
             g["betas"] = tuple(g["betas"])
@@ -155,9 +174,9 @@ def build_optimizer(node: Any, model: torch.nn.Module) -> torch.optim.Optimizer:
 def check_optimization(optimizer: Any, scheduler: Any) -> None:
     """Build the optimizer and the schedule on one dummy parameter: torch's own argument checks
     (and the schedule's) run before any data is read, and a learning rate must be positive."""
-    param = torch.nn.Parameter(torch.zeros(1))
+    param, matrix = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(2, 2))
     try:
-        opt = instantiate(optimizer, params=[param])
+        opt = instantiate(optimizer, params=[param, matrix], matrices=[matrix])
         instantiate(scheduler, optimizer=opt, total_steps=1)
     except (TypeError, ValueError) as e:
         raise UserError(f"optimizer/scheduler: {e}") from None

@@ -6,8 +6,15 @@ device has them).
 - language modelling: causal, so position t sees positions <= t only; logits (B, T, V).
 - classification: bidirectional with a key padding mask, so no query attends to padding;
   valid positions are pooled to (B, C).
-Positions enter as a learned or sinusoidal table added to the token embeddings, or (alibi) as a
-penalty on attention scores linear in the distance between query and key, one slope per head.
+Positions enter as a learned or sinusoidal table added to the token embeddings, (alibi) as a
+penalty on attention scores linear in the distance between query and key, one slope per head, or
+(rotary, RoFormer: Su et al. 2021) as a rotation of each query and key by its position, so that
+a score depends on the distance only.
+The options of the speedruns (modded-nanogpt), each off by default: qk_norm (RMSNorm of every
+head's queries and keys, which bounds the scores), mlp=relu2 or swiglu (the feed-forward's
+activation), zero_init (attention's and the feed-forward's output projections start at zero,
+so every block starts as the identity), logit_softcap (cap x tanh(logits / cap)); tie_weights
+false unties the language model's head.
 With conv_kernel > 0 each block starts with x + Conv(LN(x)), a depthwise convolution over time
 (Conformer's convolution module, Gulati et al. 2020), so attention compares phrases, not single
 words.
@@ -31,20 +38,45 @@ from seqexp.models.base import Pooling, SequenceModel, check_fraction, check_pos
 from seqexp.models.layers import MaskedPooling, embed_words, length_mask, lengths_or_full, maybe_dropout
 
 
+def rotary_tables(positions: torch.Tensor, head_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions (T,) -> (cos, sin), each (T, hs/2): the angles position x 10000^(-2i/hs) of
+    RoFormer's rotation, one frequency per pair of channels."""
+    freq = torch.exp(torch.arange(0, head_size, 2, dtype=torch.float32, device=positions.device)
+                     * (-math.log(10000.0) / head_size))  # (hs/2,)
+    angle = positions.float()[:, None] * freq[None, :]  # (T, hs/2)
+    return angle.cos(), angle.sin()
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, nh, T, hs): channel pairs (i, i + hs/2) turned by their position's angles. A query at
+    i and a key at j then meet at angle i - j: the score depends on the distance only."""
+    a, b = x.float().chunk(2, dim=-1)  # (B, nh, T, hs/2) each
+    return torch.cat((a * cos - b * sin, a * sin + b * cos), dim=-1).to(x.dtype)
+
+
 class SelfAttention(nn.Module):
-    def __init__(self, d_model: int, n_heads: int, dropout: float):
+    def __init__(self, d_model: int, n_heads: int, dropout: float, qk_norm: bool = False):
         super().__init__()
         self.n_heads, self.dropout = n_heads, dropout
         self.qkv = nn.Linear(d_model, 3 * d_model)
+        # QK-norm: unit-RMS queries and keys (times a learned gain, 1 at first) keep every score
+        # within +-sqrt(hs) x gains, so no logit of the softmax can run away early in training
+        hs = d_model // n_heads
+        self.q_norm, self.k_norm = (nn.RMSNorm(hs), nn.RMSNorm(hs)) if qk_norm else (None, None)
         self.proj = nn.Linear(d_model, d_model)
 
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor], causal: bool, need_weights: bool = False):
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor], causal: bool, need_weights: bool = False,
+                rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None):
         """mask: None, bool (B, 1, 1, T) True = attend, or an additive float (B|1, nh, T, T) (ALiBi),
-        built once per forward by AttentionModel.attention_mask."""
+        built once per forward by AttentionModel.attention_mask; rope: rotary (cos, sin), (T, hs/2)."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         # (B, T, C) -> (B, nh, T, hs)
         q, k, v = (t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:  # after the norm: a rotation keeps the norm
+            q, k = rotate(q, *rope), rotate(k, *rope)
         if mask is not None and mask.is_floating_point():
             mask = mask.to(q.dtype)  # under autocast: SDPA wants the query's dtype
         if need_weights:  # explicit path, only for inspecting attention maps
@@ -91,25 +123,55 @@ class LocalConv(nn.Module):
         return x + self.drop(self.pw(h))
 
 
+class ReLU2(nn.Module):
+    """relu(x)^2 (Primer, So et al. 2021; the speedruns' feed-forward activation)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x).square()
+
+
+class SwiGLU(nn.Module):
+    """silu(x W_gate) * (x W_up), then down (Shazeer 2020). Three matrices instead of two: the
+    hidden width is 2/3 of mlp_ratio x d_model, so the parameter count matches the GELU MLP's
+    (3 x d x 2rd/3 = 2 x d x rd)."""
+
+    def __init__(self, d_model: int, hidden: int, dropout: float):
+        super().__init__()
+        self.fc = nn.Linear(d_model, 2 * hidden)  # gate and up, one matmul
+        self.proj = nn.Linear(hidden, d_model)
+        self.drop = maybe_dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.fc(x).chunk(2, dim=-1)  # (B, T, hidden) each
+        return self.drop(self.proj(F.silu(gate) * up))
+
+
+def feed_forward(kind: str, d_model: int, mlp_ratio: int, dropout: float) -> nn.Module:
+    if kind == "swiglu":
+        return SwiGLU(d_model, 2 * mlp_ratio * d_model // 3, dropout)
+    # gelu and relu2: the same two matrices (and state-dict keys mlp.0, mlp.2 as always)
+    return nn.Sequential(
+        nn.Linear(d_model, mlp_ratio * d_model), ReLU2() if kind == "relu2" else nn.GELU(),
+        nn.Linear(mlp_ratio * d_model, d_model), maybe_dropout(dropout),
+    )
+
+
 class Block(nn.Module):
     def __init__(self, d_model: int, n_heads: int, mlp_ratio: int, dropout: float,
                  conv_kernel: int = 0,  # > 0: a depthwise convolution of this width opens each block (Conformer)
-                 causal: bool = False):
+                 causal: bool = False, qk_norm: bool = False, mlp: str = "gelu"):
         super().__init__()
         self.conv = LocalConv(d_model, conv_kernel, dropout, causal) if conv_kernel else None
         self.ln1 = nn.LayerNorm(d_model)
-        self.attn = SelfAttention(d_model, n_heads, dropout)
+        self.attn = SelfAttention(d_model, n_heads, dropout, qk_norm)
         self.ln2 = nn.LayerNorm(d_model)
-        self.mlp = nn.Sequential(
-            nn.Linear(d_model, mlp_ratio * d_model), nn.GELU(),
-            nn.Linear(mlp_ratio * d_model, d_model), maybe_dropout(dropout),
-        )
+        self.mlp = feed_forward(mlp, d_model, mlp_ratio, dropout)
         self.drop = maybe_dropout(dropout)
 
-    def forward(self, x, mask, causal, need_weights=False, keep=None):
+    def forward(self, x, mask, causal, need_weights=False, keep=None, rope=None):
         if self.conv is not None:
             x = self.conv(x, keep)
-        a, weights = self.attn(self.ln1(x), mask, causal, need_weights)
+        a, weights = self.attn(self.ln1(x), mask, causal, need_weights, rope)
         x = x + self.drop(a)
         x = x + self.mlp(self.ln2(x))
         return x, weights
@@ -155,22 +217,30 @@ class AttentionModel(SequenceModel):
         mlp_ratio: int = 4,
         dropout: float = 0.0,  # nanoGPT's CPU recipe: none for short runs on small data
         word_dropout: float = 0.0,
-        positional: Literal["learned", "sinusoidal", "alibi"] = "learned",  # alibi: scores fall off with distance
+        # alibi: scores fall off with distance; rotary: queries and keys turned by their positions
+        positional: Literal["learned", "sinusoidal", "alibi", "rotary"] = "learned",
         pooling: Pooling = "mean",  # classification only
         conv_kernel: int = 0,
         tie_weights: bool = True,  # language modelling: one matrix maps ids to vectors and back
         window: int = 0,  # > 0: each query sees keys at most this many positions away (local attention)
+        qk_norm: bool = False,  # RMSNorm of each head's queries and keys before their dot product
+        mlp: Literal["gelu", "relu2", "swiglu"] = "gelu",  # the feed-forward's activation (swiglu: gated)
+        zero_init: bool = False,  # attention's and the feed-forward's output projections start at zero
+        logit_softcap: Optional[float] = None,  # > 0: logits = cap x tanh(logits / cap); 0 or null: off
     ):
         super().__init__()
         assert head in ("lm", "classify"), head
         self.lm, self.context_size = head == "lm", max_len
         self.word_dropout = float(word_dropout)
         self.tok_emb = nn.Embedding(vocab_size, d_model)
-        self.alibi = str(positional) == "alibi"
+        self.alibi, self.rotary = str(positional) == "alibi", str(positional) == "rotary"
         self.window = int(window)
+        self.softcap = float(logit_softcap or 0.0)
         if self.alibi:  # positions act inside attention, as a bias on the scores
             self.pos_emb = None
             self.register_buffer("slopes", alibi_slopes(n_heads), persistent=False)
+        elif self.rotary:  # positions act inside attention, on queries and keys (tables per forward)
+            self.pos_emb = None
         elif str(positional) == "learned":
             self.pos_emb = nn.Parameter(torch.zeros(max_len, d_model))
         else:
@@ -178,19 +248,23 @@ class AttentionModel(SequenceModel):
             # tokens and a classifier starts out seeing positions only
             self.register_buffer("pos_emb", 0.02 * sinusoidal_table(max_len, d_model), persistent=False)
         self.drop = maybe_dropout(dropout)
-        self.blocks = nn.ModuleList(Block(d_model, n_heads, mlp_ratio, dropout, conv_kernel, head == "lm")
-                                    for _ in range(n_layers))
+        self.blocks = nn.ModuleList(Block(d_model, n_heads, mlp_ratio, dropout, conv_kernel, head == "lm",
+                                          qk_norm, str(mlp)) for _ in range(n_layers))
         self.ln_f = nn.LayerNorm(d_model)
         self.pool = MaskedPooling(pooling, d_model) if head == "classify" else None
         self.head = nn.Linear(d_model, num_outputs, bias=head == "classify")
-        self._init_weights(n_layers)
+        self._init_weights(n_layers, zero_init)
         if head == "lm" and tie_weights:  # the same matrix maps ids to vectors and back
             self.head.weight = self.tok_emb.weight
 
     @classmethod
     def describe(cls, m: dict) -> str:
         conv = f", convolution {m['conv_kernel']} wide" if m.get("conv_kernel") else ""
-        return f"attention {m['n_layers']} x {m['d_model']}, {m['n_heads']} heads{conv}, {m['pooling']} pooling"
+        extra = [str(m["positional"])] if str(m.get("positional", "learned")) != "learned" else []
+        extra += ["QK-norm"] * bool(m.get("qk_norm")) + [str(m["mlp"])] * (str(m.get("mlp", "gelu")) != "gelu")
+        extra += ["zero-init"] * bool(m.get("zero_init")) + [f"softcap {m['logit_softcap']}"] * bool(m.get("logit_softcap"))
+        extra = "".join(f", {e}" for e in extra)
+        return f"attention {m['n_layers']} x {m['d_model']}, {m['n_heads']} heads{conv}{extra}, {m['pooling']} pooling"
 
     @classmethod
     def check_config(cls, cfg, head: str) -> None:
@@ -200,16 +274,25 @@ class AttentionModel(SequenceModel):
                 f"model.d_model={cfg.d_model} must be divisible by model.n_heads={cfg.n_heads}.")
         require(cfg.conv_kernel >= 0, f"model.conv_kernel must be 0 (none) or a width >= 1, got {cfg.conv_kernel}.")
         require(cfg.window >= 0, f"model.window must be 0 (global attention) or a distance >= 1, got {cfg.window}.")
+        require(str(cfg.positional) != "rotary" or (cfg.d_model // cfg.n_heads) % 2 == 0,
+                f"model.positional=rotary turns pairs of channels: the head size model.d_model / model.n_heads "
+                f"= {cfg.d_model // cfg.n_heads} must be even.")
+        require((cfg.logit_softcap or 0) >= 0,
+                f"model.logit_softcap must be > 0 (the cap) or 0/null (off), got {cfg.logit_softcap}.")
 
-    def _init_weights(self, n_layers: int) -> None:
+    def _init_weights(self, n_layers: int, zero_init: bool = False) -> None:
         # GPT-2 init: N(0, 0.02); residual projections scaled by 1/sqrt(2 * layers). The depthwise
         # convolution keeps torch's init (~1/sqrt(kernel)): at 0.02 it and the small projection
-        # after it would each hold back the other's gradient.
+        # after it would each hold back the other's gradient. zero_init: attention's and the
+        # feed-forward's output projections at 0 (modded-nanogpt), every block the identity at
+        # first; the first step's gradient reaches them alone, the rest of the block from the next.
         for name, p in self.named_parameters():
             if p.dim() >= 2 and not name.endswith("dw.weight"):
                 residual = name.endswith(("proj.weight", "mlp.2.weight", "pw.weight"))
                 std = 0.02 / math.sqrt(2 * n_layers) if residual else 0.02
-                nn.init.normal_(p, 0.0, std)
+                nn.init.normal_(p, 0.0, std)  # drawn in every case: the other weights' init stays as it is
+                if zero_init and residual and not name.endswith("pw.weight"):
+                    nn.init.zeros_(p)
             elif name.endswith("bias"):
                 nn.init.zeros_(p)
 
@@ -232,7 +315,10 @@ class AttentionModel(SequenceModel):
         B, T = tokens.shape
         assert T <= self.context_size, f"sequence of {T} exceeds the context size {self.context_size}"
         x = embed_words(self.tok_emb, tokens, self.word_dropout)  # (B, T, C)
-        x = self.drop(x if self.alibi else x + self.pos_emb[:T])
+        x = self.drop(x if self.pos_emb is None else x + self.pos_emb[:T])
+        # rotary: positions 0..T-1 of this window, as the learned table counts them; cheap, so not cached
+        rope = rotary_tables(torch.arange(T, device=tokens.device), self.tok_emb.embedding_dim
+                             // self.blocks[0].attn.n_heads) if self.rotary else None
         causal = self.lm
         # (B, T) True at real tokens, or None when all are: padding for attention and convolutions
         keep = None if causal or lengths is None else length_mask(lengths.to(tokens.device), T)
@@ -240,13 +326,15 @@ class AttentionModel(SequenceModel):
         mask, mask_causal = self.attention_mask(T, keep, causal, tokens.device)
         maps = []
         for block in self.blocks:
-            x, w = block(x, mask, mask_causal, need_weights, keep)
+            x, w = block(x, mask, mask_causal, need_weights, keep, rope)
             maps.append(w)
         x = self.ln_f(x)
         if causal:
             logits = self.head(x)  # (B, T, V)
         else:
             logits = self.head(self.pool(x, lengths_or_full(tokens, lengths)))  # (B, C)
+        if self.softcap:  # (Gemma 2) smooth, |logits| < cap: no logit can grow without bound
+            logits = self.softcap * torch.tanh(logits / self.softcap)
         return logits, (maps if need_weights else None)
 
     def attention_mask(self, T: int, keep: Optional[torch.Tensor], causal: bool, device: torch.device):
