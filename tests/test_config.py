@@ -244,7 +244,8 @@ def test_the_recipe_is_the_measured_one():
     assert (c.trainer.max_epochs, c.trainer.eval_every, c.trainer.ema) == (4, 176, 0.995)
     ngram = make_cfg("model=ngram", "data=imdb")  # model/ngram.yaml chooses its optimizer and schedule
     assert (ngram.optimizer._target_, ngram.scheduler._target_, ngram.trainer.max_epochs) == \
-        ("torch.optim.Adam", "seqexp.schedules.constant", 1)
+        ("torch.optim.Adam", "seqexp.schedules.constant", 4)
+    assert (ngram.model.train_r, ngram.model.w_adj) == (False, 0.0)  # NBSVM's own form (recipe/imdb_ngram.yaml)
     assert make_cfg("model=ngram", "data=imdb", "optimizer=adamw").optimizer._target_ == "torch.optim.AdamW"
 
 
