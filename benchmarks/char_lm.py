@@ -35,6 +35,10 @@ PRESETS = {
         "attention": ["model=attention", "model.d_model=128", "model.n_layers=4", "model.n_heads=4"],
         # the paper's language-model blocks at its YAML's size (2 x 256, feed-forward 4x)
         "mingru": ["model=mingru"],
+        # the GRU above with Muon for its hidden matrices, at the Muon lr the 300-step screen chose
+        # (BENCHMARKS.md, "Muon against AdamW": 1e-2; at AdamW's 3e-3 Muon is worse)
+        "gru_muon": ["model=gru", "model.hidden_size=256", "model.num_layers=2", "optimizer=muon",
+                     "optimizer.muon_lr=1e-2"],
     },
     "gpu": {  # nanoGPT's "baby GPT" shape, and an LSTM of similar cost
         "attention": ["model=attention", "model.d_model=384", "model.n_heads=6", "model.n_layers=6",
@@ -58,6 +62,8 @@ def scalars(run_dir: str, tag: str):
 def run_model(name: str, overrides: list[str], a) -> dict:
     common = ["data=shakespeare", f"data.path={a.data_path}", "trainer.progress=false",
               "logging.sample.chars=0", f"trainer.device={a.device}", *overrides]
+    if a.seed is not None:
+        common.append(f"trainer.seed={a.seed}")
     # 1. calibrate: characters per second of this config on this machine
     with tempfile.TemporaryDirectory() as tmp:
         train(config([*common, "trainer.max_steps=60", "trainer.eval_every=1000000",
@@ -112,6 +118,7 @@ def main() -> None:
     p.add_argument("--models", default=None,
                    help="comma-separated model configs (default: the preset's); one the preset does not size runs at its YAML's")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=None, help="trainer.seed of every run (default: the config's)")
     p.add_argument("--out", default="benchmarks/results")
     a = p.parse_args()
     preset = PRESETS[a.preset]
@@ -121,7 +128,7 @@ def main() -> None:
     # a family the preset does not size trains at its own YAML's size (its defaults)
     results = [run_model(n, preset.get(n, [f"model={n}"]), a) for n in names]
     hw = torch.cuda.get_device_name() if a.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    stem = f"char_lm_{a.preset}_{int(a.budget)}s"
+    stem = f"char_lm_{a.preset}_{int(a.budget)}s" + ("" if a.seed is None else f"_seed{a.seed}")
     (out / f"{stem}.json").write_text(json.dumps(results, indent=1))
     plot(results, out / f"{stem}.png", f"tiny-shakespeare, {int(a.budget)} s per model, {hw}")
     print(f"\n{hw}; torch {torch.__version__}; budget {a.budget:.0f} s per model")
