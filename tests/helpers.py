@@ -14,6 +14,7 @@ import json
 import os
 import re
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -251,6 +252,21 @@ def resume_run(overrides: list[str], run_dir: Path, *extra: str) -> dict:
     from seqexp.train import train
 
     return train(make_cfg(*overrides, f"resume={run_dir}", *extra), run_dir)
+
+
+def straight_and_stopped(overrides: list[str], tmp_path: Path) -> tuple[Path, Path]:
+    """The resume protocol: a straight run, and the same run stopped by a SIGINT after STOP steps
+    and resumed, which must equal it bitwise. Returns (straight, partial): `partial` is a copy of
+    the stopped run before it resumed, for a resume without one ingredient that must not equal it."""
+    from seqexp.train import train
+
+    straight, resumed, partial = (tmp_path / name for name in ("straight", "resumed", "partial"))
+    train(make_cfg(*overrides), straight)
+    run_until_signal(overrides, resumed, STOP)
+    shutil.copytree(resumed, partial)  # the stopped run, before it resumes
+    resume_run(overrides, resumed)
+    assert_same_training(straight, resumed)
+    return straight, partial
 
 
 def assert_same_training(a: Path, b: Path) -> None:

@@ -4,18 +4,15 @@ state, exact resume)."""
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from seqexp.errors import UserError
 from seqexp.models.minrnn import MinRNN, MinRNNModel, chunked_scan, log_scan, sequential_scan
-from seqexp.train import train
 from tests import helpers
-from tests.helpers import (STOP, assert_same_training, drop_carried_state, final_state, make_cfg, overfit_lm,
-                           overrides_for, resume_run, run_until_signal, same_tensors)
+from tests.helpers import (drop_carried_state, final_state, make_cfg, overfit_lm, overrides_for, resume_run, same_tensors,
+                           straight_and_stopped)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -322,13 +319,7 @@ def test_resume_is_exact_and_needs_the_carried_state(kind, request, tmp_path, mo
         tiny += ["model.bidirectional=true", "model.pooling=mean"]
     monkeypatch.setitem(helpers.TINY, "mingru", tiny)
     overrides = overrides_for(kind, "mingru", request)
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    train(make_cfg(*overrides), straight)
-    run_until_signal(overrides, resumed, STOP)
-    partial = tmp_path / "partial"
-    shutil.copytree(resumed, partial)
-    resume_run(overrides, resumed)
-    assert_same_training(straight, resumed)
+    straight, partial = straight_and_stopped(overrides, tmp_path)
     if kind == "imdb":  # a classifier carries no state between batches
         return
     with monkeypatch.context() as m:

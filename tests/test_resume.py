@@ -18,9 +18,9 @@ from seqexp.resume import config_for_resume, resolve, resume_argv
 from seqexp.train import train
 from seqexp.trainer import Trainer
 from seqexp.update import Update
-from tests.helpers import (KINDS, STOP, TOTAL, assert_same_training, drop_carried_state, final_state,
-                           imdb_overrides, make_cfg, overrides_for, resume_run, run_until_signal, same_tensors,
-                           scalars, snapshot, tiny_overrides)
+from tests.helpers import (KINDS, STOP, TOTAL, assert_same_training, drop_carried_state, final_state, imdb_overrides,
+                           make_cfg, overrides_for, resume_run, run_until_signal, same_tensors, scalars, snapshot,
+                           straight_and_stopped, tiny_overrides)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -76,13 +76,7 @@ def test_resume_with_muon_is_bitwise_exact_and_needs_both_optimizers_states(mode
     """optimizer=muon holds two optimizers (muon.py): both states are saved and loaded, Muon's
     momentum as much as AdamW's moments."""
     overrides = overrides_for("char", model, request, "optimizer=muon")
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    train(make_cfg(*overrides), straight)
-    run_until_signal(overrides, resumed, STOP)
-    partial = tmp_path / "partial"
-    shutil.copytree(resumed, partial)
-    resume_run(overrides, resumed)
-    assert_same_training(straight, resumed)
+    straight, partial = straight_and_stopped(overrides, tmp_path)
 
     from seqexp.muon import MuonAdamW
 
@@ -102,13 +96,7 @@ def test_resume_with_weight_averaging_is_exact_and_needs_the_average(request, tm
     """trainer.ema: the average is part of the state. Resumed without it (the average restarted
     from the weights), the run's checkpoints and validation curve differ."""
     overrides = overrides_for("imdb", "lstm", request, "trainer.ema=0.8")
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    train(make_cfg(*overrides), straight)
-    run_until_signal(overrides, resumed, STOP)
-    partial = tmp_path / "partial"
-    shutil.copytree(resumed, partial)
-    resume_run(overrides, resumed)
-    assert_same_training(straight, resumed)
+    straight, partial = straight_and_stopped(overrides, tmp_path)
 
     original = Trainer.restore
 

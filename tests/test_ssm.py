@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import math
-import shutil
 
 import pytest
 import torch
@@ -25,8 +24,8 @@ from seqexp.models.mamba import SCAN_CHUNK, MambaModel, selective_scan, sequenti
 from seqexp.sampling import generate
 from seqexp.train import train
 from tests import helpers
-from tests.helpers import (STOP, assert_same_training, drop_carried_state, final_state, imdb_overrides, make_cfg,
-                           overfit_lm, overrides_for, resume_run, run_until_signal, same_tensors, tiny_overrides)
+from tests.helpers import (drop_carried_state, final_state, imdb_overrides, make_cfg, overfit_lm, overrides_for, resume_run,
+                           same_tensors, straight_and_stopped, tiny_overrides)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -360,13 +359,7 @@ def test_char_resume_is_bitwise_and_needs_the_carried_state(family, request, tmp
     """N steps + SIGINT + resume = 2N steps, bitwise (tests/test_resume.py's protocol), on a char
     stream with truncated BPTT; resumed without the carried state, the run differs."""
     overrides = overrides_for("char", family, request)
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    train(make_cfg(*overrides), straight)
-    run_until_signal(overrides, resumed, STOP)
-    partial = tmp_path / "partial"
-    shutil.copytree(resumed, partial)  # the stopped run, before it resumes
-    resume_run(overrides, resumed)
-    assert_same_training(straight, resumed)
+    straight, partial = straight_and_stopped(overrides, tmp_path)
     with monkeypatch.context() as m:
         drop_carried_state(m)
         resume_run(overrides, partial)
