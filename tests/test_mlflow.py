@@ -159,14 +159,14 @@ def test_a_sweep_is_one_parent_run_with_a_child_per_job(client, tracking_uri, ti
 def test_names_mlflow_refuses_are_mapped_once():
     from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, validate_param_and_metric_name
 
-    from seqexp.mlflow_backend import flatten, mlflow_name
+    from seqexp.mlflow_backend import config_params, mlflow_name
 
     names = ["train/loss", "val/acc", "val/loss@6", "weights/layers.0.weight_ih", "a%b,c"]
     mapped = [mlflow_name(n) for n in names]
     assert mapped[:4] == ["train/loss", "val/acc", "val/loss_at_6", "weights/layers.0.weight_ih"]
     assert all(validate_param_and_metric_name(n) for n in mapped) and len(set(mapped)) == len(names)
     long = "p" * (MAX_PARAM_VAL_LENGTH + 1)
-    params = flatten({"model": {"_target_": "x.Y", "sizes": [1, 2]}, "data": {"path": long}, "resume": "r"})
+    params = config_params({"model": {"_target_": "x.Y", "sizes": [1, 2]}, "data": {"path": long}, "resume": "r"})
     assert params == {"model._target_": "x.Y", "model.sizes": "[1, 2]", "data.path": long[:-1]}  # cut to the limit
 
 

@@ -45,7 +45,7 @@ from seqexp.files import read_json, write_json
 from seqexp.hparams import job_metrics
 from seqexp.locks import file_lock
 from seqexp.logger import Backend
-from seqexp.resume import OUTPUTS
+from seqexp.resume import OUTPUTS, flat
 from seqexp.rundir import RunDir
 
 log = logging.getLogger("seqexp")
@@ -73,16 +73,10 @@ def mlflow_name(name: str) -> str:
     return re.sub(r"[^\w.\-/ ]", "_", name.replace("@", "_at_"))
 
 
-def flatten(node, prefix: str = "") -> dict[str, str]:
-    """{'optimizer.lr': '0.003', ...}: every leaf of a plain config dict, as MLflow params (strings)."""
-    out = {}
-    for key, value in node.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, name + "."))
-        elif name not in NOT_PARAMS:
-            out[mlflow_name(name)] = str(value)[:MAX_PARAM_VAL_LENGTH]
-    return out
+def config_params(config: dict) -> dict[str, str]:
+    """{'optimizer.lr': '0.003', ...}: every leaf of a plain config dict, as MLflow params (strings
+    within its length limit, names it takes)."""
+    return {mlflow_name(k): str(v)[:MAX_PARAM_VAL_LENGTH] for k, v in flat(config).items() if k not in NOT_PARAMS}
 
 
 def chunks(items: list, n: int):
@@ -108,7 +102,7 @@ class MLflow(Backend):
                 tags["mlflow.parentRunId"] = sweep_parent(self.client, experiment, Path(sweep))
             self.run_id = self.client.create_run(experiment, tags=tags, run_name=run.path.name).info.run_id
             write_json(run.mlflow, {"run_id": self.run_id, "tracking_uri": uri})
-            self.log_params(flatten(self.config))
+            self.log_params(config_params(self.config))
         log.info("MLflow run %s in %s", self.run_id, uri)
 
     # ---------------------------------------------------------------- the run
@@ -132,7 +126,7 @@ class MLflow(Backend):
             log.warning("MLflow run %s not found (%s); recording to a new one", run_id, str(e).splitlines()[0])
             return None
         self.client.update_run(run_id, status="RUNNING")
-        self.run_id, params = run_id, flatten(self.config)
+        self.run_id, params = run_id, config_params(self.config)
         self.log_params({k: v for k, v in params.items() if k not in old})
         changed = [RunTag(f"seqexp.resumed.{k}", v[:MAX_TAG_VAL_LENGTH]) for k, v in params.items()
                    if k in old and old[k] != v]

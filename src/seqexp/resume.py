@@ -146,11 +146,13 @@ def resume_argv(argv: list[str]) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- config
-def _flatten(node: Any, prefix: str) -> dict[str, Any]:
+def flat(node: Any, prefix: str = "") -> dict[str, Any]:
+    """A plain config dict's leaves under dot keys: {'optimizer': {'lr': 3e-3}} -> {'optimizer.lr':
+    3e-3}; `prefix` is the key of `node` itself. Lists are leaves."""
     if isinstance(node, dict):
         out = {}
         for k, v in node.items():
-            out.update(_flatten(v, f"{prefix}.{k}"))
+            out.update(flat(v, f"{prefix}.{k}" if prefix else str(k)))
         return out
     return {prefix: node}
 
@@ -165,7 +167,7 @@ def frozen_changes(saved: dict, new: dict, ignore: tuple[str, ...] = ()) -> list
     """'key: old -> new' for every difference under FROZEN (plain, resolved dicts)."""
     changes = []
     for key in FROZEN:
-        old, now = _flatten(_select(saved, key), key), _flatten(_select(new, key), key)
+        old, now = flat(_select(saved, key), key), flat(_select(new, key), key)
         for k in sorted(old.keys() | now.keys()):
             if k not in ignore and old.get(k, "<unset>") != now.get(k, "<unset>"):
                 changes.append(f"{k}: {old.get(k, '<unset>')} -> {now.get(k, '<unset>')}")
