@@ -39,6 +39,9 @@ PRESETS = {
         # (BENCHMARKS.md, "Muon against AdamW": 1e-2; at AdamW's 3e-3 Muon is worse)
         "gru_muon": ["model=gru", "model.hidden_size=256", "model.num_layers=2", "optimizer=muon",
                      "optimizer.muon_lr=1e-2"],
+        # attention above with Muon at its shared lr (the 300-step screen: 3e-3 and 1e-2 within 0.003)
+        "attention_muon": ["model=attention", "model.d_model=128", "model.n_layers=4", "model.n_heads=4",
+                           "optimizer=muon"],
     },
     "gpu": {  # nanoGPT's "baby GPT" shape, and an LSTM of similar cost
         "attention": ["model=attention", "model.d_model=384", "model.n_heads=6", "model.n_layers=6",

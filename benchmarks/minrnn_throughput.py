@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 
-import seqexp.config  # noqa: F401 (registers the root schema that configs/train.yaml names)
 from seqexp.build import instantiate
 from seqexp.configs import CONFIG_DIR
 from seqexp.sweep.resources import cpu_name

@@ -29,7 +29,6 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from seqexp.checkpoint import read
-from seqexp.config import register_configs
 from seqexp.configs import CONFIG_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,7 +60,6 @@ def make_cfg(*overrides: str, config_name: str = "train"):
     GlobalHydra.instance().clear()
     key = (config_name, overrides)
     if key not in _COMPOSED:
-        register_configs()  # train.yaml's typed root; a test file run alone may not have imported seqexp.config
         with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
             _COMPOSED[key] = compose(config_name, overrides=list(overrides))
     return copy.deepcopy(_COMPOSED[key])

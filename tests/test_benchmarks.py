@@ -17,6 +17,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
+from seqexp.build import build_data, build_model, build_optimizer
+from seqexp.config import validate
 from seqexp.configs import CONFIG_DIR
 from tests.helpers import REPORTS_OFF, ROOT, TINY
 
@@ -218,6 +220,22 @@ def test_imdb_benchmark_config_comparison():
     assert not same(run, {"model": {"d": 64, "drop": 0.3, "word_dropout": 0.2}, "trainer": {"seed": 1}})
     assert not same(run, {"model": {"d": 128, "drop": 0.3}, "trainer": {"seed": 1}})
     assert not same(run, {"model": {"d": 64, "drop": 0.3}, "trainer": {"seed": 2}})
+
+
+# ----------------------------------------------------------------------------- char_lm.py
+@pytest.mark.parametrize("preset", sorted(load("char_lm").PRESETS))
+def test_every_char_lm_row_is_a_config_that_builds(preset, shakespeare):
+    """A row's overrides are what a user copies into scripts/train.py: each composes, passes the
+    checks that run before training, and builds its model and optimizer (optimizer=muon finds
+    hidden matrices to take)."""
+    char_lm = load("char_lm")
+    for name, overrides in char_lm.PRESETS[preset].items():
+        GlobalHydra.instance().clear()
+        cfg = char_lm.config(["data=shakespeare", f"data.path={shakespeare}", *overrides])
+        validate(cfg)
+        data = build_data(cfg.data, seed=0)
+        model = build_model(cfg.model, data.model_kwargs())
+        assert build_optimizer(cfg.optimizer, model).param_groups, name
 
 
 # ----------------------------------------------------------------------------- minrnn_throughput.py

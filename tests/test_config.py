@@ -32,6 +32,21 @@ def test_every_group_offers_what_a_run_needs():
         assert GROUPS[group], f"configs/{group}/ is empty"
     assert LM_MODELS, "no model models language: the default data (a character corpus) needs one"
 
+def test_train_yaml_composes_typed_in_a_process_that_imported_nothing_of_seqexp():
+    """The root schema comes from the same plugin as every group's (hydra_plugins/seqexp_schema):
+    a script that composes train.yaml (benchmarks/imdb.py once did) finds it without importing
+    seqexp.config first, and a typo in a trainer key is still refused at composition."""
+    code = ("import sys\nfrom hydra import compose, initialize_config_dir\n"
+            "from seqexp.configs import CONFIG_DIR\n"
+            "with initialize_config_dir(str(CONFIG_DIR), version_base='1.3'):\n"
+            "    cfg = compose('train', overrides=sys.argv[1:])\n"
+            "print(cfg.trainer.max_steps)\n")
+    ok = subprocess.run([sys.executable, "-c", code, "trainer.max_steps=7"], capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert ok.stdout.split() == ["7"]
+    typo = subprocess.run([sys.executable, "-c", code, "trainer.max_stepz=7"], capture_output=True, text=True, timeout=120)
+    assert typo.returncode != 0 and "Could not override 'trainer.max_stepz'" in typo.stderr
+
 
 @pytest.mark.parametrize("name", ALL_MODELS)
 def test_every_model_composes_and_builds_for_every_head_it_accepts(name):

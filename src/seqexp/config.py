@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Optional
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from seqexp.build import RUNTIME, check_optimization, locate, parameters
@@ -148,14 +147,6 @@ class TrainConfig:
     sweep: SweepConfig = field(default_factory=SweepConfig)
     # continue a run: its directory, a checkpoint in it, or `latest` (seqexp/resume.py)
     resume: Optional[str] = None
-
-
-def register_configs() -> None:
-    """The root schema; each group's schema comes from its constructor (seqexp/schema.py)."""
-    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
-
-
-register_configs()
 
 
 def safe_dirname(name: str, max_len: int = 200) -> str:

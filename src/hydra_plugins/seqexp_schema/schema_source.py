@@ -1,9 +1,11 @@
-"""`/schema/<dotted.target>` in a defaults list: the config schema of that constructor.
+"""`/schema/<dotted.target>` in a defaults list: the config schema of that constructor, or the
+dataclass itself when the name is one (train.yaml's root, `seqexp.config.TrainConfig`).
 
 A config source (Hydra's plugin kind for where configs come from) that answers only paths
 under `schema/`, and a search-path plugin that adds it, so a YAML file anywhere on the search
 path -- seqexp's own, or a user's under `hydra.searchpath` -- can name the schema of its
-`_target_`. The module named is imported only when a config file names it.
+`_target_`. The module named is imported only when a config file names it -- so a script that
+composes train.yaml needs no import of seqexp's own to make its schema known.
 """
 
 from __future__ import annotations
@@ -31,12 +33,16 @@ class SchemaSource(ConfigSource):
         return name if group == GROUP and "." in name and "/" not in name else None
 
     def load_config(self, config_path: str) -> ConfigResult:
+        import dataclasses
+
+        from seqexp.build import locate
         from seqexp.errors import UserError
         from seqexp.schema import schema_for
 
         target = self._target(config_path)
         try:
-            node = OmegaConf.structured(schema_for(target))
+            found = locate(target)
+            node = OmegaConf.structured(found if dataclasses.is_dataclass(found) else schema_for(target))
         except UserError as e:
             raise ConfigLoadError(f"schema {target}: {e}") from None
         return ConfigResult(provider="seqexp", path=self.full_path(), config=node, header={"package": None})
