@@ -223,12 +223,14 @@ def test_imdb_benchmark_config_comparison():
 
 
 # ----------------------------------------------------------------------------- char_lm.py
-@pytest.mark.parametrize("preset", sorted(load("char_lm").PRESETS))
+char_lm = load("char_lm")
+
+
+@pytest.mark.parametrize("preset", sorted(char_lm.PRESETS))
 def test_every_char_lm_row_is_a_config_that_builds(preset, shakespeare):
     """A row's overrides are what a user copies into scripts/train.py: each composes, passes the
     checks that run before training, and builds its model and optimizer (optimizer=muon finds
     hidden matrices to take)."""
-    char_lm = load("char_lm")
     for name, overrides in char_lm.PRESETS[preset].items():
         GlobalHydra.instance().clear()
         cfg = char_lm.config(["data=shakespeare", f"data.path={shakespeare}", *overrides])

@@ -93,7 +93,7 @@ def test_the_state_dict_is_one_optimizers_and_loading_it_continues_exactly():
     cfg = make_cfg("model=attention", "optimizer=muon").optimizer
     x = torch.randint(V, (4, T))
     straight = attention()
-    train(straight, opt := build_optimizer(cfg, straight), x, 5)
+    train(straight, build_optimizer(cfg, straight), x, 5)
 
     first = attention()
     train(first, opt1 := build_optimizer(cfg, first), x, 2)
