@@ -42,6 +42,12 @@ PRESETS = {
         # attention above with Muon at its shared lr (the 300-step screen: 3e-3 and 1e-2 within 0.003)
         "attention_muon": ["model=attention", "model.d_model=128", "model.n_layers=4", "model.n_heads=4",
                            "optimizer=muon"],
+        # Mamba at its YAML's size with one decay per head of 64 channels (Mamba-2's SSD scan, ~1.5x
+        # the step rate of the per-channel scan on this CPU), its recipe's lr
+        "mamba_heads": ["model=mamba", "model.head_dim=64"],
+        # DeltaNet at its YAML's size with Muon for its hidden matrices at the recipe's shared lr (a
+        # 450-step screen: 1.553 against AdamW's 1.573; muon_lr 1e-2: 1.554)
+        "deltanet_muon": ["model=deltanet", "optimizer=muon"],
     },
     "gpu": {  # nanoGPT's "baby GPT" shape, and an LSTM of similar cost
         "attention": ["model=attention", "model.d_model=384", "model.n_heads=6", "model.n_layers=6",

@@ -16,7 +16,8 @@ same round.
         [--models gru,mingru,mingru_bare,attention,lstm,minlstm] [--rounds 7]
 
 A model name is a config name, or `NAME_bare` / `NAME_seq` / `NAME_log` for model.blocks=false /
-model.scan=sequential / model.scan=log of a minRNN config; suffixes combine (`mingru_bare_log`).
+model.scan=sequential / model.scan=log of a minRNN config, `mamba_heads` for model.head_dim=64 (one
+decay per head of 64 channels, Mamba-2's SSD scan); suffixes combine (`mingru_bare_log`).
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ from seqexp.configs import CONFIG_DIR
 from seqexp.sweep.resources import cpu_name
 
 VOCAB = 100
-VARIANTS = {"bare": "model.blocks=false", "seq": "model.scan=sequential", "log": "model.scan=log"}
+VARIANTS = {"bare": "model.blocks=false", "seq": "model.scan=sequential", "log": "model.scan=log",
+            "heads": "model.head_dim=64"}
 
 
 def build(name: str, T: int) -> torch.nn.Module:

@@ -8,6 +8,9 @@ Mamba (ns per state element, B x T x E x N):
   materialised   exp(Δ A) and Δ B u as (B, T, E, N) tensors through minrnn's chunked scan
   ssd_per_n      Mamba-2's chunked form with Mamba's decay per (channel, state): a (Q, Q, E, N)
                  within-chunk decay (only at the small shape: its memory is Q times the state's)
+  ssd P=.. Q=..  mamba.ssd_scan, the scan of model.head_dim=P: one Δ and decay per head of P
+                 channels (Mamba-2's), so the chunk is matmuls (each head's Δ and A taken from its
+                 first channel's inputs; the same state, E x N per row)
 DeltaNet (ns per token and head, B x T, 4 heads of 64): the chunked WY form at several chunk
 sizes, and the step loop.
 """
@@ -21,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from seqexp.models.deltanet import chunked_delta_rule, sequential_delta_rule
-from seqexp.models.mamba import selective_scan
+from seqexp.models.mamba import selective_scan, ssd_scan
 from seqexp.models.minrnn import chunked_scan
 
 
@@ -73,6 +76,9 @@ def mamba(reps):
         forms["materialised"] = materialised
         if B * T * E * N * 16 <= 3e8:
             forms["ssd_per_n"] = ssd_per_n
+        for P, Q in [(64, 16), (64, 32), (64, 64), (16, 32)]:
+            forms[f"ssd P={P} Q={Q}"] = (lambda P, Q: lambda dt, u, A, Bm, Cm: ssd_scan(
+                dt[..., ::P], u, A[::P, 0], Bm, Cm, chunk=Q)[0])(P, Q)
         for name, s in timed(forms, inputs, reps).items():
             print(f"| mamba | {B}x{T}x{E}x{N} | {name} | {s / (B * T * E * N) * 1e9:.1f} ns/state element |")
 

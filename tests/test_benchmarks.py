@@ -246,9 +246,9 @@ def test_minrnn_throughput_runs_as_a_script_for_the_new_families():
     """Its own process: the script composes train.yaml with nothing of seqexp imported but what it
     imports itself (it once lacked the root schema's registration and failed at its first compose)."""
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "minrnn_throughput.py"), "--lengths", "8,16",
-                        "--tokens", "32", "--rounds", "1", "--models", "gru,mamba,deltanet"],
+                        "--tokens", "32", "--rounds", "1", "--models", "gru,mamba,mamba_heads,deltanet"],
                        capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [line for line in r.stdout.splitlines() if line.startswith("| ") and not line.startswith("| model")]
-    assert [row.split(" | ")[0] for row in rows] == ["| gru", "| mamba", "| deltanet"]
+    assert [row.split(" | ")[0] for row in rows] == ["| gru", "| mamba", "| mamba_heads", "| deltanet"]
     assert all(row.count("x)") == 2 for row in rows)  # a rate and a ratio at each length

@@ -20,7 +20,7 @@ from seqexp.commands import sample
 from seqexp.errors import UserError
 from seqexp.inference import load_run, text_encoder
 from seqexp.models.deltanet import CHUNK, DeltaNetModel, chunked_delta_rule, sequential_delta_rule
-from seqexp.models.mamba import SCAN_CHUNK, MambaModel, selective_scan, sequential_scan
+from seqexp.models.mamba import SCAN_CHUNK, SSD_CHUNK, MambaModel, selective_scan, sequential_scan, ssd_scan
 from seqexp.sampling import generate
 from seqexp.train import train
 from tests import helpers
@@ -31,8 +31,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 V, C = 23, 2
 FAMILIES = ["mamba", "deltanet"]
-# each family and its control: Δ, B, C constant (selective=false); α ≡ 1 (gate=false)
-VARIANTS = {"mamba": {}, "mamba_lti": {"selective": False}, "deltanet": {}, "deltanet_plain": {"gate": False}}
+# each family and its control: Δ, B, C constant (selective=false); α ≡ 1 (gate=false); Mamba with one
+# Δ and decay per head of 8 channels (head_dim, ssd_scan), selective and not
+VARIANTS = {"mamba": {}, "mamba_lti": {"selective": False}, "mamba_heads": {"head_dim": 8},
+            "mamba_heads_lti": {"selective": False, "head_dim": 8}, "deltanet": {}, "deltanet_plain": {"gate": False}}
 TINY = {"mamba": ["model=mamba", "model.d_model=16", "model.d_state=4"],
         "deltanet": ["model=deltanet", "model.d_model=16", "model.num_heads=2", "model.mlp_ratio=2"]}
 
@@ -138,6 +140,56 @@ def test_mamba_scan_stays_accurate_over_thousands_of_steps():
     w = [torch.randn(1, T, 4), torch.randn(1, 4, 4)]
     outs, grads = outputs_and_grads(selective_scan, [dt, u, A, Bm, Cm, None], w)
     exact_outs, exact_grads = outputs_and_grads(mamba_reference, [x.double() for x in (dt, u, A, Bm, Cm)] + [None], w)
+    for o, e in zip(outs, exact_outs):
+        close_to(o, e, 1e-5)
+    for g, e in zip(grads, exact_grads):
+        close_to(g, e, 1e-5)
+
+
+def per_channel(scan, P: int):
+    """A scan over per-head Δ (B, T, H) and A (H,) as one over per-channel Δ (B, T, E) and A (E, N):
+    each head's values repeated over its P channels (and A over the N states), inside autograd."""
+    def run(dt, u, A, Bm, Cm, h0):
+        return scan(dt.repeat_interleave(P, -1), u, A.repeat_interleave(P)[:, None].expand(-1, Bm.shape[-1]), Bm, Cm, h0)
+    return run
+
+
+def ssd_inputs(B: int, T: int, H: int, P: int, N: int, initial: str):
+    g = torch.Generator().manual_seed(T)
+    dt = torch.rand(B, T, H, generator=g)
+    u, Bm, Cm = torch.randn(B, T, H * P, generator=g), torch.randn(B, T, N, generator=g), torch.randn(B, T, N, generator=g)
+    A = -torch.empty(H).uniform_(1, 16, generator=g)  # Mamba-2's range: decays from e^-16 to ~1 per step
+    h0 = {"none": None, "carried": torch.randn(B, H * P, N, generator=g)}[initial]
+    return [dt, u, A, Bm, Cm, h0]
+
+
+@pytest.mark.parametrize("initial", ["none", "carried"])
+@pytest.mark.parametrize("T", [1, SSD_CHUNK - 1, SSD_CHUNK, SSD_CHUNK + 1, 3 * SSD_CHUNK + 5])
+def test_ssd_scan_equals_the_float64_loop(T, initial):
+    """head_dim's scan (one Δ and one decay per head, Mamba-2's SSD form): outputs, final state and
+    the gradients of all six inputs against the paper's per-channel recurrence in float64, each
+    head's Δ and A repeated over its channels; lengths around and across the chunk, padded inside."""
+    inputs = ssd_inputs(2, T, 3, 2, 4, initial)
+    w = [torch.randn(2, T, 6), torch.randn(2, 6, 4)]
+    outs, grads = outputs_and_grads(ssd_scan, inputs, w)
+    exact_outs, exact_grads = outputs_and_grads(per_channel(mamba_reference, 2),
+                                                [None if x is None else x.double() for x in inputs], w)
+    for o, e in zip(outs, exact_outs):
+        close_to(o, e, 1e-6)
+    for g, e in zip(grads, exact_grads):
+        close_to(g, e, 1e-5)
+
+
+def test_ssd_scan_stays_accurate_over_thousands_of_steps():
+    """3000 steps, one head per decade of Δ A (-1e-3 to -1 per step): float32 within 1e-5 of the
+    float64 loop's scale, outputs, state and gradients, where a decay spans many chunks."""
+    T = 3000
+    dt, u, A, Bm, Cm, _ = ssd_inputs(1, T, 4, 2, 4, "none")
+    dt, A = dt * torch.logspace(-3, 0, 4), -torch.ones(4)
+    w = [torch.randn(1, T, 8), torch.randn(1, 8, 4)]
+    outs, grads = outputs_and_grads(ssd_scan, [dt, u, A, Bm, Cm, None], w)
+    exact_outs, exact_grads = outputs_and_grads(per_channel(mamba_reference, 2),
+                                                [x.double() for x in (dt, u, A, Bm, Cm)] + [None], w)
     for o, e in zip(outs, exact_outs):
         close_to(o, e, 1e-5)
     for g, e in zip(grads, exact_grads):
@@ -335,7 +387,7 @@ def test_generation_carries_state_like_rereading_the_prefix(family):
         seq = torch.cat([seq, nxt[:, None]], 1)
 
 
-@pytest.mark.parametrize("variant", ["mamba", "deltanet"])
+@pytest.mark.parametrize("variant", ["mamba", "mamba_heads", "deltanet"])
 def test_overfits_one_batch(variant):
     loss = overfit_lm(build(variant, "lm", d_model=32), V, steps=150)
     assert loss < 0.05, loss
@@ -351,6 +403,10 @@ def test_config_checks(family):
     bad = "model.dt_rank=0" if family == "mamba" else "model.num_heads=3"
     with pytest.raises(UserError, match="dt_rank" if family == "mamba" else "multiple of model.num_heads"):
         cls.check_config(make_cfg(f"model={family}", bad).model, "lm")
+    if family == "mamba":  # the heads must split the inner width (2 x 256)
+        with pytest.raises(UserError, match="model.head_dim must be null or divide .* 512, got 48"):
+            cls.check_config(make_cfg("model=mamba", "model.head_dim=48").model, "lm")
+        cls.check_config(make_cfg("model=mamba", "model.head_dim=64").model, "lm")
 
 
 # ----------------------------------------------------------------------------- through train()

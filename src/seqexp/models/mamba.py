@@ -5,7 +5,7 @@ One Mamba mixer, for x (B, T, D) and E = expand * D channels of N states each:
 
     u, z = in_proj(x)                              # (B, T, E) each
     u = SiLU(causal depthwise conv(u))             # a few positions of local context
-    dt = softplus(dt_proj(x_proj(u)) + dt_bias)    # (B, T, E): Δ, a step size per channel
+    dt = softplus(dt_proj(x_proj(u)) + dt_bias)    # (B, T, E): Δ, a step size per channel (per head: below)
     B_t, C_t = x_proj(u)                           # (B, T, N) each, shared by the channels
     h_t = exp(dt_t A) * h_{t-1} + dt_t B_t u_t     # (B, E, N): A (E, N) < 0, diagonal
     y_t = h_t · C_t + D * u_t
@@ -28,15 +28,25 @@ machine under load, so +-50%; ns per state element at B x T x E x N = 8 x 256 x 
   2 GB each);
 - Mamba-2's chunked SSD form: 530-1060 (small shape only). With a decay per (channel, state) its
   within-chunk decay matrix is (Q, Q, E, N), not (Q, Q) per head, Q times the state's memory;
-  its matmul form needs Mamba-2's scalar A per head, another model.
+  its matmul form needs Mamba-2's scalar A per head: the `head_dim` option below.
 So: time in chunks of Q steps (SCAN_CHUNK); per chunk exp(Δ A) and Δ B u for all Q steps at once,
 then Q in-place multiply-adds for the states (each over B x E x N >= 16K elements, where minrnn
 measured the plain step loop fastest), then every y_t at once. Only the state entering each chunk
 is kept; the backward recomputes the chunk's states from it (as Mamba's CUDA kernel does) and runs
 the same chunks in reverse. Memory: O(B T E + B T E N / Q) instead of O(B T E N).
 
-One token at a time (sampling) takes the plain step loop (`sequential_scan`). The carried state
-of each layer is its convolution tail and its SSM state, both float32.
+`head_dim=P` (Mamba-2, Dao & Gu 2024): Δ and the decay A become one scalar per head of P channels
+(A (H,), initialised uniform in [1, 16] as Mamba-2; Δ's projection ends in H outputs). The state
+is the same E x N per row, but within a head every channel decays alike, so a chunk of Q steps is
+two (Q, Q) x (Q, P) matmuls per head (`ssd_scan`, the state-space duality) instead of Q passes over
+the state. Scan alone, same command and shapes: 1.9 and 2.2 ns per state element at P = 64, Q = 32
+(Q = 16: 2.2 / 3.8; 64: 2.4 / 4.5), against the fused scan's best 5.2 and 7.3 in the same run (a
+machine loaded by two training runs). What a decay per channel buys, and what sharing it costs, is
+measured in BENCHMARKS.md, not assumed; the default stays the Mamba-1 layer.
+
+One token at a time (sampling) takes the plain step loop (`sequential_scan`; with heads, each
+head's Δ and A repeated over its channels). The carried state of each layer is its convolution
+tail and its SSM state (B, E, N), both float32, with or without heads.
 
 Blocks are pre-norm residual (RMSNorm), with no feed-forward: a Mamba block is the paper's whole
 layer (its in/out projections hold the parameters a Transformer's MLP would). Classification as in
@@ -65,6 +75,10 @@ DT_MIN, DT_MAX = 1e-3, 1e-1  # the paper's range for the initial Δ
 # 32 x 128 and 8 x 512 tokens) was fastest with 8: 0.99 / 0.86 s, against 1.00 / 0.88 with 4,
 # 1.14 / 0.93 with 16, 2.07 / 1.08 with 32; 2 (1.12 / 1.02) keeps too many chunk-entering states.
 SCAN_CHUNK = 8
+# Steps per chunk of `ssd_scan` (head_dim set): the scan alone was fastest with 32 (module docstring);
+# the whole language model's step (1 thread, loaded machine) at 8 x 512, 2 x 256, P = 64: 465 ms
+# against 489 (16) and 539 (64); at the lab's 32 x 128, 2 x 64, P = 16: 91 against 82 (16), 130 (64).
+SSD_CHUNK = 32
 # exp(x) = exp2(x log2 e): torch's float32 exp2 runs ~3x faster than its exp on a CPU (1 thread,
 # 512k elements: 0.29 against 0.87 ns each), and exp(Δ A) over every (B, T, E, N) element was a
 # quarter of a training step. Relative error against float64 exp <= 2e-6 at |Δ A| = 30, where the
@@ -161,33 +175,85 @@ def selective_scan(dt, u, A, Bm, Cm, h0: Optional[torch.Tensor] = None,
     return _SelectiveScan.apply(dt, u, A, Bm, Cm, h0, chunk)
 
 
+def segment_sum(a: torch.Tensor) -> torch.Tensor:
+    """a (..., Q) -> (..., Q, Q): [t, s] = a_{s+1} + ... + a_t for s <= t (0 on the diagonal), -inf
+    above it. Each entry is summed from a's own elements (a masked cumsum), not as a difference of two
+    running sums, which would lose the small sums' digits to the large ones in float32."""
+    Q = a.shape[-1]
+    x = a[..., :, None].expand(*a.shape, Q)  # x[.., r, s] = a_r
+    lower = torch.ones(Q, Q, dtype=torch.bool, device=a.device).tril()  # t >= s
+    seg = x.masked_fill(~lower.tril(-1), 0).cumsum(-2)  # [t, s] = sum over s < r <= t of a_r
+    return seg.masked_fill(~lower, -math.inf)
+
+
+def ssd_scan(dt, u, A, Bm, Cm, h0: Optional[torch.Tensor] = None,
+             chunk: int = SSD_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sequential_scan` when A is one scalar per head of P = E / H channels, and Δ one per head
+    (`head_dim`): Mamba-2's state-space duality (SSD), chunked. Within a chunk of Q steps, per head,
+    with L[t, s] = exp(Δ_{s+1} A + ... + Δ_t A) the decay from step s to t and h_0 the state entering,
+        y_t = Σ_{s <= t} (C_t·B_s) L[t, s] Δ_s u_s  +  exp(Δ_1 A + ... + Δ_t A) h_0 C_t
+    (Q, Q) by (Q, P) matmuls instead of Q steps over the (E, N) states; a loop over the T/Q chunks
+    carries the state. Autograd differentiates it (every step a matmul or an elementwise op).
+    dt (B, T, H); u (B, T, E); A (H,) < 0; Bm, Cm (B, T, N); h0 (B, E, N) or None -> y (B, T, E), h_T."""
+    Bsz, T, E = u.shape
+    H, N, Q = A.shape[0], Bm.shape[-1], chunk
+    P, pad = E // H, -T % Q
+    if pad:  # Δ = 0 past the end: decay 1 and no input, so the state leaves the last step unchanged
+        dt, u, Bm, Cm = (F.pad(x, (0, 0, 0, pad)) for x in (dt, u, Bm, Cm))
+    c = (T + pad) // Q
+    a = (dt * A).view(Bsz, c, Q, H).permute(0, 3, 1, 2)  # (B, H, c, Q): log decay per step
+    x = (u.view(Bsz, T + pad, H, P) * dt[..., None]).view(Bsz, c, Q, H, P).permute(0, 3, 1, 2, 4)  # (B, H, c, Q, P)
+    Bc, Cc = Bm.view(Bsz, 1, c, Q, N), Cm.view(Bsz, 1, c, Q, N)
+    L = torch.exp(segment_sum(a))  # (B, H, c, Q, Q)
+    y = ((Cc @ Bc.transpose(-1, -2)) * L) @ x  # (B, H, c, Q, P): within each chunk
+    # what each chunk adds to the state at its end: Σ_s L[Q-1, s] x_s B_sᵀ -> (B, H, c, P, N)
+    added = (x * L[..., -1, :, None]).transpose(-1, -2) @ Bc
+    decay_in = torch.exp(a.cumsum(-1))  # (B, H, c, Q): from the chunk's entering state to step t
+    h = u.new_zeros(Bsz, H, P, N) if h0 is None else h0.view(Bsz, H, P, N)
+    entering = []
+    for k in range(c):
+        entering.append(h)
+        h = h * decay_in[:, :, k, -1, None, None] + added[:, :, k]
+    S = torch.stack(entering, 2)  # (B, H, c, P, N)
+    y = y + (Cc @ S.transpose(-1, -2)) * decay_in[..., None]  # the entering states, read through C
+    y = y.permute(0, 2, 3, 1, 4).reshape(Bsz, T + pad, E)[:, :T]
+    return y, h.reshape(Bsz, E, N)
+
+
 # ----------------------------------------------------------------------------- one mixer
 class Mamba(nn.Module):
     """One Mamba mixer: x (B, T, D) -> (B, T, D), with its state (module docstring)."""
 
-    def __init__(self, d_model: int, d_state: int, d_conv: int, expand: int, dt_rank: int, selective: bool):
+    def __init__(self, d_model: int, d_state: int, d_conv: int, expand: int, dt_rank: int, selective: bool,
+                 head_dim: Optional[int]):
         super().__init__()
         E, N = expand * d_model, d_state
         self.selective, self.dt_rank, self.d_state = selective, dt_rank, d_state
+        self.head_dim = head_dim
+        n_dt = E if head_dim is None else E // head_dim  # Δs and decays: one per channel, or per head
         self.in_proj = nn.Linear(d_model, 2 * E, bias=False)  # u and the gate z
         self.conv = ShortConv(E, d_conv, bias=True)
         if selective:
             # Δ through a low-rank bottleneck; nn.Linear's default init, U(+-dt_rank^-0.5), is the paper's
             self.x_proj = nn.Linear(E, dt_rank + 2 * N, bias=False)
-            self.dt_proj = nn.Linear(dt_rank, E, bias=False)
+            self.dt_proj = nn.Linear(dt_rank, n_dt, bias=False)
         else:
             self.B = nn.Parameter(torch.ones(N))  # S4D's B; C random, as S4D's
             self.C = nn.Parameter(torch.randn(N) / math.sqrt(N))
-        dt = torch.exp(torch.empty(E).uniform_(math.log(DT_MIN), math.log(DT_MAX)))
+        dt = torch.exp(torch.empty(n_dt).uniform_(math.log(DT_MIN), math.log(DT_MAX)))
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus(dt_bias) = dt
-        self.A_log = nn.Parameter(torch.log(torch.arange(1, N + 1, dtype=torch.float32)).repeat(E, 1))  # (E, N)
+        if head_dim is None:  # S4D-real: A_{e,n} = -n
+            A = torch.arange(1, N + 1, dtype=torch.float32).repeat(E, 1)  # (E, N)
+        else:  # Mamba-2's: one rate per head, uniform in [1, 16]
+            A = torch.empty(n_dt).uniform_(1, 16)  # (H,)
+        self.A_log = nn.Parameter(torch.log(A))
         self.A_log.no_weight_decay = True  # decay rates, not weights: the paper leaves them out (build.decays)
         self.state_numbers = self.conv.state_size() + E * N  # the convolution's tail and h (E, N)
         self.D = nn.Parameter(torch.ones(E))
         self.out_proj = nn.Linear(E, d_model, bias=False)
 
     def ssm_params(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """u (B, T, E) -> Δ (B, T, E), B and C (B, T, N): from u, or constants (selective=False)."""
+        """u (B, T, E) -> Δ (B, T, E or H), B and C (B, T, N): from u, or constants (selective=False)."""
         if not self.selective:
             shape = (u.shape[0], u.shape[1])
             return F.softplus(self.dt_bias).expand(*shape, -1), self.B.expand(*shape, -1), self.C.expand(*shape, -1)
@@ -206,9 +272,16 @@ class Mamba(nn.Module):
             u, tail = self.conv(u.float(), tail)
             u = F.silu(u)  # (B, T, E)
             dt, Bm, Cm = self.ssm_params(u)
-            A = -torch.exp(self.A_log)  # (E, N), < 0: every state decays
-            scan = sequential_scan if x.shape[1] == 1 else selective_scan  # one token: no chunk set-up
-            y, h = scan(dt, u, A, Bm, Cm, h0)
+            A = -torch.exp(self.A_log)  # (E, N) or (H,), < 0: every state decays
+            P = self.head_dim
+            if P is None:
+                scan = sequential_scan if x.shape[1] == 1 else selective_scan  # one token: no chunk set-up
+                y, h = scan(dt, u, A, Bm, Cm, h0)
+            elif x.shape[1] > 1:
+                y, h = ssd_scan(dt, u, A, Bm, Cm, h0)
+            else:  # one token: the step loop, each head's Δ and decay repeated over its P channels
+                A = A.repeat_interleave(P)[:, None].expand(-1, self.d_state)  # (E, N)
+                y, h = sequential_scan(dt.repeat_interleave(P, -1), u, A, Bm, Cm, h0)
             y = (y + u * self.D) * F.silu(z.float())  # (B, T, E)
         return self.out_proj(y), (tail, h)
 
@@ -249,6 +322,7 @@ class MambaModel(MixerStack):
         expand: int = 2,  # E / d_model (the paper's 2)
         dt_rank: Optional[int] = None,  # Δ's bottleneck; None: ceil(d_model / 16), the paper's
         selective: bool = True,  # False: Δ, B, C learned constants (time-invariant control)
+        head_dim: Optional[int] = None,  # P: one Δ and one decay per head of P channels (Mamba-2), ssd_scan
         dropout: float = 0.0,
         word_dropout: float = 0.0,
         bidirectional: bool = False,  # classification only: a language model must not see the future
@@ -256,7 +330,7 @@ class MambaModel(MixerStack):
         tie_weights: bool = False,  # language modelling: one matrix maps ids to vectors and back
     ):
         mixer = dict(d_state=d_state, d_conv=d_conv, expand=expand, dt_rank=dt_rank or math.ceil(d_model / 16),
-                     selective=bool(selective))
+                     selective=bool(selective), head_dim=head_dim)
         super().__init__(vocab_size=vocab_size, num_outputs=num_outputs, head=head, d_model=d_model,
                          num_layers=num_layers, dropout=dropout, word_dropout=word_dropout,
                          bidirectional=bidirectional, pooling=pooling, tie_weights=tie_weights,
@@ -266,12 +340,17 @@ class MambaModel(MixerStack):
     def describe(cls, m: dict) -> str:
         bi = "Bi-" if m["bidirectional"] else ""
         kind = "Mamba" if m["selective"] else "S4D-like (selective=false)"
-        return f"{bi}{kind} {m['num_layers']} x {m['d_model']}, {m['d_state']} states per channel, {m['pooling']} pooling"
+        heads = f", one decay per {m['head_dim']} channels" if m.get("head_dim") else ""
+        return (f"{bi}{kind} {m['num_layers']} x {m['d_model']}, {m['d_state']} states per channel{heads}, "
+                f"{m['pooling']} pooling")
 
     @classmethod
     def check_config(cls, cfg, head: str) -> None:
         check_positive(cfg, "d_model", "num_layers", "d_state", "d_conv", "expand")
         require(cfg.dt_rank is None or cfg.dt_rank > 0, f"model.dt_rank must be positive or null, got {cfg.dt_rank}.")
+        E = cfg.expand * cfg.d_model
+        require(cfg.head_dim is None or (cfg.head_dim > 0 and E % cfg.head_dim == 0),
+                f"model.head_dim must be null or divide the inner width expand x d_model = {E}, got {cfg.head_dim}.")
         check_fraction(cfg, "dropout", "word_dropout")
         require(not (cfg.bidirectional and head == "lm"), "model.bidirectional=true lets a language model see "
                 "the next character; use it only with a classification dataset (data=imdb).")
