@@ -150,14 +150,16 @@ def per_channel(scan, P: int):
     """A scan over per-head Δ (B, T, H) and A (H,) as one over per-channel Δ (B, T, E) and A (E, N):
     each head's values repeated over its P channels (and A over the N states), inside autograd."""
     def run(dt, u, A, Bm, Cm, h0):
-        return scan(dt.repeat_interleave(P, -1), u, A.repeat_interleave(P)[:, None].expand(-1, Bm.shape[-1]), Bm, Cm, h0)
+        A = A.repeat_interleave(P)[:, None].expand(-1, Bm.shape[-1])  # (E, N)
+        return scan(dt.repeat_interleave(P, -1), u, A, Bm, Cm, h0)
     return run
 
 
 def ssd_inputs(B: int, T: int, H: int, P: int, N: int, initial: str):
     g = torch.Generator().manual_seed(T)
     dt = torch.rand(B, T, H, generator=g)
-    u, Bm, Cm = torch.randn(B, T, H * P, generator=g), torch.randn(B, T, N, generator=g), torch.randn(B, T, N, generator=g)
+    u = torch.randn(B, T, H * P, generator=g)
+    Bm, Cm = torch.randn(B, T, N, generator=g), torch.randn(B, T, N, generator=g)
     A = -torch.empty(H).uniform_(1, 16, generator=g)  # Mamba-2's range: decays from e^-16 to ~1 per step
     h0 = {"none": None, "carried": torch.randn(B, H * P, N, generator=g)}[initial]
     return [dt, u, A, Bm, Cm, h0]
