@@ -51,6 +51,7 @@ from seqexp.errors import require
 from seqexp.models.base import Pooling, check_fraction, check_positive
 from seqexp.models.mixer_stack import MixerStack
 from seqexp.models.recurrent import flip
+from seqexp.models.segment_sum import segment_sum
 from seqexp.models.shortconv import ShortConv
 
 CHUNK = 32  # steps per chunk of the parallel form (module docstring)
@@ -72,18 +73,6 @@ def sequential_delta_rule(q, k, v, log_alpha, beta, S0: Optional[torch.Tensor]) 
         S = S + k[:, :, t, :, None] * u[:, :, None, :]  # (B, H, K, V)
         outs.append((q[:, :, t, None, :] @ S).squeeze(2))
     return torch.stack(outs, dim=2), S
-
-
-def segment_sum(x: torch.Tensor) -> torch.Tensor:
-    """x (..., Q) -> (..., Q, Q): [t, s] = x_{s+1} + ... + x_t for s <= t, -inf above (exp: 0).
-    Summed segment by segment (Mamba-2's segsum), not as cumsum_t - cumsum_s: with strong decays the
-    cumulative sums reach hundreds of nats, and float32's difference of two of them loses the small
-    differences of neighbouring steps (log α down to -60 per step, against a float64 loop: errors of
-    2e-5 of the outputs' and gradients' scale that way, 2e-7 this way)."""
-    Q = x.shape[-1]
-    ones = torch.ones(Q, Q, dtype=torch.bool, device=x.device)
-    terms = x[..., :, None].expand(*x.shape, Q).masked_fill(~ones.tril(-1), 0.0)  # [r, s] = x_r for r > s
-    return terms.cumsum(-2).masked_fill(~ones.tril(), -math.inf)
 
 
 def chunked_delta_rule(q, k, v, log_alpha, beta, S0: Optional[torch.Tensor],

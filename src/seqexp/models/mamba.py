@@ -68,6 +68,7 @@ from seqexp.errors import require
 from seqexp.models.base import Pooling, check_fraction, check_positive
 from seqexp.models.mixer_stack import MixerStack
 from seqexp.models.recurrent import flip
+from seqexp.models.segment_sum import segment_sum
 from seqexp.models.shortconv import ShortConv
 
 DT_MIN, DT_MAX = 1e-3, 1e-1  # the paper's range for the initial Δ
@@ -173,17 +174,6 @@ def selective_scan(dt, u, A, Bm, Cm, h0: Optional[torch.Tensor] = None,
     """What `sequential_scan` computes, in chunks of `chunk` steps.
     dt, u (B, T, E); A (E, N); Bm, Cm (B, T, N); h0 (B, E, N) or None -> y (B, T, E), h_T (B, E, N)."""
     return _SelectiveScan.apply(dt, u, A, Bm, Cm, h0, chunk)
-
-
-def segment_sum(a: torch.Tensor) -> torch.Tensor:
-    """a (..., Q) -> (..., Q, Q): [t, s] = a_{s+1} + ... + a_t for s <= t (0 on the diagonal), -inf
-    above it. Each entry is summed from a's own elements (a masked cumsum), not as a difference of two
-    running sums, which would lose the small sums' digits to the large ones in float32."""
-    Q = a.shape[-1]
-    x = a[..., :, None].expand(*a.shape, Q)  # x[.., r, s] = a_r
-    lower = torch.ones(Q, Q, dtype=torch.bool, device=a.device).tril()  # t >= s
-    seg = x.masked_fill(~lower.tril(-1), 0).cumsum(-2)  # [t, s] = sum over s < r <= t of a_r
-    return seg.masked_fill(~lower, -math.inf)
 
 
 def ssd_scan(dt, u, A, Bm, Cm, h0: Optional[torch.Tensor] = None,
